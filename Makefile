@@ -1,0 +1,50 @@
+# chatd: `make run` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= etc/chatd.ini
+PYTEST_ARGS ?=
+
+.PHONY: run test test-all conformance conformance-full bench venv dev-files system-deps clean
+
+run: venv dev-files  ## set up and run the server on the embedded broker
+	$(VENV)/bin/twistd -n --pidfile= chatd --config $(CONFIG)
+
+test: venv system-deps  ## set up and run the default test suite (incl. conformance cases 1-10)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+conformance: venv  ## Autobahn Testsuite, cases 1-10
+	$(PY) conformance/run.py
+
+conformance-full: venv  ## Autobahn Testsuite, every case incl. permessage-deflate
+	$(PY) conformance/run.py --full
+
+bench: venv system-deps  ## fan-out / memory benchmark (not part of `make test`)
+	$(PY) bench/run.py
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $@
+
+dev-files: venv
+	test -f etc/dev/fullchain.pem -a -f etc/dev/privkey.pem || $(PY) -m chatd devcert etc/dev
+	test -f etc/dev/jwt.secret || $(PY) -m chatd devsecret etc/dev/jwt.secret
+
+system-deps:  ## redis-server and Chromium from Debian, when missing
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+clean:
+	rm -rf $(VENV) .venv-wstest build *.egg-info .pytest_cache .hypothesis

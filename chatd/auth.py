@@ -1,0 +1,135 @@
+# -*- test-case-name: tests.test_auth -*-
+"""
+The application's JWT, verified into a L{Principal}.
+
+Pure: no I/O, no Twisted.  The rules the issue fixes, and the library
+defaults they override: C{exp} and C{sub} are required (PyJWT accepts a
+token without C{exp} unless told), algorithms come from the configuration and
+never from the token header, C{iss}/C{aud} are checked only when configured
+(PyJWT would otherwise refuse any token carrying C{aud}).
+"""
+
+import dataclasses
+import re
+from typing import FrozenSet, Optional
+
+import jwt
+
+from chatd.messages import is_room_name
+
+# Printable, no control characters, no leading/trailing space: names reach
+# every member's screen and the logs.
+_NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]{1,64}\Z")
+_SUB = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]{1,256}\Z")
+
+
+class InvalidToken(Exception):
+    """The JWT was refused; the message is safe to show the client."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Principal:
+    """Who a connection acts for, as the JWT said."""
+
+    sub: str
+    name: str
+    exp: int
+    rooms: Optional[FrozenSet[str]] = None  # None: any room
+
+    def may_enter(self, room):
+        return self.rooms is None or room in self.rooms
+
+    def to_json(self):
+        return {
+            "sub": self.sub,
+            "name": self.name,
+            "exp": self.exp,
+            "rooms": sorted(self.rooms) if self.rooms is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, data):
+        rooms = data.get("rooms")
+        return cls(
+            sub=data["sub"],
+            name=data["name"],
+            exp=int(data["exp"]),
+            rooms=frozenset(rooms) if rooms is not None else None,
+        )
+
+
+class TokenVerifier:
+    """Checks JWTs against one deployment's key, algorithms, iss and aud."""
+
+    def __init__(self, key, algorithms, issuer="", audience="", leeway=0):
+        self._key = key
+        self._algorithms = list(algorithms)
+        self._issuer = issuer or None
+        self._audience = audience or None
+        self._leeway = leeway
+
+    @classmethod
+    def from_settings(cls, settings):
+        auth = settings.auth
+        return cls(settings.jwt_key, auth.algorithms, auth.issuer, auth.audience, auth.leeway)
+
+    def verify(self, token):
+        """
+        @return: the L{Principal} the token names.
+        @raise InvalidToken: for any token chatd does not accept.
+        """
+        if not isinstance(token, str) or not token:
+            raise InvalidToken("missing token")
+        options = {"require": ["exp", "sub"], "verify_aud": self._audience is not None}
+        if self._issuer is not None:
+            options["require"].append("iss")
+        if self._audience is not None:
+            options["require"].append("aud")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=self._algorithms,
+                options=options,
+                issuer=self._issuer,
+                audience=self._audience,
+                leeway=self._leeway,
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidToken("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise InvalidToken("token not yet valid") from None
+        except jwt.MissingRequiredClaimError as e:
+            raise InvalidToken(f"token has no {e.claim} claim") from None
+        except jwt.InvalidIssuerError:
+            raise InvalidToken("wrong issuer") from None
+        except jwt.InvalidAudienceError:
+            raise InvalidToken("wrong audience") from None
+        except jwt.InvalidAlgorithmError:
+            raise InvalidToken("algorithm not allowed") from None
+        except jwt.InvalidSignatureError:
+            raise InvalidToken("bad signature") from None
+        except (jwt.InvalidTokenError, ValueError, TypeError):
+            # DecodeError, InvalidKeyError and friends: nothing worth
+            # telling a client beyond "no".
+            raise InvalidToken("malformed token") from None
+        return principal_from_claims(claims)
+
+
+def principal_from_claims(claims):
+    """The checks PyJWT does not do: claim types and shapes."""
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not _SUB.match(sub) or sub != sub.strip():
+        raise InvalidToken("sub must be a printable string of 1-256 characters")
+    name = claims.get("name", sub)
+    if not isinstance(name, str) or not _NAME.match(name) or name != name.strip():
+        raise InvalidToken("name must be a printable string of 1-64 characters")
+    exp = claims.get("exp")
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+        raise InvalidToken("exp must be a number")
+    rooms = claims.get("rooms")
+    if rooms is not None:
+        if not isinstance(rooms, list) or not all(is_room_name(r) for r in rooms):
+            raise InvalidToken("rooms must be a list of room names")
+        rooms = frozenset(rooms)
+    return Principal(sub=sub, name=name, exp=int(exp), rooms=rooms)

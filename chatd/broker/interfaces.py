@@ -1,0 +1,118 @@
+# -*- test-case-name: tests.test_broker_memory -*-
+"""
+The broker contract: the one seam between an instance and the state it
+shares with other instances (tickets, presence, history, ordered fan-out).
+
+Every method that may touch the network returns a L{Deferred}; a broker
+that cannot do its job fails it with L{chatd.errors.BrokerUnavailable} and
+never hangs (each call has a timeout).  The local fan-out to connections is
+not the broker's: L{chatd.hub.Hub} owns it and subscribes to rooms here.
+"""
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+from zope.interface import Attribute, Interface
+
+from chatd.messages import RoomEvent
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One connection in a room, as the broker knows it."""
+
+    connection_id: str  # unique across instances: "<instance id>:<n>"
+    sub: str
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """
+    An event coming off a room's feed.  C{origin} is the connection id of
+    the actor and C{ref} the C{ref} of the message that caused it, so that
+    the actor's own copy can echo it.
+    """
+
+    event: RoomEvent
+    origin: Optional[str] = None
+    ref: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Entered:
+    """
+    What an ENTER produced: the ENTER event itself and, when C{since} was
+    given, the room's TALK events with C{since < id < event.id} in order and
+    whether those are all there were (C{complete}).
+    """
+
+    event: RoomEvent
+    replay: Tuple[RoomEvent, ...] = ()
+    complete: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Talked:
+    """
+    What a TALK produced.  C{duplicate} is true when the (sub, cid) pair was
+    already accepted: then C{event} is the original and nothing was stored or
+    published again.
+    """
+
+    event: RoomEvent
+    duplicate: bool = False
+
+
+class IBroker(Interface):
+    """Tickets, presence, history and the ordered per-room event feed."""
+
+    instance_id = Attribute("This instance's id; connection ids start with it.")
+
+    def set_feed(deliver):
+        """
+        Name the one callable that receives a L{Delivery} for every event of
+        every subscribed room, in the room's order (ids increasing).
+        """
+
+    def subscribe(room):
+        """
+        Start feeding C{room}'s events.  The hub calls this when the first
+        local member enters.  The Deferred fires once every event published
+        afterwards is sure to reach the feed.  Calls for one room may
+        interleave with L{unsubscribe}; the last call wins.
+        """
+
+    def unsubscribe(room):
+        """Stop feeding C{room}; the hub calls this when the last local member left."""
+
+    def issue_ticket(ticket, grant, ttl):
+        """File C{grant} (a L{chatd.auth.Principal}) under C{ticket} for C{ttl} seconds."""
+
+    def redeem_ticket(ticket):
+        """
+        Take the ticket's grant, once: fires with the L{chatd.auth.Principal},
+        or L{None} for an unknown, used or expired ticket.
+        """
+
+    def enter(room, member, since=None, ref=None):
+        """
+        Add C{member} to the room's presence, store and publish its ENTER
+        event (C{userCount} counting it), and fire with L{Entered}.
+        """
+
+    def talk(room, member, text, cid=None, ref=None):
+        """
+        Store the TALK in the room's history and publish it, in one atomic
+        step; fire with L{Talked}.  A (member.sub, cid) seen in the last ten
+        minutes is a duplicate: fire with the original event, publish nothing.
+        """
+
+    def quit(room, member, ref=None):
+        """Remove C{member} from presence, publish QUIT, fire with the event."""
+
+    def list_rooms():
+        """Fire with a list of C{(name, users)} for the rooms the registry knows."""
+
+    def is_available():
+        """Whether the broker can serve right now (for /healthz); synchronous."""

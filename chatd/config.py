@@ -1,0 +1,358 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The INI file as frozen, typed settings.
+
+Every key chatd reads is declared once, in L{SCHEMA}, with its parser and
+default; docs/configuration.md mirrors it.  Loading fails on the first
+problem with a L{ConfigError} naming file, section and key, so a daemon never
+starts half-configured.  No Twisted here: this runs inside C{postOptions},
+before logging, the fork and C{chdir}, which is also why relative paths are
+made absolute here (relative to the directory chatd was started in).
+"""
+
+import configparser
+import dataclasses
+import os
+import re
+from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
+
+HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+PUBLIC_KEY_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+MIN_HS_SECRET_BYTES = 32
+
+
+class ConfigError(Exception):
+    """A bad or missing setting, named by file, section and key."""
+
+    def __init__(self, path, section, key, why):
+        super().__init__(path, section, key, why)
+        self.path = path
+        self.section = section
+        self.key = key
+        self.why = why
+
+    def __str__(self):
+        where = f"[{self.section}]" if self.section else ""
+        if self.key:
+            where += f" {self.key}"
+        return f"{self.path}: {where}: {self.why}" if where else f"{self.path}: {self.why}"
+
+
+class _Invalid(ValueError):
+    """Raised by a value parser; L{load} adds file, section and key."""
+
+
+# --- value parsers -----------------------------------------------------------
+
+
+def _text(value):
+    return value.strip()
+
+
+def _flag(value):
+    word = value.strip().lower()
+    if word in ("on", "yes", "true", "1"):
+        return True
+    if word in ("off", "no", "false", "0"):
+        return False
+    raise _Invalid(f"expected on or off, got {value.strip()!r}")
+
+
+def _integer(low, high=None):
+    def parse(value):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise _Invalid(f"expected a whole number, got {value.strip()!r}") from None
+        if number < low or (high is not None and number > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise _Invalid(f"must be {bound}, got {number}")
+        return number
+
+    return parse
+
+
+def _number(low):
+    def parse(value):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise _Invalid(f"expected a number, got {value.strip()!r}") from None
+        if not number >= low:
+            raise _Invalid(f"must be at least {low}, got {value.strip()}")
+        return number
+
+    return parse
+
+
+def _words(value):
+    return tuple(word for word in re.split(r"[\s,]+", value.strip()) if word)
+
+
+def _origins(value):
+    origins = _words(value)
+    for origin in origins:
+        if origin == "*":
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            raise _Invalid(f"{origin!r} is not an origin like https://chat.example.com[:port]")
+    return origins
+
+
+def _algorithms(value):
+    algorithms = _words(value)
+    if not algorithms:
+        raise _Invalid("name at least one algorithm, e.g. HS256")
+    for name in algorithms:
+        if name.lower() == "none":
+            raise _Invalid("'none' is never accepted")
+        if name not in HS_ALGORITHMS | PUBLIC_KEY_ALGORITHMS:
+            raise _Invalid(f"unknown algorithm {name!r}")
+    families = {name in HS_ALGORITHMS for name in algorithms}
+    if len(families) > 1:
+        # Mixing a shared secret with public-key algorithms is how HS/RS
+        # confusion attacks start; one family per deployment.
+        raise _Invalid("do not mix HS* with public-key algorithms")
+    return algorithms
+
+
+def _path(value):
+    value = value.strip()
+    return os.path.abspath(value) if value else ""
+
+
+def _redis_url(value):
+    value = value.strip()
+    if not value:
+        return ""
+    parts = urlsplit(value)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise _Invalid(f"expected redis://HOST:PORT/DB, got {value!r}")
+    try:
+        parts.port
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            raise ValueError(db)
+    except ValueError:
+        raise _Invalid(f"expected redis://HOST:PORT/DB, got {value!r}") from None
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+    parse: Callable[[str], Any]
+    default: Optional[str]  # None: required
+    doc: str
+
+
+# section -> key -> _Key.  The single source of truth for what chatd reads.
+SCHEMA = {
+    "server": {
+        "endpoint": _Key(_text, None, "Twisted server endpoint of the listening socket"),
+        "tls": _Key(_flag, "on", "on: TLS from [tls] on the listener; off: behind a TLS proxy"),
+        "allowed_origins": _Key(_origins, None, "exact origins allowed to open /ws; * = any"),
+        "access_log": _Key(_flag, "on", "log each HTTP request and handshake (redacted)"),
+    },
+    "tls": {
+        "certificate": _Key(_path, "", "PEM chain, leaf first"),
+        "private_key": _Key(_path, "", "PEM private key"),
+    },
+    "auth": {
+        "algorithms": _Key(_algorithms, "HS256", "JWT algorithm allowlist"),
+        "secret_file": _Key(_path, "", "HS*: file holding the shared secret"),
+        "public_key_file": _Key(_path, "", "RS*/PS*/ES*/EdDSA: PEM public key"),
+        "issuer": _Key(_text, "", "iss, checked when set"),
+        "audience": _Key(_text, "", "aud, checked when set"),
+        "ticket_ttl": _Key(_integer(1, 3600), "30", "seconds a ticket lives"),
+        "leeway": _Key(_integer(0, 300), "0", "seconds of clock skew allowed on exp/nbf/iat"),
+    },
+    "redis": {
+        "url": _Key(_redis_url, "", "empty: embedded broker; redis://HOST:PORT/DB"),
+        "password_file": _Key(_path, "", "file holding the Redis password"),
+        "timeout": _Key(_number(0.1), "5", "seconds before a Redis call counts as failed"),
+        "presence_ttl": _Key(_integer(3, 300), "15", "seconds before a dead instance's users leave"),
+    },
+    "history": {
+        "size": _Key(_integer(0, 100000), "500", "TALK events kept per room for replay"),
+    },
+    "limits": {
+        "max_message_bytes": _Key(_integer(128), "65536", "WebSocket message limit (close 1009)"),
+        "max_talk_chars": _Key(_integer(1), "4000", "TALK text limit (ERROR too_large)"),
+        "max_rooms_per_connection": _Key(_integer(1), "50", "rooms one connection may be in"),
+        "rate": _Key(_number(0.1), "20", "messages per second a connection may send"),
+        "burst": _Key(_integer(1), "40", "messages a connection may send at once"),
+        "abuse_strikes": _Key(_integer(1), "50", "rate_limited errors before close 1008"),
+        "max_connections": _Key(_integer(1), "10000", "open connections in all"),
+        "max_connections_per_ip": _Key(_integer(1), "100", "open connections per client IP"),
+        "max_send_buffer_bytes": _Key(_integer(1024), "4194304", "unsent bytes before close 4008"),
+    },
+    "websocket": {
+        "compression": _Key(_flag, "off", "permessage-deflate"),
+        "handshake_timeout": _Key(_number(1), "10", "seconds to finish TLS and the upgrade"),
+        "ping_interval": _Key(_number(0), "30", "seconds between pings; 0 = never"),
+        "ping_timeout": _Key(_number(1), "20", "seconds to answer a ping"),
+    },
+    "conformance": {
+        "echo": _Key(_flag, "off", "also serve /echo for the Autobahn Testsuite"),
+    },
+}
+
+
+def _settings_class(section, keys):
+    fields = [(name, Any) for name in keys]
+    return dataclasses.make_dataclass(section.capitalize() + "Settings", fields, frozen=True)
+
+
+_SECTION_CLASSES = {section: _settings_class(section, keys) for section, keys in SCHEMA.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything chatd was configured with; sections are attributes."""
+
+    path: str
+    server: Any
+    tls: Any
+    auth: Any
+    redis: Any
+    history: Any
+    limits: Any
+    websocket: Any
+    conformance: Any
+    jwt_key: Any = dataclasses.field(repr=False, default=None)
+    redis_password: Optional[str] = dataclasses.field(repr=False, default=None)
+
+
+def defaults(**overrides):
+    """
+    Settings from the schema's defaults, for tests and tools; C{overrides}
+    maps C{"section.key"}-style names (with C{__} for the dot) to values.
+    """
+    sections = {}
+    for section, keys in SCHEMA.items():
+        values = {
+            key: spec.parse(spec.default) if spec.default is not None else ""
+            for key, spec in keys.items()
+        }
+        sections[section] = values
+    for name, value in overrides.items():
+        section, key = name.split("__", 1)
+        sections[section][key] = value
+    built = {s: _SECTION_CLASSES[s](**v) for s, v in sections.items()}
+    return Settings(path="<defaults>", **built)
+
+
+def load(path):
+    """
+    Read and check the INI file at C{path}.
+
+    @raise ConfigError: on the first problem found.
+    """
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=(";", "#"), strict=True
+    )
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f, source=path)
+    except FileNotFoundError:
+        raise ConfigError(path, None, None, "no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(path, None, None, f"cannot read: {e}") from None
+    except configparser.Error as e:
+        raise ConfigError(path, None, None, " ".join(str(e).split())) from None
+    return _from_parser(path, parser)
+
+
+def _from_parser(path, parser):
+    for section in parser.sections():
+        if section not in SCHEMA:
+            raise ConfigError(path, section, None, "unknown section")
+        for key in parser[section]:
+            if key not in SCHEMA[section]:
+                raise ConfigError(path, section, key, "unknown key")
+    sections = {}
+    for section, keys in SCHEMA.items():
+        values = {}
+        for key, spec in keys.items():
+            raw = parser.get(section, key, fallback=None)
+            if raw is None or (not raw.strip() and spec.default is None):
+                if spec.default is None:
+                    raise ConfigError(path, section, key, "missing (required)")
+                raw = spec.default
+            try:
+                values[key] = spec.parse(raw)
+            except _Invalid as e:
+                raise ConfigError(path, section, key, str(e)) from None
+        sections[section] = _SECTION_CLASSES[section](**values)
+    settings = Settings(path=path, **sections)
+    return _check_together(settings)
+
+
+def _read_file(settings, section, key, what):
+    filename = getattr(getattr(settings, section), key)
+    if not filename:
+        raise ConfigError(settings.path, section, key, f"missing (required for {what})")
+    try:
+        with open(filename, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(settings.path, section, key, f"no such file: {filename}") from None
+    except OSError as e:
+        raise ConfigError(settings.path, section, key, f"cannot read {filename}: {e.strerror}") from None
+
+
+def _check_together(settings):
+    """Rules that span keys; also reads the secrets so a bad one fails now."""
+    path = settings.path
+    if settings.server.tls:
+        _read_file(settings, "tls", "certificate", "tls = on")
+        _read_file(settings, "tls", "private_key", "tls = on")
+    if not settings.server.allowed_origins:
+        raise ConfigError(path, "server", "allowed_origins", "name at least one origin, or *")
+
+    algorithms = settings.auth.algorithms
+    if algorithms[0] in HS_ALGORITHMS:
+        secret = _read_file(settings, "auth", "secret_file", algorithms[0]).strip()
+        if len(secret) < MIN_HS_SECRET_BYTES:
+            raise ConfigError(
+                path,
+                "auth",
+                "secret_file",
+                f"secret is {len(secret)} bytes; HS* needs at least {MIN_HS_SECRET_BYTES}",
+            )
+        jwt_key = secret
+    else:
+        pem = _read_file(settings, "auth", "public_key_file", algorithms[0])
+        if b"PRIVATE KEY" in pem:
+            raise ConfigError(path, "auth", "public_key_file", "holds a private key; give the public key")
+        if b"PUBLIC KEY" not in pem and b"CERTIFICATE" not in pem:
+            raise ConfigError(path, "auth", "public_key_file", "not a PEM public key")
+        jwt_key = pem
+
+    redis_password = None
+    if settings.redis.password_file:
+        redis_password = _read_file(settings, "redis", "password_file", "a Redis password")
+        redis_password = redis_password.decode("utf-8", "replace").strip()
+    if settings.redis.url and urlsplit(settings.redis.url).password:
+        # Inline passwords end up in process listings and backups.
+        raise ConfigError(path, "redis", "url", "put the password in password_file, not the URL")
+    return dataclasses.replace(settings, jwt_key=jwt_key, redis_password=redis_password)
+
+
+def replace(settings, **changes):
+    """
+    A copy of C{settings} with C{section__key=value} changes, for tests.
+    """
+    by_section = {}
+    for name, value in changes.items():
+        section, key = name.split("__", 1)
+        by_section.setdefault(section, {})[key] = value
+    updated = {
+        section: dataclasses.replace(getattr(settings, section), **values)
+        for section, values in by_section.items()
+    }
+    return dataclasses.replace(settings, **updated)

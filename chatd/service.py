@@ -1,0 +1,84 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+Wiring: settings in, one C{MultiService} out.
+
+C{makeChatService} only constructs (it runs before twistd forks and drops
+privileges); connections, timers and listening start with the services.
+Stop order is the reverse of the order children are added: WebSocket clients
+are closed with 1001 first, then the listener stops, then the broker.
+"""
+
+from twisted.application import strports
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from chatd import errors, tls, web, ws
+from chatd.auth import TokenVerifier
+from chatd.hub import Hub
+
+log = Logger()
+
+SHUTDOWN_GRACE = 3.0  # seconds clients get to answer the 1001 close
+
+
+def make_broker(settings, reactor):
+    if settings.redis.url:
+        from chatd.broker.redis import RedisBroker
+
+        return RedisBroker.from_settings(settings, reactor)
+    from chatd.broker.memory import MemoryBroker
+
+    return MemoryBroker(reactor, settings.history.size)
+
+
+class ClientsService(Service):
+    """Owns the WebSocket clients' lifetime: on stop, close each with 1001."""
+
+    def __init__(self, factory, clock):
+        self._factory = factory
+        self._clock = clock
+
+    def stopService(self):
+        super().stopService()
+        if not self._factory.connections:
+            return None
+        log.info("closing {count} websocket connections", count=len(self._factory.connections))
+        self._factory.close_all(errors.CLOSE_GOING_AWAY, "server shutting down")
+        return self._drained(SHUTDOWN_GRACE)
+
+    def _drained(self, timeout):
+        deadline = self._clock.seconds() + timeout
+
+        def check():
+            if not self._factory.connections or self._clock.seconds() >= deadline:
+                loop.stop()
+
+        loop = task.LoopingCall(check)
+        loop.clock = self._clock
+        return loop.start(0.05, now=True).addCallback(lambda _: None)
+
+
+def makeChatService(settings, reactor=None, tls_options=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    top = MultiService()
+    broker = make_broker(settings, reactor)
+    broker.setServiceParent(top)
+    verifier = TokenVerifier.from_settings(settings)
+    ws_factory = ws.ChatServerFactory(settings, broker, verifier, reactor)
+    ws_factory.hub = Hub(broker, prepare=ws_factory.prepare)
+    echo = ws.echo_factory(settings) if settings.conformance.echo else None
+    site = web.make_site(settings, broker, verifier, ws_factory, echo)
+    factory = site
+    if settings.server.tls:
+        if tls_options is None:
+            tls_options = tls.certificate_options(settings)
+        factory = TLSMemoryBIOFactory(tls_options, False, site)
+    listener = strports.service(settings.server.endpoint, factory, reactor=reactor)
+    listener.setServiceParent(top)
+    ClientsService(ws_factory, reactor).setServiceParent(top)
+    top.site = site  # the tests use this
+    top.broker = broker
+    return top

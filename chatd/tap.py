@@ -1,0 +1,51 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd chatd}: command-line options and C{makeService}, nothing else.
+
+Configuration is loaded and checked in C{postOptions}, before twistd logs,
+forks or changes directory: a bad file stops start-up with one line naming
+file, section and key, and exit status 1.
+"""
+
+import sys
+
+from twisted.python import usage
+
+from chatd import config, tls
+
+
+class Options(usage.Options):
+    synopsis = "[--config PATH]"
+    longdesc = (
+        "chatd: a secure real-time chat server. HTTP and WebSocket on one "
+        "(TLS) listener; see README.md and docs/configuration.md."
+    )
+    optParameters = [["config", "c", "etc/chatd.ini", "Path to the INI configuration file."]]
+
+    def postOptions(self):
+        try:
+            settings = config.load(self["config"])
+            self["tls_options"] = tls.certificate_options(settings) if settings.server.tls else None
+            _check_endpoint(settings)
+        except config.ConfigError as e:
+            # One line, no usage text, no traceback, exit 1.
+            sys.stderr.write(f"chatd: {e}\n")
+            raise SystemExit(1) from None
+        self["settings"] = settings
+
+
+def _check_endpoint(settings):
+    from twisted.internet import endpoints, reactor
+
+    try:
+        endpoints.serverFromString(reactor, settings.server.endpoint)
+    except (ValueError, TypeError, KeyError) as e:
+        raise config.ConfigError(
+            settings.path, "server", "endpoint", f"not a Twisted server endpoint: {e}"
+        ) from None
+
+
+def makeService(options):
+    from chatd.service import makeChatService
+
+    return makeChatService(options["settings"], tls_options=options["tls_options"])

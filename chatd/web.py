@@ -1,0 +1,231 @@
+# -*- test-case-name: tests.test_web -*-
+"""
+The HTTP side of the one listener: ticket exchange, room list, health, the
+browser page, and the WebSocket endpoints mounted as resources, so HTTP and
+WebSocket share one origin (no CORS).
+
+Every answer that is not the page is JSON, errors included.
+"""
+
+import json
+from importlib import resources
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from chatd import errors, tickets
+from chatd.auth import InvalidToken
+from chatd.errors import BrokerUnavailable
+from chatd.logs import printable, redact_uri
+
+log = Logger()
+
+
+def _json(request, status, body, headers=()):
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    for name, value in headers:
+        request.setHeader(name, value)
+    return json.dumps(body).encode("utf-8")
+
+
+def _finish(request, status, body, headers=()):
+    if not request.finished and not request._disconnected:
+        request.write(_json(request, status, body, headers))
+        request.finish()
+
+
+class _JSONResource(Resource):
+    """Unknown methods and children answer JSON too."""
+
+    isLeaf = True
+    allowed = (b"GET",)
+
+    def render(self, request):
+        allowed = self.allowed + ((b"HEAD",) if b"GET" in self.allowed else ())
+        if request.method not in allowed:
+            return _json(
+                request, http.NOT_ALLOWED,
+                {"error": "method_not_allowed", "message": f"use {b', '.join(self.allowed).decode()}"},
+                [(b"allow", b", ".join(self.allowed))],
+            )
+        return super().render(request)
+
+
+class _Authenticated(_JSONResource):
+    """Resources that take the application's JWT as a Bearer token."""
+
+    def __init__(self, verifier):
+        super().__init__()
+        self._verifier = verifier
+
+    def principal(self, request):
+        header = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise InvalidToken("send Authorization: Bearer <JWT>")
+        return self._verifier.verify(token.strip())
+
+    def unauthorized(self, request, why):
+        return _json(
+            request, errors.HTTP_UNAUTHORIZED,
+            {"error": "invalid_token", "message": why},
+            [(b"www-authenticate", b'Bearer realm="chatd", error="invalid_token"')],
+        )
+
+    def unavailable(self, request, failure):
+        failure.trap(BrokerUnavailable)
+        _finish(request, errors.HTTP_UNAVAILABLE, {"error": "unavailable", "message": "chat backend unavailable, try again"})
+
+
+class TicketResource(_Authenticated):
+    """POST /auth/ticket: a JWT in, a single-use WebSocket ticket out."""
+
+    allowed = (b"POST",)
+
+    def __init__(self, verifier, broker, ttl):
+        super().__init__(verifier)
+        self._broker = broker
+        self._ttl = ttl
+
+    def render_POST(self, request):
+        try:
+            principal = self.principal(request)
+        except InvalidToken as e:
+            return self.unauthorized(request, str(e))
+        ticket = tickets.new_ticket()
+        d = defer.maybeDeferred(self._broker.issue_ticket, ticket, principal, self._ttl)
+        d.addCallback(lambda _: _finish(request, http.OK, {"ticket": ticket, "expires_in": self._ttl}))
+        d.addErrback(self.unavailable, request)
+        d.addErrback(self._failed, request)
+        return server.NOT_DONE_YET
+
+    def _failed(self, failure, request):
+        log.failure("issuing a ticket failed", failure)
+        _finish(request, http.INTERNAL_SERVER_ERROR, {"error": "internal", "message": "try again"})
+
+
+class RoomsResource(_Authenticated):
+    """GET /rooms: the rooms this user may enter, with their user counts."""
+
+    def __init__(self, verifier, broker):
+        super().__init__(verifier)
+        self._broker = broker
+
+    def render_GET(self, request):
+        try:
+            principal = self.principal(request)
+        except InvalidToken as e:
+            return self.unauthorized(request, str(e))
+        d = defer.maybeDeferred(self._broker.list_rooms)
+        d.addCallback(self._render, request, principal)
+        d.addErrback(self.unavailable, request)
+        return server.NOT_DONE_YET
+
+    def _render(self, rooms, request, principal):
+        listed = [{"name": name, "users": users} for name, users in rooms if principal.may_enter(name)]
+        _finish(request, http.OK, {"rooms": listed})
+
+
+class HealthResource(_JSONResource):
+    """GET /healthz: 200 while the broker can serve, 503 while it cannot."""
+
+    def __init__(self, broker, instance_id):
+        super().__init__()
+        self._broker = broker
+        self._instance_id = instance_id
+
+    def render_GET(self, request):
+        if self._broker.is_available():
+            return _json(request, http.OK, {"status": "ok", "instance": self._instance_id})
+        return _json(
+            request, errors.HTTP_UNAVAILABLE, {"status": "unavailable", "instance": self._instance_id}
+        )
+
+
+class PageResource(_JSONResource):
+    """GET /: the browser client, one static file."""
+
+    def __init__(self):
+        super().__init__()
+        self._page = resources.files("chatd").joinpath("static/index.html").read_bytes()
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(
+            b"content-security-policy",
+            b"default-src 'self'; script-src 'self' 'unsafe-inline'; "
+            b"style-src 'self' 'unsafe-inline'; connect-src 'self'",
+        )
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return self._page
+
+
+class NotFound(_JSONResource):
+    def render(self, request):
+        return _json(request, http.NOT_FOUND, {"error": "not_found", "message": "no such resource"})
+
+
+class Directory(Resource):
+    """A node of the tree whose unknown children answer a JSON 404."""
+
+    def getChild(self, path, request):
+        return NotFound()
+
+    def render(self, request):
+        return NotFound().render(request)
+
+
+class Root(Directory):
+    """/ is the page; the rest are children."""
+
+    def __init__(self, page):
+        super().__init__()
+        self._page = page
+
+    def getChild(self, path, request):
+        if path == b"" and not request.postpath:
+            return self._page
+        return NotFound()
+
+
+class ChatSite(server.Site):
+    """
+    A Site whose access log is structured and redacted: twisted.web's default
+    line carries the full URI, query string (and so the ticket) included.
+    """
+
+    displayTracebacks = False
+    access_log = True
+
+    def log(self, request):
+        if not self.access_log:
+            return
+        log.info(
+            "{peer} {method} {path} {status} {size}",
+            peer=getattr(request.getClientAddress(), "host", "-"),
+            method=printable(request.method.decode("latin-1"), 16),
+            path=redact_uri(request.uri),
+            status=request.code,
+            size=request.sentLength,
+        )
+
+
+def make_site(settings, broker, verifier, ws_factory, echo_factory=None):
+    root = Root(PageResource())
+    auth = Directory()
+    auth.putChild(b"ticket", TicketResource(verifier, broker, settings.auth.ticket_ttl))
+    root.putChild(b"auth", auth)
+    root.putChild(b"rooms", RoomsResource(verifier, broker))
+    root.putChild(b"healthz", HealthResource(broker, broker.instance_id))
+    root.putChild(b"ws", WebSocketResource(ws_factory))
+    if echo_factory is not None:
+        root.putChild(b"echo", WebSocketResource(echo_factory))
+    site = ChatSite(root)
+    site.access_log = settings.server.access_log
+    site.ws_factory = ws_factory  # the tests use this
+    return site
