@@ -1,0 +1,335 @@
+"""
+Shared test kit: real processes (twistd chatd, redis-server) on free
+loopback ports, stopped by PID; a real WebSocket client over real TLS; JWT
+and HTTP helpers.  Every wait here has a deadline.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import jwt
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 10.0
+RECV_TIMEOUT = 5.0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout, what, interval=0.05):
+    """Poll C{predicate} until it returns something true, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def client_tls():
+    """A client context for the test certificate (self-signed, localhost)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def make_dev_files(directory):
+    """Certificate, key and JWT secret as `make run` creates them."""
+    subprocess.run(
+        [sys.executable, "-m", "chatd", "devcert", directory], check=True, capture_output=True
+    )
+    subprocess.run(
+        [sys.executable, "-m", "chatd", "devsecret", os.path.join(directory, "jwt.secret")],
+        check=True, capture_output=True,
+    )
+    with open(os.path.join(directory, "jwt.secret"), "rb") as f:
+        return f.read().strip()
+
+
+def write_config(path, sections):
+    with open(path, "w") as f:
+        for section, keys in sections.items():
+            f.write(f"[{section}]\n")
+            for key, value in keys.items():
+                f.write(f"{key} = {value}\n")
+            f.write("\n")
+
+
+def stop_pid(proc, timeout=STOP_TIMEOUT):
+    """SIGTERM, then SIGKILL after C{timeout}; returns the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    return proc.returncode
+
+
+class Chatd:
+    """One real `twistd -n chatd` process with its own config and log."""
+
+    def __init__(self, workdir, dev_dir, secret, name="chatd", **overrides):
+        self.workdir = workdir
+        self.secret = secret
+        self.port = free_port()
+        self.config_path = os.path.join(workdir, f"{name}.ini")
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        self.sections = {
+            "server": {
+                "endpoint": f"tcp:{self.port}:interface=127.0.0.1",
+                "tls": "on",
+                "allowed_origins": f"https://localhost:{self.port}",
+            },
+            "tls": {
+                "certificate": os.path.join(dev_dir, "fullchain.pem"),
+                "private_key": os.path.join(dev_dir, "privkey.pem"),
+            },
+            "auth": {"algorithms": "HS256", "secret_file": os.path.join(dev_dir, "jwt.secret")},
+        }
+        for name_, value in overrides.items():
+            section, key = name_.split("__", 1)
+            self.sections.setdefault(section, {})[key] = value
+        self.proc = None
+
+    @property
+    def tls(self):
+        return self.sections["server"].get("tls", "on") == "on"
+
+    @property
+    def base(self):
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def ws_base(self):
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}"
+
+    def start(self, wait=True):
+        write_config(self.config_path, self.sections)
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "chatd", "--config", self.config_path],
+            cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout=START_TIMEOUT):
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"chatd exited {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                return http("GET", self.base + "/healthz", timeout=1)[0] in (200, 503)
+            except OSError:
+                return False
+
+        wait_for(up, timeout, f"chatd on port {self.port}")
+
+    def stop(self):
+        if self.proc is not None:
+            status = stop_pid(self.proc)
+            self.log.close()
+            return status
+
+    def kill(self):
+        """kill -9: no goodbye."""
+        self.proc.kill()
+        self.proc.wait(STOP_TIMEOUT)
+        self.log.close()
+
+    def log_text(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def token(self, sub, ttl=3600, **claims):
+        return mint_token(self.secret, sub, ttl=ttl, **claims)
+
+    def ticket(self, sub, **claims):
+        status, _, body = http("POST", self.base + "/auth/ticket", token=self.token(sub, **claims))
+        assert status == 200, (status, body)
+        return body["ticket"]
+
+    def connect(self, sub=None, ticket=None, origin=None, subprotocols=("chatd.v1",), **claims):
+        """A L{Client}: connected, WELCOME read."""
+        if ticket is None:
+            ticket = self.ticket(sub, **claims)
+        client = Client(ws_open(self.ws_base + "/ws?ticket=" + ticket, origin, subprotocols))
+        client.welcome = client.recv()
+        assert client.welcome["type"] == "WELCOME", client.welcome
+        return client
+
+
+def mint_token(secret, sub, ttl=3600, algorithm="HS256", **claims):
+    now = int(time.time())
+    payload = {"sub": sub, "iat": now, "exp": now + ttl}
+    payload.update(claims)
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return jwt.encode(payload, secret, algorithm=algorithm)
+
+
+def http(method, url, token=None, body=None, headers=None, timeout=RECV_TIMEOUT):
+    """One request; returns (status, headers, parsed JSON or raw bytes)."""
+    request = urllib.request.Request(url, method=method, data=body, headers=dict(headers or {}))
+    if token is not None:
+        request.add_header("Authorization", "Bearer " + token)
+    context = client_tls() if url.startswith("https") else None
+    try:
+        response = urllib.request.urlopen(request, context=context, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        response = e
+    with response:
+        raw = response.read()
+        content_type = response.headers.get("content-type", "")
+        data = json.loads(raw) if "json" in content_type else raw
+        return response.status, response.headers, data
+
+
+def ws_open(url, origin=None, subprotocols=("chatd.v1",), max_size=2**24):
+    return connect(
+        url,
+        ssl=client_tls() if url.startswith("wss") else None,
+        origin=origin,
+        subprotocols=list(subprotocols) if subprotocols else None,
+        open_timeout=RECV_TIMEOUT,
+        close_timeout=RECV_TIMEOUT,
+        max_size=max_size,
+        ping_interval=None,
+        legacy=True,  # a plain connection object, closed by the tests
+    )
+
+
+def ws_refusal(url, origin=None):
+    """The HTTP status a refused upgrade was answered with."""
+    try:
+        ws = ws_open(url, origin)
+    except InvalidStatus as e:
+        return e.response.status_code
+    ws.close()
+    raise AssertionError(f"{url} was upgraded")
+
+
+class Client:
+    """A chatd.v1 client on a real WebSocket connection."""
+
+    def __init__(self, ws):
+        self.ws = ws
+
+    def send(self, frame):
+        self.ws.send(json.dumps(frame) if isinstance(frame, dict) else frame)
+
+    def recv(self, timeout=RECV_TIMEOUT):
+        return json.loads(self.ws.recv(timeout=timeout))
+
+    def recv_until(self, predicate, timeout=RECV_TIMEOUT, limit=1000):
+        """Frames up to and including the first that matches; bounded."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        for _ in range(limit):
+            frame = self.recv(max(0.01, deadline - time.monotonic()))
+            seen.append(frame)
+            if predicate(frame):
+                return seen
+        raise AssertionError(f"no matching frame in {limit}: {seen[-5:]}")
+
+    def request(self, frame, timeout=RECV_TIMEOUT):
+        """Send C{frame} with a fresh ref; return the first frame echoing it."""
+        self._ref = getattr(self, "_ref", 0) + 1
+        ref = f"t{self._ref}"
+        self.send(dict(frame, ref=ref))
+        return self.recv_until(lambda f: f.get("ref") == ref, timeout)[-1]
+
+    def enter(self, room, since=None):
+        frame = {"type": "ENTER", "room": room}
+        if since is not None:
+            frame["since"] = since
+        return self.request(frame)
+
+    def talk(self, room, message, **extra):
+        return self.request(dict({"type": "TALK", "room": room, "message": message}, **extra))
+
+    def quiet(self, timeout=0.3):
+        """True when nothing arrives within C{timeout} (a bounded negative check)."""
+        try:
+            frame = self.ws.recv(timeout=timeout)
+        except TimeoutError:
+            return True
+        raise AssertionError(f"unexpected frame: {frame}")
+
+    def closed_with(self, timeout=RECV_TIMEOUT, limit=1000):
+        """Read until the server closes; return its close code."""
+        deadline = time.monotonic() + timeout
+        try:
+            for _ in range(limit):
+                self.ws.recv(timeout=max(0.01, deadline - time.monotonic()))
+        except ConnectionClosed as e:
+            return e.rcvd.code if e.rcvd is not None else None
+        raise AssertionError("connection stayed open")
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.ws.close()
+
+
+class Redis:
+    """A private redis-server on a free loopback port, no persistence."""
+
+    def __init__(self, workdir, port=None):
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.proc = None
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise AssertionError("redis-server is not installed: run `make test`")
+        self.log = open(os.path.join(self.workdir, f"redis-{self.port}.log"), "ab")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.workdir, "--protected-mode", "yes"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        wait_for(self.ping, START_TIMEOUT, f"redis-server on port {self.port}")
+        return self
+
+    def ping(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            if self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.proc.pid, signal.SIGCONT)
+            stop_pid(self.proc)
+            self.log.close()
