@@ -12,6 +12,7 @@ made absolute here (relative to the directory chatd was started in).
 
 import configparser
 import dataclasses
+import math
 import os
 import re
 from typing import Any, Callable, Optional
@@ -81,6 +82,8 @@ def _number(low):
             number = float(value.strip())
         except ValueError:
             raise _Invalid(f"expected a number, got {value.strip()!r}") from None
+        if not math.isfinite(number):
+            raise _Invalid(f"expected a finite number, got {value.strip()!r}")
         if not number >= low:
             raise _Invalid(f"must be at least {low}, got {value.strip()}")
         return number
@@ -92,14 +95,22 @@ def _words(value):
     return tuple(word for word in re.split(r"[\s,]+", value.strip()) if word)
 
 
+def _split_url(value, why):
+    try:
+        return urlsplit(value)
+    except ValueError:  # e.g. "Invalid IPv6 URL"
+        raise _Invalid(why) from None
+
+
 def _origins(value):
     origins = _words(value)
     for origin in origins:
         if origin == "*":
             continue
-        parts = urlsplit(origin)
+        why = f"{origin!r} is not an origin like https://chat.example.com[:port]"
+        parts = _split_url(origin, why)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
-            raise _Invalid(f"{origin!r} is not an origin like https://chat.example.com[:port]")
+            raise _Invalid(why)
     return origins
 
 
@@ -129,16 +140,18 @@ def _redis_url(value):
     value = value.strip()
     if not value:
         return ""
-    parts = urlsplit(value)
+    # The message must not repeat an inline password: it goes to stderr.
+    why = f"expected redis://HOST:PORT/DB, got {re.sub(r'//[^/]*@', '//***@', value)!r}"
+    parts = _split_url(value, why)
     if parts.scheme != "redis" or not parts.hostname:
-        raise _Invalid(f"expected redis://HOST:PORT/DB, got {value!r}")
+        raise _Invalid(why)
     try:
         parts.port
         db = parts.path.lstrip("/")
         if db and not db.isdigit():
             raise ValueError(db)
     except ValueError:
-        raise _Invalid(f"expected redis://HOST:PORT/DB, got {value!r}") from None
+        raise _Invalid(why) from None
     return value
 
 
@@ -268,6 +281,10 @@ def load(path):
 
 
 def _from_parser(path, parser):
+    if parser.defaults():
+        # configparser copies [DEFAULT] keys into every section; refused
+        # here, or they would be blamed on the first real section.
+        raise ConfigError(path, parser.default_section, None, "unknown section")
     for section in parser.sections():
         if section not in SCHEMA:
             raise ConfigError(path, section, None, "unknown section")
@@ -331,7 +348,7 @@ def _check_together(settings):
             raise ConfigError(path, "auth", "public_key_file", "holds a private key; give the public key")
         if b"PUBLIC KEY" not in pem and b"CERTIFICATE" not in pem:
             raise ConfigError(path, "auth", "public_key_file", "not a PEM public key")
-        jwt_key = pem
+        jwt_key = _public_key(path, pem, algorithms)
 
     redis_password = None
     if settings.redis.password_file:
@@ -341,6 +358,30 @@ def _check_together(settings):
         # Inline passwords end up in process listings and backups.
         raise ConfigError(path, "redis", "url", "put the password in password_file, not the URL")
     return dataclasses.replace(settings, jwt_key=jwt_key, redis_password=redis_password)
+
+
+def _public_key(path, pem, algorithms):
+    """
+    The PEM as PyJWT takes it, checked now against every allowed algorithm:
+    a certificate becomes its public key (PyJWT reads no certificates), and
+    a key of the wrong type would otherwise fail every token at run time.
+    """
+    import jwt
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in pem:
+            pem = x509.load_pem_x509_certificate(pem).public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        for name in algorithms:
+            jwt.get_algorithm_by_name(name).prepare_key(pem)
+    except (jwt.InvalidKeyError, UnsupportedAlgorithm, ValueError, TypeError):
+        why = f"not a PEM public key for {' '.join(algorithms)}"
+        raise ConfigError(path, "auth", "public_key_file", why) from None
+    return pem
 
 
 def replace(settings, **changes):

@@ -1,0 +1,568 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+chatd.config: every way an INI file can be wrong ends in one ConfigError
+that names file, section and key; good files become frozen typed settings.
+"""
+
+import dataclasses
+import os
+import shutil
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from chatd import config
+from chatd.config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "etc", "chatd.ini")
+SECRET = b"s" * 48
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Stand-in certificate, key and secret files (config only reads them)."""
+    paths = {
+        "cert": tmp_path / "fullchain.pem",
+        "key": tmp_path / "privkey.pem",
+        "secret": tmp_path / "jwt.secret",
+    }
+    paths["cert"].write_text("-----BEGIN CERTIFICATE-----\n")
+    paths["key"].write_text("-----BEGIN PRIVATE KEY-----\n")
+    paths["secret"].write_bytes(SECRET + b"\n")
+    return {name: str(path) for name, path in paths.items()}
+
+
+@pytest.fixture
+def ini(tmp_path, files):
+    """C{ini(section__key=value or None)}: a good file with changes, as a path."""
+
+    def write(_text=None, **changes):
+        sections = {
+            "server": {
+                "endpoint": "tcp:8443:interface=127.0.0.1",
+                "tls": "on",
+                "allowed_origins": "https://localhost:8443",
+            },
+            "tls": {"certificate": files["cert"], "private_key": files["key"]},
+            "auth": {"algorithms": "HS256", "secret_file": files["secret"]},
+        }
+        for name, value in changes.items():
+            section, key = name.split("__", 1)
+            keys = sections.setdefault(section, {})
+            if value is None:
+                keys.pop(key, None)
+            else:
+                keys[key] = value
+        path = tmp_path / "chatd.ini"
+        if _text is None:
+            _text = "".join(
+                f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + "\n"
+                for section, keys in sections.items()
+            )
+        path.write_text(_text)
+        return str(path)
+
+    return write
+
+
+def failure(path):
+    """The ConfigError loading C{path} raises."""
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    return info.value
+
+
+def assert_names(error, path, section, key, why_part):
+    """The error's fields and its one-line text "PATH: [section] key: why"."""
+    assert (error.path, error.section, error.key) == (path, section, key)
+    assert why_part in error.why
+    assert str(error) == f"{path}: [{section}] {key}: {error.why}"
+    assert "\n" not in str(error)
+
+
+@pytest.fixture(scope="module")
+def rsa_key():
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def pem_public(key):
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def pem_private(key):
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+# --- the good case -------------------------------------------------------------
+
+
+def test_good_file_loads_typed_values(ini, files):
+    """A minimal file parses into typed values with the schema defaults filled in."""
+    settings = config.load(ini())
+    assert settings.server.endpoint == "tcp:8443:interface=127.0.0.1"
+    assert settings.server.tls is True
+    assert settings.server.allowed_origins == ("https://localhost:8443",)
+    assert settings.tls.certificate == files["cert"]
+    assert settings.auth.algorithms == ("HS256",)
+    assert settings.auth.ticket_ttl == 30 and settings.limits.rate == 20.0
+    assert settings.history.size == 500 and settings.redis.url == ""
+    assert settings.jwt_key == SECRET  # stripped of the newline
+    assert settings.redis_password is None
+
+
+def test_settings_are_frozen(ini):
+    """Settings and their sections cannot be changed after loading."""
+    settings = config.load(ini())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.server.tls = False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.path = "x"
+
+
+def test_secrets_stay_out_of_repr(ini):
+    """repr(settings) does not show the JWT key."""
+    settings = config.load(ini())
+    assert SECRET.decode() not in repr(settings)
+
+
+def test_inline_comments_are_not_values(ini):
+    """'; comment' after a value is dropped, as the sample file relies on."""
+    settings = config.load(ini(history__size="7   ; a comment", server__tls="on # too"))
+    assert settings.history.size == 7 and settings.server.tls is True
+
+
+@pytest.mark.parametrize(
+    "word,value",
+    [("on", True), ("YES", True), ("true", True), ("1", True),
+     ("off", False), ("No", False), ("false", False), ("0", False)],
+)
+def test_flag_words(ini, word, value):
+    """Flags take on/off, yes/no, true/false and 1/0 in any case."""
+    assert config.load(ini(server__tls="off", server__access_log=word)).server.access_log is value
+
+
+def test_origins_list(ini):
+    """Origins are split on spaces and commas; * is allowed."""
+    settings = config.load(
+        ini(server__allowed_origins="https://a.example, http://b.example:8080  *")
+    )
+    assert settings.server.allowed_origins == ("https://a.example", "http://b.example:8080", "*")
+
+
+def test_tls_off_needs_no_certificate(ini):
+    """With tls = off the [tls] files are neither required nor read."""
+    settings = config.load(ini(server__tls="off", tls__certificate=None, tls__private_key=None))
+    assert settings.server.tls is False and settings.tls.certificate == ""
+
+
+def test_redis_url_and_password_file(ini, tmp_path):
+    """A redis URL is kept; the password comes from password_file, stripped."""
+    secret = tmp_path / "redis.pw"
+    secret.write_text("hunter2hunter2\n")
+    settings = config.load(
+        ini(redis__url="redis://127.0.0.1:6379/2", redis__password_file=str(secret))
+    )
+    assert settings.redis.url == "redis://127.0.0.1:6379/2"
+    assert settings.redis_password == "hunter2hunter2"
+    assert "hunter2" not in repr(settings)
+
+
+def test_relative_paths_become_absolute(ini, tmp_path, monkeypatch):
+    """Relative file names are resolved against the start directory, at load time."""
+    monkeypatch.chdir(tmp_path)
+    settings = config.load(
+        ini(tls__certificate="fullchain.pem", tls__private_key="./privkey.pem",
+            auth__secret_file="jwt.secret")
+    )
+    assert settings.tls.certificate == str(tmp_path / "fullchain.pem")
+    assert settings.tls.private_key == str(tmp_path / "privkey.pem")
+    assert settings.auth.secret_file == str(tmp_path / "jwt.secret")
+    assert all(os.path.isabs(p) for p in (settings.tls.certificate, settings.auth.secret_file))
+
+
+def test_sample_file_parses(tmp_path, monkeypatch):
+    """etc/chatd.ini loads as shipped once etc/dev files exist, from the directory it expects."""
+    (tmp_path / "etc" / "dev").mkdir(parents=True)
+    shutil.copy(SAMPLE, tmp_path / "etc" / "chatd.ini")
+    (tmp_path / "etc" / "dev" / "fullchain.pem").write_text("cert\n")
+    (tmp_path / "etc" / "dev" / "privkey.pem").write_text("key\n")
+    (tmp_path / "etc" / "dev" / "jwt.secret").write_bytes(SECRET)
+    monkeypatch.chdir(tmp_path)
+    settings = config.load("etc/chatd.ini")
+    assert settings.server.endpoint == "tcp:8443:interface=127.0.0.1"
+    assert settings.server.allowed_origins == ("https://localhost:8443", "https://127.0.0.1:8443")
+    assert settings.tls.private_key == str(tmp_path / "etc" / "dev" / "privkey.pem")
+    assert settings.auth.algorithms == ("HS256",) and settings.auth.issuer == ""
+    assert settings.limits.max_send_buffer_bytes == 4194304
+    assert settings.websocket.compression is False and settings.conformance.echo is False
+    # "every key, with its default where it has one": the file agrees with SCHEMA.
+    own = {("tls", "certificate"), ("tls", "private_key"), ("auth", "secret_file")}
+    for section, keys in config.SCHEMA.items():
+        for key, spec in keys.items():
+            if spec.default is not None and (section, key) not in own:
+                assert getattr(getattr(settings, section), key) == spec.parse(spec.default), key
+
+
+def test_public_key_file(ini, tmp_path, rsa_key):
+    """RS256 with a PEM public key loads; the key is kept for the verifier."""
+    public = tmp_path / "jwt.pub"
+    public.write_bytes(pem_public(rsa_key))
+    settings = config.load(
+        ini(auth__algorithms="RS256 PS256", auth__secret_file=None, auth__public_key_file=str(public))
+    )
+    assert settings.auth.algorithms == ("RS256", "PS256")
+    assert settings.jwt_key == pem_public(rsa_key)
+
+
+def test_public_key_from_certificate(ini, tmp_path, rsa_key):
+    """A PEM certificate in public_key_file yields its public key, which verifies tokens."""
+    import datetime
+
+    import jwt
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "idp")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(rsa_key.public_key()).serial_number(1)
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(rsa_key, hashes.SHA256())
+    )
+    public = tmp_path / "idp.crt"
+    public.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    settings = config.load(
+        ini(auth__algorithms="RS256", auth__secret_file=None, auth__public_key_file=str(public))
+    )
+    token = jwt.encode({"sub": "a", "exp": 2**40}, rsa_key, algorithm="RS256")
+    assert jwt.decode(token, settings.jwt_key, algorithms=["RS256"])["sub"] == "a"
+
+
+# --- reading the file ------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    """A file that is not there: the path and 'no such file', no section or key."""
+    path = str(tmp_path / "nope.ini")
+    error = failure(path)
+    assert (error.path, error.section, error.key) == (path, None, None)
+    assert str(error) == f"{path}: no such file"
+
+
+def test_unreadable_file(tmp_path):
+    """A path that cannot be read (a directory) says so."""
+    error = failure(str(tmp_path))
+    assert error.section is None and error.why.startswith("cannot read:")
+    assert str(error).startswith(f"{tmp_path}: cannot read:")
+
+
+def test_not_utf8(ini):
+    """Bytes that are not UTF-8 are a read error, not a crash."""
+    path = ini()
+    with open(path, "ab") as f:
+        f.write(b"[history]\nsize = \xff\n")
+    error = failure(path)
+    assert error.section is None and error.why.startswith("cannot read:")
+
+
+@pytest.mark.parametrize(
+    "text,why_part",
+    [
+        ("endpoint = tcp:1\n", "no section headers"),
+        ("[server]\nendpoint = a\nendpoint = b\n", "already exists"),
+        ("[server]\n[server]\n", "already exists"),
+        ("[server]\nthis line has no equals sign\n", "parsing errors"),
+    ],
+)
+def test_parse_errors_are_one_line(ini, text, why_part):
+    """INI syntax errors name the file and fit on one line."""
+    path = ini(text)
+    error = failure(path)
+    assert error.path == path and error.section is None
+    assert why_part in error.why
+    assert "\n" not in str(error) and str(error).startswith(f"{path}: ")
+
+
+# --- sections and keys ------------------------------------------------------------
+
+
+def test_unknown_section(ini):
+    """A section chatd does not read is refused by name."""
+    path = ini(srever__endpoint="tcp:1")
+    error = failure(path)
+    assert (error.section, error.key, error.why) == ("srever", None, "unknown section")
+    assert str(error) == f"{path}: [srever]: unknown section"
+
+
+def test_default_section_is_unknown(ini):
+    """[DEFAULT] is an unknown section, not a key blamed on another section."""
+    path = ini("[DEFAULT]\ntls = off\n\n" + open(ini()).read())
+    error = failure(path)
+    assert (error.section, error.key, error.why) == ("DEFAULT", None, "unknown section")
+
+
+def test_unknown_key(ini):
+    """A misspelt key is refused with its section."""
+    path = ini(server__allowed_origin="*")
+    assert_names(failure(path), path, "server", "allowed_origin", "unknown key")
+
+
+@pytest.mark.parametrize("key", ["endpoint", "allowed_origins"])
+def test_missing_required_key(ini, key):
+    """endpoint and allowed_origins have no default: absent is an error."""
+    path = ini(**{f"server__{key}": None})
+    assert_names(failure(path), path, "server", key, "missing (required)")
+
+
+def test_empty_required_key(ini):
+    """A required key present but empty counts as missing."""
+    path = ini(server__endpoint="")
+    assert_names(failure(path), path, "server", "endpoint", "missing (required)")
+
+
+# --- value parsers -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change,section,key,why_part",
+    [
+        ({"server__tls": "maybe"}, "server", "tls", "expected on or off, got 'maybe'"),
+        ({"conformance__echo": ""}, "conformance", "echo", "expected on or off"),
+        ({"auth__ticket_ttl": "thirty"}, "auth", "ticket_ttl", "expected a whole number, got 'thirty'"),
+        ({"auth__ticket_ttl": "1.5"}, "auth", "ticket_ttl", "expected a whole number"),
+        ({"auth__ticket_ttl": "0"}, "auth", "ticket_ttl", "must be between 1 and 3600, got 0"),
+        ({"auth__ticket_ttl": "3601"}, "auth", "ticket_ttl", "must be between 1 and 3600, got 3601"),
+        ({"auth__leeway": "-1"}, "auth", "leeway", "must be between 0 and 300"),
+        ({"history__size": "100001"}, "history", "size", "must be between 0 and 100000"),
+        ({"limits__max_message_bytes": "127"}, "limits", "max_message_bytes", "must be at least 128, got 127"),
+        ({"limits__burst": "0"}, "limits", "burst", "must be at least 1"),
+        ({"limits__rate": "fast"}, "limits", "rate", "expected a number, got 'fast'"),
+        ({"limits__rate": "0.05"}, "limits", "rate", "must be at least 0.1, got 0.05"),
+        ({"limits__rate": "nan"}, "limits", "rate", "expected a finite number"),
+        ({"limits__rate": "inf"}, "limits", "rate", "expected a finite number"),
+        ({"websocket__ping_timeout": "0.5"}, "websocket", "ping_timeout", "must be at least 1"),
+        ({"redis__timeout": "-1"}, "redis", "timeout", "must be at least 0.1"),
+        ({"redis__presence_ttl": "2"}, "redis", "presence_ttl", "must be between 3 and 300"),
+    ],
+)
+def test_value_errors(ini, change, section, key, why_part):
+    """Each parser's refusal names the key and says what was expected."""
+    path = ini(**change)
+    assert_names(failure(path), path, section, key, why_part)
+
+
+def test_integer_bounds_are_inclusive(ini):
+    """The documented bounds themselves are accepted."""
+    settings = config.load(ini(auth__ticket_ttl="3600", auth__leeway="0", history__size="0"))
+    assert (settings.auth.ticket_ttl, settings.auth.leeway, settings.history.size) == (3600, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "origins",
+    ["chat.example.com", "ftp://chat.example.com", "https://chat.example.com/",
+     "https://chat.example.com/app", "https://", "https://[::1"],
+)
+def test_bad_origins(ini, origins):
+    """Anything but scheme://host[:port] (or *) is refused, malformed IPv6 included."""
+    path = ini(server__allowed_origins=f"https://ok.example {origins}")
+    assert_names(failure(path), path, "server", "allowed_origins", "is not an origin like")
+
+
+def test_origins_without_any_origin(ini):
+    """A value with separators only names no origin."""
+    path = ini(server__allowed_origins=", ,")
+    assert_names(failure(path), path, "server", "allowed_origins", "name at least one origin")
+
+
+@pytest.mark.parametrize(
+    "algorithms,why_part",
+    [
+        ("", "name at least one algorithm"),
+        ("none", "'none' is never accepted"),
+        ("HS256 NONE", "'none' is never accepted"),
+        ("HS999", "unknown algorithm 'HS999'"),
+        ("hs256", "unknown algorithm 'hs256'"),
+        ("HS256 RS256", "do not mix HS* with public-key algorithms"),
+        ("ES256, HS512", "do not mix HS* with public-key algorithms"),
+    ],
+)
+def test_bad_algorithms(ini, algorithms, why_part):
+    """The allowlist refuses none, unknown names and mixed HS/public-key families."""
+    path = ini(auth__algorithms=algorithms)
+    assert_names(failure(path), path, "auth", "algorithms", why_part)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:6379/0", "redis://", "redis:///0", "redis://h:port/0",
+     "redis://h:99999/0", "redis://h:6379/zero", "redis://[::1:6379/0"],
+)
+def test_bad_redis_urls(ini, url):
+    """Anything but redis://HOST[:PORT][/DB] is refused."""
+    path = ini(redis__url=url)
+    assert_names(failure(path), path, "redis", "url", "expected redis://HOST:PORT/DB")
+
+
+def test_redis_inline_password_refused(ini):
+    """A password in the URL is refused, pointing to password_file."""
+    path = ini(redis__url="redis://:hunter2@127.0.0.1:6379/0")
+    error = failure(path)
+    assert_names(error, path, "redis", "url", "password_file, not the URL")
+    assert "hunter2" not in str(error)
+
+
+def test_bad_redis_url_does_not_echo_password(ini):
+    """A malformed URL's error does not repeat an inline password."""
+    path = ini(redis__url="redis://user:hunter2@127.0.0.1:port/0")
+    error = failure(path)
+    assert_names(error, path, "redis", "url", "expected redis://HOST:PORT/DB")
+    assert "hunter2" not in str(error) and "***@127.0.0.1" in str(error)
+
+
+def test_missing_redis_password_file(ini, tmp_path):
+    """password_file naming no file is an error on that key."""
+    path = ini(redis__url="redis://127.0.0.1:6379/0", redis__password_file=str(tmp_path / "no"))
+    assert_names(failure(path), path, "redis", "password_file", "no such file")
+
+
+# --- files named by keys --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["certificate", "private_key"])
+def test_tls_on_needs_files(ini, key):
+    """tls = on without a certificate or key names the missing key."""
+    path = ini(**{f"tls__{key}": None})
+    assert_names(failure(path), path, "tls", key, "missing (required for tls = on)")
+
+
+@pytest.mark.parametrize("key", ["certificate", "private_key"])
+def test_tls_files_must_exist(ini, tmp_path, key):
+    """A certificate or key path that does not exist is named, absolute."""
+    missing = tmp_path / "gone.pem"
+    path = ini(**{f"tls__{key}": str(missing)})
+    assert_names(failure(path), path, "tls", key, f"no such file: {missing}")
+
+
+def test_tls_file_unreadable(ini, tmp_path):
+    """A certificate path that is a directory cannot be read."""
+    path = ini(tls__certificate=str(tmp_path))
+    assert_names(failure(path), path, "tls", "certificate", f"cannot read {tmp_path}")
+
+
+def test_secret_file_required_for_hs(ini):
+    """HS* without secret_file names the key and the algorithm that needs it."""
+    path = ini(auth__secret_file=None)
+    assert_names(failure(path), path, "auth", "secret_file", "missing (required for HS256)")
+
+
+def test_secret_file_missing(ini, tmp_path):
+    """A secret_file that does not exist is an error on that key."""
+    path = ini(auth__secret_file=str(tmp_path / "nope"))
+    assert_names(failure(path), path, "auth", "secret_file", "no such file")
+
+
+def test_short_secret(ini, files):
+    """A secret under 32 bytes (after stripping whitespace) is refused."""
+    with open(files["secret"], "wb") as f:
+        f.write(b"x" * 31 + b"\n\n")
+    path = ini()
+    assert_names(
+        failure(path), path, "auth", "secret_file", "secret is 31 bytes; HS* needs at least 32"
+    )
+
+
+def test_secret_of_exactly_32_bytes(ini, files):
+    """32 bytes is enough."""
+    with open(files["secret"], "wb") as f:
+        f.write(b"x" * 32)
+    assert config.load(ini()).jwt_key == b"x" * 32
+
+
+def test_public_key_file_required(ini):
+    """RS256 without public_key_file names that key."""
+    path = ini(auth__algorithms="RS256")
+    assert_names(failure(path), path, "auth", "public_key_file", "missing (required for RS256)")
+
+
+def test_public_key_file_holding_private_key(ini, tmp_path, rsa_key):
+    """A private key given as the public key is refused (it would be a leak)."""
+    private = tmp_path / "jwt.key"
+    private.write_bytes(pem_private(rsa_key))
+    path = ini(auth__algorithms="RS256", auth__public_key_file=str(private))
+    assert_names(failure(path), path, "auth", "public_key_file", "holds a private key")
+
+
+def test_public_key_file_without_pem(ini, files):
+    """A file with no PEM public key in it is refused."""
+    path = ini(auth__algorithms="ES256", auth__public_key_file=files["secret"])
+    assert_names(failure(path), path, "auth", "public_key_file", "not a PEM public key")
+
+
+def test_public_key_of_wrong_type(ini, tmp_path):
+    """An EC key for RS256 is refused at load time, not on every token later."""
+    public = tmp_path / "ec.pub"
+    public.write_bytes(pem_public(ec.generate_private_key(ec.SECP256R1())))
+    path = ini(auth__algorithms="RS256", auth__public_key_file=str(public))
+    assert_names(failure(path), path, "auth", "public_key_file", "not a PEM public key for RS256")
+
+
+def test_garbled_public_key(ini, tmp_path):
+    """PEM armour around garbage is refused."""
+    public = tmp_path / "bad.pub"
+    public.write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    path = ini(auth__algorithms="ES256", auth__public_key_file=str(public))
+    assert_names(failure(path), path, "auth", "public_key_file", "not a PEM public key")
+
+
+# --- the error's text ----------------------------------------------------------------
+
+
+def test_error_text_forms():
+    """str(ConfigError) is 'PATH: [section] key: why', shortened when parts are absent."""
+    assert str(ConfigError("a.ini", "s", "k", "bad")) == "a.ini: [s] k: bad"
+    assert str(ConfigError("a.ini", "s", None, "bad")) == "a.ini: [s]: bad"
+    assert str(ConfigError("a.ini", None, None, "bad")) == "a.ini: bad"
+
+
+# --- helpers for tests and tools ---------------------------------------------------------
+
+
+def test_defaults():
+    """defaults() is every schema default, parsed; required keys are empty."""
+    settings = config.defaults()
+    assert settings.path == "<defaults>"
+    assert settings.server.tls is True and settings.server.endpoint == ""
+    assert settings.auth.algorithms == ("HS256",) and settings.auth.ticket_ttl == 30
+    assert settings.limits.max_message_bytes == 65536 and settings.websocket.ping_interval == 30.0
+    for section, keys in config.SCHEMA.items():
+        assert set(dataclasses.asdict(getattr(settings, section))) == set(keys)
+
+
+def test_defaults_with_overrides():
+    """defaults(section__key=value) sets exactly those values."""
+    settings = config.defaults(server__tls=False, history__size=3)
+    assert settings.server.tls is False and settings.history.size == 3
+    assert settings.server.access_log is True
+
+
+def test_replace():
+    """replace() returns a changed copy and leaves the original alone."""
+    original = config.defaults()
+    changed = config.replace(original, limits__burst=2, limits__rate=1.0, server__tls=False)
+    assert (changed.limits.burst, changed.limits.rate, changed.server.tls) == (2, 1.0, False)
+    assert changed.limits.max_rooms_per_connection == original.limits.max_rooms_per_connection
+    assert (original.limits.burst, original.server.tls) == (40, True)
+
+
+def test_replace_unknown_key():
+    """replace() refuses a key the section does not have."""
+    with pytest.raises(TypeError):
+        config.replace(config.defaults(), limits__bogus=1)
