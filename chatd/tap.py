@@ -39,7 +39,7 @@ def _check_endpoint(settings):
 
     try:
         endpoints.serverFromString(reactor, settings.server.endpoint)
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, OSError) as e:  # ssl: reads files
         raise config.ConfigError(
             settings.path, "server", "endpoint", f"not a Twisted server endpoint: {e}"
         ) from None
