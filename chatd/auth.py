@@ -121,9 +121,12 @@ def principal_from_claims(claims):
     sub = claims.get("sub")
     if not isinstance(sub, str) or not _SUB.match(sub) or sub != sub.strip():
         raise InvalidToken("sub must be a printable string of 1-256 characters")
-    name = claims.get("name", sub)
-    if not isinstance(name, str) or not _NAME.match(name) or name != name.strip():
-        raise InvalidToken("name must be a printable string of 1-64 characters")
+    if "name" not in claims:
+        name = sub  # as checked above: the contract allows it up to 256 characters
+    else:
+        name = claims["name"]
+        if not isinstance(name, str) or not _NAME.match(name) or name != name.strip():
+            raise InvalidToken("name must be a printable string of 1-64 characters")
     exp = claims.get("exp")
     if isinstance(exp, bool) or not isinstance(exp, (int, float)):
         raise InvalidToken("exp must be a number")

@@ -1,0 +1,272 @@
+# -*- test-case-name: tests.test_auth -*-
+"""
+chatd.auth: real PyJWT tokens through TokenVerifier, and the claim rules
+PyJWT does not enforce.
+"""
+
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from chatd import config
+from chatd.auth import InvalidToken, Principal, TokenVerifier, principal_from_claims
+
+SECRET = b"k" * 40
+OTHER_SECRET = b"o" * 40
+
+
+def token(ttl=3600, key=SECRET, algorithm="HS256", **claims):
+    """A JWT for sub 'alice' (unless overridden); a claim set to None is left out."""
+    now = int(time.time())
+    payload = {"sub": "alice", "iat": now, "exp": now + ttl}
+    payload.update(claims)
+    payload = {k: v for k, v in payload.items() if v is not None}
+    return jwt.encode(payload, key, algorithm=algorithm)
+
+
+def verifier(**kwargs):
+    kwargs.setdefault("key", SECRET)
+    kwargs.setdefault("algorithms", ["HS256"])
+    return TokenVerifier(**kwargs)
+
+
+def refusal(token_, **kwargs):
+    with pytest.raises(InvalidToken) as info:
+        verifier(**kwargs).verify(token_)
+    return str(info.value)
+
+
+@pytest.fixture(scope="module")
+def rsa_key():
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def rsa_public_pem(rsa_key):
+    return rsa_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+# --- accepted ------------------------------------------------------------------------------
+
+
+def test_valid_token():
+    """A signed token with sub and exp gives a Principal; name falls back to sub."""
+    exp = int(time.time()) + 60
+    principal = verifier().verify(token(exp=exp))
+    assert principal == Principal(sub="alice", name="alice", exp=exp, rooms=None)
+
+
+def test_name_and_rooms():
+    """name and rooms come from their claims."""
+    principal = verifier().verify(token(name="Alice Ünal", rooms=["lobby", "ops"]))
+    assert principal.name == "Alice Ünal"
+    assert principal.rooms == frozenset({"lobby", "ops"})
+    assert principal.may_enter("ops") and not principal.may_enter("secret")
+
+
+def test_no_rooms_claim_means_any_room():
+    """Without rooms every room may be entered; an empty list allows none."""
+    assert verifier().verify(token()).may_enter("anything")
+    assert not verifier().verify(token(rooms=[])).may_enter("lobby")
+
+
+def test_aud_not_checked_when_audience_unset():
+    """A token with aud is accepted when no audience is configured (PyJWT would refuse it)."""
+    assert verifier().verify(token(aud="some-other-service")).sub == "alice"
+
+
+def test_iss_not_checked_when_issuer_unset():
+    """A token with any iss is accepted when no issuer is configured."""
+    assert verifier().verify(token(iss="https://elsewhere")).sub == "alice"
+
+
+def test_issuer_and_audience_when_configured():
+    """With issuer and audience set, matching claims are accepted (aud may be a list)."""
+    v = verifier(issuer="https://idp", audience="chatd")
+    assert v.verify(token(iss="https://idp", aud="chatd")).sub == "alice"
+    assert v.verify(token(iss="https://idp", aud=["web", "chatd"])).sub == "alice"
+
+
+def test_leeway_allows_skew():
+    """leeway seconds of clock skew are allowed on exp."""
+    assert verifier(leeway=60).verify(token(ttl=-5)).sub == "alice"
+
+
+def test_rs256(rsa_key, rsa_public_pem):
+    """RS256 tokens verify against the configured public key."""
+    v = verifier(key=rsa_public_pem, algorithms=["RS256"])
+    assert v.verify(token(key=rsa_key, algorithm="RS256")).sub == "alice"
+
+
+def test_from_settings(tmp_path):
+    """from_settings takes key, algorithms, iss, aud and leeway from the settings."""
+    settings = config.replace(
+        config.defaults(auth__issuer="https://idp", auth__leeway=60), auth__audience="chatd"
+    )
+    import dataclasses
+
+    settings = dataclasses.replace(settings, jwt_key=SECRET)
+    v = TokenVerifier.from_settings(settings)
+    assert v.verify(token(ttl=-5, iss="https://idp", aud="chatd")).sub == "alice"
+    with pytest.raises(InvalidToken, match="wrong audience"):
+        v.verify(token(iss="https://idp", aud="other"))
+
+
+# --- refused by PyJWT's checks ---------------------------------------------------------
+
+
+def test_expired():
+    """A token whose exp passed is refused."""
+    assert refusal(token(ttl=-1)) == "token expired"
+
+
+def test_not_yet_valid():
+    """nbf in the future is refused; so is an iat in the future."""
+    assert refusal(token(nbf=int(time.time()) + 600)) == "token not yet valid"
+    assert refusal(token(iat=int(time.time()) + 600)) == "token not yet valid"
+
+
+@pytest.mark.parametrize("claim", ["sub", "exp"])
+def test_required_claims(claim):
+    """sub and exp are required (PyJWT would accept a token without exp)."""
+    assert refusal(token(**{claim: None})) == f"token has no {claim} claim"
+
+
+def test_issuer_checked_when_set():
+    """With an issuer configured, a wrong or missing iss is refused."""
+    assert refusal(token(iss="https://evil"), issuer="https://idp") == "wrong issuer"
+    assert refusal(token(), issuer="https://idp") == "token has no iss claim"
+
+
+def test_audience_checked_when_set():
+    """With an audience configured, a wrong or missing aud is refused."""
+    assert refusal(token(aud="other"), audience="chatd") == "wrong audience"
+    assert refusal(token(), audience="chatd") == "token has no aud claim"
+
+
+def test_alg_none():
+    """An unsigned token (alg none) is never accepted."""
+    unsigned = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, None, algorithm="none")
+    assert refusal(unsigned) == "algorithm not allowed"
+
+
+def test_algorithm_outside_allowlist():
+    """A token signed with the right secret but another algorithm is refused."""
+    assert refusal(token(algorithm="HS512")) == "algorithm not allowed"
+
+
+def test_hs_rs_confusion(rsa_public_pem):
+    """An HS256 token 'signed' with the RSA public key is refused by an RS256 verifier."""
+    import base64
+    import hashlib
+    import hmac
+    import json
+
+    def b64(data):
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    # Forged by hand: PyJWT itself refuses to use a PEM as an HMAC secret.
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({"sub": "mallory", "exp": int(time.time()) + 60}).encode())
+    signature = b64(hmac.new(rsa_public_pem, header + b"." + body, hashlib.sha256).digest())
+    forged = (header + b"." + body + b"." + signature).decode()
+    assert refusal(forged, key=rsa_public_pem, algorithms=["RS256"]) == "algorithm not allowed"
+
+
+def test_wrong_key():
+    """A token signed with another secret is refused."""
+    assert refusal(token(key=OTHER_SECRET)) == "bad signature"
+
+
+def test_wrong_rsa_key(rsa_public_pem):
+    """An RS256 token from another key pair is refused."""
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    forged = token(key=other, algorithm="RS256")
+    assert refusal(forged, key=rsa_public_pem, algorithms=["RS256"]) == "bad signature"
+
+
+@pytest.mark.parametrize("bad", ["", None, 5, "not.a.jwt", "abc", "eyJhbGciOiJIUzI1NiJ9..."])
+def test_malformed(bad):
+    """Garbage and non-strings are refused without detail."""
+    assert refusal(bad) in ("missing token", "malformed token")
+
+
+def test_tampered_payload():
+    """Changing the payload after signing breaks the signature."""
+    import base64
+    import json
+
+    head, _, sig = token().split(".")
+    body = base64.urlsafe_b64encode(
+        json.dumps({"sub": "root", "exp": int(time.time()) + 60}).encode()
+    ).rstrip(b"=").decode()
+    assert refusal(f"{head}.{body}.{sig}") == "bad signature"
+
+
+# --- claim shapes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sub", ["", " alice", "alice ", "a\x00b", "a\nb", "a\u2028b", "x" * 257, 42])
+def test_bad_sub(sub):
+    """sub must be a printable string of 1-256 characters without surrounding space."""
+    with pytest.raises(InvalidToken):
+        verifier().verify(token(sub=sub))
+
+
+def test_sub_limits():
+    """256 printable characters, non-ASCII included, are a valid sub, and the default name."""
+    principal = verifier().verify(token(sub="ü" * 256))
+    assert principal.sub == principal.name == "ü" * 256
+
+
+@pytest.mark.parametrize(
+    "name", ["", " Alice", "Alice ", "A\x1b[31m", "A\tB", "A\u0085B", "x" * 65, 7, ["A"], True]
+)
+def test_bad_name(name):
+    """name must be a printable string of 1-64 characters."""
+    assert refusal(token(name=name)) == "name must be a printable string of 1-64 characters"
+
+
+def test_name_of_64_characters():
+    """64 characters is the longest name."""
+    assert verifier().verify(token(name="N" * 64)).name == "N" * 64
+
+
+@pytest.mark.parametrize("rooms", ["lobby", {"lobby": 1}, ["ok", "bad room"], ["ok", 5], [""]])
+def test_bad_rooms(rooms):
+    """rooms must be a list of valid room names."""
+    assert refusal(token(rooms=rooms)) == "rooms must be a list of room names"
+
+
+@pytest.mark.parametrize("exp", ["soon", True, None, [1]])
+def test_bad_exp_shape(exp):
+    """principal_from_claims refuses an exp that is not a number."""
+    with pytest.raises(InvalidToken, match="exp must be a number"):
+        principal_from_claims({"sub": "a", "exp": exp})
+
+
+def test_float_exp_is_truncated():
+    """A fractional exp becomes whole seconds."""
+    assert principal_from_claims({"sub": "a", "exp": 12.9}).exp == 12
+
+
+# --- Principal ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rooms", [None, frozenset(), frozenset({"b", "a"})])
+def test_principal_json_round_trip(rooms):
+    """to_json/from_json round-trips, with rooms sorted in the JSON."""
+    import json
+
+    principal = Principal(sub="s", name="N", exp=123, rooms=rooms)
+    data = json.loads(json.dumps(principal.to_json()))
+    assert Principal.from_json(data) == principal
+    if rooms:
+        assert data["rooms"] == ["a", "b"]
+    if rooms is None:
+        assert data["rooms"] is None
