@@ -1,0 +1,214 @@
+# -*- test-case-name: tests.test_rooms -*-
+"""
+chatd.rooms: ids, user counts, the history window with its C{complete}
+rule, and TALK deduplication by (sub, cid).
+"""
+
+import pytest
+
+from chatd import messages
+from chatd.broker.interfaces import Member
+from chatd.messages import event_id_key
+from chatd.rooms import DEDUP_WINDOW, Room, id_counter
+
+EPOCH = 1700000000000
+ALICE = Member("i:1", "alice", "Alice")
+ALICE2 = Member("i:2", "alice", "Alice")  # the same user on a second connection
+BOB = Member("i:3", "bob", "Bob")
+
+
+def room(history_size=500, counter=None, name="lobby"):
+    return Room(name, EPOCH, counter or id_counter(), history_size)
+
+
+def talks(r, n, member=ALICE, now=0.0):
+    return [r.talk(member, f"m{i}", None, now)[0] for i in range(n)]
+
+
+def test_event_fields():
+    """Events carry type, room, sender name, text, count and ms timestamp."""
+    r = room()
+    entered, replay, complete = r.enter(ALICE, None, 12.5)
+    assert (replay, complete) == ((), True)
+    assert (entered.type, entered.room, entered.sender, entered.message) == (
+        messages.ENTER, "lobby", "Alice", "Alice entered"
+    )
+    assert (entered.user_count, entered.ts) == (1, 12500)
+    said, duplicate = r.talk(ALICE, "hi", None, 13.0)
+    assert (said.type, said.message, duplicate) == (messages.TALK, "hi", False)
+    left = r.quit(ALICE, 14.0)
+    assert (left.type, left.message, left.user_count) == (messages.QUIT, "Alice left", 0)
+
+
+def test_ids_increase_with_epoch_prefix():
+    """Every event's id starts with the epoch and increases, across event types."""
+    r = room()
+    events = [r.enter(ALICE, None, 0)[0], *talks(r, 3), r.enter(BOB, None, 0)[0], r.quit(ALICE, 0)]
+    keys = [event_id_key(e.id) for e in events]
+    assert all(k[0] == EPOCH for k in keys)
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+
+
+def test_counter_shared_between_rooms():
+    """Rooms of one broker share the counter, so a room made again keeps increasing."""
+    counter = id_counter()
+    first = room(counter=counter).enter(ALICE, None, 0)[0]
+    other = room(counter=counter, name="ops").enter(ALICE, None, 0)[0]
+    again = room(counter=counter).enter(ALICE, None, 0)[0]
+    assert event_id_key(first.id) < event_id_key(other.id) < event_id_key(again.id)
+
+
+def test_user_counts():
+    """userCount is the number of connections after the event; the same user twice counts twice."""
+    r = room()
+    assert r.enter(ALICE, None, 0)[0].user_count == 1
+    assert r.enter(ALICE2, None, 0)[0].user_count == 2
+    assert r.enter(BOB, None, 0)[0].user_count == 3
+    assert r.talk(BOB, "x", None, 0)[0].user_count == 3
+    assert r.quit(ALICE, 0).user_count == 2
+    assert r.users == 2
+
+
+def test_quit_of_non_member_keeps_count():
+    """A QUIT for a connection not in the room changes no count."""
+    r = room()
+    r.enter(ALICE, None, 0)
+    assert r.quit(BOB, 0).user_count == 1
+
+
+def test_history_keeps_only_talk():
+    """History holds TALK events only, in order."""
+    r = room()
+    r.enter(ALICE, None, 0)
+    said = talks(r, 2)
+    r.quit(ALICE, 0)
+    assert list(r.history) == said
+
+
+def test_replay_since():
+    """ENTER with since gives the TALKs after it, in order, and complete."""
+    r = room()
+    r.enter(ALICE, None, 0)
+    first, *rest = talks(r, 4)
+    entered, replay, complete = r.enter(BOB, first.id, 0)
+    assert list(replay) == rest and complete is True
+    assert event_id_key(entered.id) > event_id_key(rest[-1].id)
+
+
+def test_replay_since_latest_is_empty_and_complete():
+    """since = the newest id: nothing to replay, nothing missed."""
+    r = room()
+    last = talks(r, 3)[-1]
+    assert r.replay_since(last.id) == ((), True)
+
+
+def test_history_cap():
+    """Only the newest history_size TALKs stay; older since ids are incomplete."""
+    r = room(history_size=3)
+    said = talks(r, 6)
+    assert list(r.history) == said[3:]
+    # since = the newest dropped one: everything after it is still there.
+    assert r.replay_since(said[2].id) == (tuple(said[3:]), True)
+    # since older than that: said[2] is gone.
+    assert r.replay_since(said[1].id) == (tuple(said[3:]), False)
+    assert r.replay_since(said[4].id) == ((said[5],), True)
+
+
+def test_history_size_zero():
+    """With no history nothing is replayed, and an older since is incomplete."""
+    r = room(history_size=0)
+    r.enter(ALICE, None, 0)
+    said = talks(r, 2)
+    assert len(r.history) == 0
+    assert r.replay_since(said[0].id) == ((), False)
+    assert r.replay_since(said[1].id) == ((), True)
+
+
+def test_history_size_zero_before_any_talk():
+    """No TALK yet: nothing was missed."""
+    r = room(history_size=0)
+    entered = r.enter(ALICE, None, 0)[0]
+    assert r.replay_since(entered.id) == ((), True)
+
+
+@pytest.mark.parametrize("since", [f"{EPOCH - 1}-99999", f"{EPOCH + 1}-1", "5", "0-0-0"])
+def test_since_from_another_epoch(since):
+    """An id from another life of the broker cannot vouch for completeness."""
+    r = room()
+    said = talks(r, 2)
+    replay, complete = r.replay_since(since)
+    assert complete is False
+    assert all(event_id_key(e.id) > event_id_key(since) for e in replay)
+    assert set(replay) <= set(said)
+
+
+def test_since_from_earlier_epoch_replays_all_history():
+    """After a restart, since from before it replays all the history there is."""
+    r = room()
+    said = talks(r, 2)
+    assert r.replay_since(f"{EPOCH - 1}-5") == (tuple(said), False)
+
+
+def test_cid_dedup():
+    """A repeated (sub, cid) returns the original event, stores and numbers nothing new."""
+    r = room()
+    first, dup = r.talk(ALICE, "hi", "c1", 0)
+    assert dup is False
+    again, dup = r.talk(ALICE2, "hi (resent)", "c1", 60)
+    assert (again, dup) == (first, True)
+    assert list(r.history) == [first]
+    nxt = r.talk(ALICE, "next", None, 61)[0]
+    assert event_id_key(nxt.id) == (EPOCH, event_id_key(first.id)[1] + 1)
+
+
+def test_cid_is_per_user():
+    """Another user's cid of the same value is not a duplicate."""
+    r = room()
+    a = r.talk(ALICE, "hi", "c1", 0)[0]
+    b, dup = r.talk(BOB, "hi", "c1", 0)
+    assert dup is False and b.id != a.id
+
+
+def test_cid_window():
+    """A cid is remembered for just under ten minutes, then forgotten."""
+    r = room()
+    first = r.talk(ALICE, "hi", "c1", 0)[0]
+    assert r.talk(ALICE, "hi", "c1", DEDUP_WINDOW - 0.001) == (first, True)
+    later, dup = r.talk(ALICE, "hi", "c1", DEDUP_WINDOW)
+    assert dup is False and later.id != first.id
+    assert DEDUP_WINDOW == 600.0
+
+
+def test_cid_expiry_is_in_acceptance_order():
+    """Old cids expire while newer ones are still remembered."""
+    r = room()
+    r.talk(ALICE, "a", "old", 0)
+    newer = r.talk(ALICE, "b", "new", 300)[0]
+    assert r.talk(ALICE, "a", "old", 650)[1] is False
+    assert r.talk(ALICE, "b", "new", 650) == (newer, True)
+
+
+def test_no_cid_no_dedup():
+    """Without a cid the same text twice is two events."""
+    r = room()
+    a, b = talks(r, 1)[0], r.talk(ALICE, "m0", None, 0)[0]
+    assert a.id != b.id
+
+
+def test_forgettable():
+    """A room is forgettable only with no members, no history and nothing dropped."""
+    r = room()
+    assert r.forgettable
+    r.enter(ALICE, None, 0)
+    assert not r.forgettable
+    r.quit(ALICE, 0)
+    assert r.forgettable
+    talks(r, 1)
+    assert not r.forgettable
+
+
+def test_forgettable_history_zero():
+    """With history size 0 a room that saw a TALK is kept, so later replays say incomplete."""
+    r = room(history_size=0)
+    talks(r, 1)
+    assert not r.forgettable
