@@ -1,0 +1,419 @@
+# -*- test-case-name: tests.test_hub -*-
+"""
+chatd.hub over the embedded broker with in-memory connections: fan-out
+encodes once per event, the actor's copy echoes its ref, replay order, and
+what a member sees on entering, leaving and broker failures.
+"""
+
+import json
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from chatd import errors
+from chatd.broker.interfaces import Member
+from chatd.broker.memory import MemoryBroker
+from chatd.errors import BrokerUnavailable, ProtocolError
+from chatd.hub import Hub, IConnection
+
+
+class Shared:
+    """What the hub's prepare made: one per fanned-out event."""
+
+    def __init__(self, text):
+        self.text = text
+
+
+@implementer(IConnection)
+class FakeConnection:
+    def __init__(self, connection_id):
+        self.connection_id = connection_id
+        self.frames = []  # decoded, in the order sent
+        self.shared = []  # Shared objects received
+
+    def send_text(self, text):
+        self.frames.append(json.loads(text))
+
+    def send_shared(self, frame):
+        self.shared.append(frame)
+        self.frames.append(json.loads(frame.text))
+
+    def take(self):
+        """The frames received since the last take()."""
+        frames, self.frames = self.frames, []
+        return frames
+
+
+class RecordingBroker(MemoryBroker):
+    """The embedded broker, remembering (un)subscriptions; can be made to fail."""
+
+    def __init__(self, clock):
+        super().__init__(clock, history_size=10, instance_id="i")
+        self.calls = []
+        self.down = set()  # names of methods that fail with BrokerUnavailable
+        self.held = None  # a Deferred enter() answers through, when set
+
+    def _maybe_fail(self, name):
+        if name in self.down:
+            return defer.fail(BrokerUnavailable(f"{name}: redis down"))
+        return None
+
+    def subscribe(self, room):
+        self.calls.append(("subscribe", room))
+        return self._maybe_fail("subscribe") or super().subscribe(room)
+
+    def unsubscribe(self, room):
+        self.calls.append(("unsubscribe", room))
+        return super().unsubscribe(room)
+
+    def enter(self, room, member, since=None, ref=None):
+        failed = self._maybe_fail("enter")
+        if failed:
+            return failed
+        d = super().enter(room, member, since, ref)
+        if self.held is None:
+            return d
+        # Published already (the feed has it); the reply waits for the test.
+        entered = []
+        d.addCallback(entered.append)
+        held, self.held = self.held, None
+        return held.addCallback(lambda _: entered[0])
+
+    def talk(self, room, member, text, cid=None, ref=None):
+        return self._maybe_fail("talk") or super().talk(room, member, text, cid, ref)
+
+    def quit(self, room, member, ref=None):
+        return self._maybe_fail("quit") or super().quit(room, member, ref)
+
+
+class World:
+    """A hub, its broker and named users, each with one connection."""
+
+    def __init__(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.broker = RecordingBroker(self.clock)
+        self.prepared = []
+        self.hub = Hub(self.broker, prepare=self._prepare)
+        self.users = {}
+
+    def _prepare(self, text):
+        shared = Shared(text)
+        self.prepared.append(shared)
+        return shared
+
+    def user(self, name, connection_id=None):
+        connection_id = connection_id or f"i:{name}"
+        member = Member(connection_id, name.lower(), name)
+        connection = FakeConnection(connection_id)
+        self.users[name] = (member, connection)
+        return connection
+
+    def run(self, method, name, *args, **kwargs):
+        """Call hub.<method> for a user; return its result or raise its error, synchronously."""
+        member, connection = self.users[name]
+        d = defer.ensureDeferred(getattr(self.hub, method)(*args[:1], member, connection, *args[1:], **kwargs))
+        results = []
+        d.addBoth(results.append)
+        assert results, f"{method} did not finish"
+        if isinstance(results[0], defer.Failure):
+            results[0].raiseException()
+        return results[0]
+
+    def start(self, method, name, *args, **kwargs):
+        member, connection = self.users[name]
+        return defer.ensureDeferred(getattr(self.hub, method)(*args[:1], member, connection, *args[1:], **kwargs))
+
+
+def refused(world, method, name, *args, **kwargs):
+    with pytest.raises(ProtocolError) as info:
+        world.run(method, name, *args, **kwargs)
+    return info.value
+
+
+@pytest.fixture
+def world():
+    return World()
+
+
+def test_fake_connection_provides_iconnection():
+    """The test double really is an IConnection."""
+    assert verifyObject(IConnection, FakeConnection("x"))
+
+
+def test_enter_sends_own_enter_with_ref(world):
+    """The enterer gets its ENTER with ref; members already there get it without."""
+    alice, bob = world.user("Alice"), world.user("Bob")
+    world.run("enter", "Alice", "lobby", ref="a1")
+    (own,) = alice.take()
+    assert (own["type"], own["sender"], own["userCount"], own["ref"]) == ("ENTER", "Alice", 1, "a1")
+    world.run("enter", "Bob", "lobby", ref="b1")
+    (seen,) = alice.take()
+    (bobs,) = bob.take()
+    assert seen == {k: v for k, v in bobs.items() if k != "ref"} and bobs["ref"] == "b1"
+    assert seen["userCount"] == 2
+    assert world.hub.local_users("lobby") == 2
+    assert world.hub.rooms_of("i:Alice") == frozenset({"lobby"})
+
+
+def test_fan_out_encodes_once(world):
+    """A TALK to many members is prepared once and shared; the actor's ref'd copy is separate."""
+    conns = [world.user(n) for n in ("Alice", "Bob", "Carol", "Dave")]
+    for name in ("Alice", "Bob", "Carol", "Dave"):
+        world.run("enter", name, "lobby")
+    for c in conns:
+        c.take()
+        c.shared.clear()
+    world.prepared.clear()
+
+    world.run("talk", "Alice", "lobby", "hello", ref="t1")
+    assert len(world.prepared) == 1
+    alice, *others = conns
+    assert all(c.shared == [world.prepared[0]] for c in others)
+    assert alice.shared == []
+    (own,) = alice.take()
+    assert own["ref"] == "t1" and own["message"] == "hello"
+    for c in others:
+        (heard,) = c.take()
+        assert heard == {k: v for k, v in own.items() if k != "ref"}
+
+
+def test_fan_out_without_ref_shares_with_actor(world):
+    """With no ref to echo, the actor gets the same shared frame as everyone."""
+    alice, bob = world.user("Alice"), world.user("Bob")
+    world.run("enter", "Alice", "lobby")
+    world.run("enter", "Bob", "lobby")
+    world.prepared.clear()
+    alice.shared.clear()
+    bob.shared.clear()
+    world.run("talk", "Alice", "lobby", "hi")
+    assert len(world.prepared) == 1
+    assert alice.shared == bob.shared == world.prepared
+
+
+def test_lone_actor_needs_no_shared_frame(world):
+    """An actor alone in the room gets its ref'd copy; nothing is prepared."""
+    alice = world.user("Alice")
+    world.run("enter", "Alice", "lobby")
+    alice.take()
+    world.prepared.clear()
+    world.run("talk", "Alice", "lobby", "anyone?", ref=7)
+    assert world.prepared == []
+    assert [f["ref"] for f in alice.take()] == [7]
+
+
+def test_replay_then_marker_then_live(world):
+    """ENTER with since: missed TALKs in order, REPLAY with ref, own ENTER, then live events."""
+    alice, bob = world.user("Alice"), world.user("Bob")
+    world.run("enter", "Alice", "lobby")
+    first = None
+    for i in range(4):
+        world.run("talk", "Alice", "lobby", f"m{i}", ref=i)
+    said = [f for f in alice.take() if f["type"] == "TALK"]
+    first = said[0]["id"]
+
+    world.run("enter", "Bob", "lobby", since=first, ref="b")
+    frames = bob.take()
+    assert [f["message"] for f in frames[:3]] == ["m1", "m2", "m3"]
+    assert all("ref" not in f for f in frames[:3])
+    assert frames[3] == {"type": "REPLAY", "room": "lobby", "count": 3, "complete": True, "ref": "b"}
+    assert (frames[4]["type"], frames[4]["sender"], frames[4]["ref"]) == ("ENTER", "Bob", "b")
+    assert len(frames) == 5
+
+    world.run("talk", "Alice", "lobby", "live")
+    (live,) = bob.take()
+    assert live["message"] == "live"
+
+
+def test_replay_incomplete_is_reported(world):
+    """A since older than the history window gives complete: false and what is left."""
+    alice, bob = world.user("Alice"), world.user("Bob")
+    world.run("enter", "Alice", "lobby")
+    for i in range(13):  # history_size is 10
+        world.run("talk", "Alice", "lobby", f"m{i}")
+    first = [f for f in alice.take() if f["type"] == "TALK"][0]["id"]
+    world.run("enter", "Bob", "lobby", since=first)
+    frames = bob.take()
+    assert [f["message"] for f in frames[:10]] == [f"m{i}" for i in range(3, 13)]
+    assert frames[10]["type"] == "REPLAY"
+    assert frames[10]["complete"] is False and frames[10]["count"] == 10
+
+
+def test_events_published_while_entering_are_kept_in_order(world):
+    """Feed events that arrive before the ENTER's reply are sent after the own ENTER, once."""
+    alice, bob = world.user("Alice"), world.user("Bob")
+    world.run("enter", "Alice", "lobby")
+    alice.take()
+    release = world.broker.held = defer.Deferred()
+    entering = world.start("enter", "Bob", "lobby", ref="b")
+    world.run("talk", "Alice", "lobby", "during")
+    assert bob.take() == []  # buffered until the ENTER is answered
+    assert not entering.called
+    release.callback(None)
+    assert entering.called
+    frames = bob.take()
+    assert [(f["type"], f.get("ref")) for f in frames] == [("ENTER", "b"), ("TALK", None)]
+    assert frames[1]["message"] == "during"
+    assert [f["type"] for f in alice.take()] == ["ENTER", "TALK"]
+
+
+def test_not_member(world):
+    """TALK or QUIT in a room not entered is not_member with ref."""
+    world.user("Alice")
+    error = refused(world, "talk", "Alice", "lobby", "hi", ref="x")
+    assert (error.code, error.ref) == (errors.NOT_MEMBER, "x")
+    assert refused(world, "quit", "Alice", "lobby", ref="y").code == errors.NOT_MEMBER
+
+
+def test_already_in_room(world):
+    """A second ENTER of the same room is bad_request and changes nothing."""
+    alice = world.user("Alice")
+    world.run("enter", "Alice", "lobby")
+    alice.take()
+    error = refused(world, "enter", "Alice", "lobby", ref="again")
+    assert (error.code, error.ref) == (errors.BAD_REQUEST, "again")
+    assert "already in lobby" in error.message
+    assert alice.take() == [] and world.hub.local_users("lobby") == 1
+
+
+def test_quit_own_quit_last(world):
+    """The quitter's own QUIT (with ref) is the last it gets; others see it; it is no member after."""
+    alice, bob = world.user("Alice"), world.user("Bob")
+    world.run("enter", "Alice", "lobby")
+    world.run("enter", "Bob", "lobby")
+    alice.take()
+    bob.take()
+    world.run("quit", "Alice", "lobby", ref="q")
+    (own,) = alice.take()
+    assert (own["type"], own["ref"], own["userCount"]) == ("QUIT", "q", 1)
+    (seen,) = bob.take()
+    assert seen["type"] == "QUIT" and seen["id"] == own["id"] and "ref" not in seen
+    world.run("talk", "Bob", "lobby", "still here")
+    assert alice.take() == []
+    assert world.hub.rooms_of("i:Alice") == frozenset()
+    assert refused(world, "talk", "Alice", "lobby", "x").code == errors.NOT_MEMBER
+
+
+def test_unsubscribe_when_last_leaves(world):
+    """The hub subscribes with the first local member and unsubscribes after the last."""
+    world.user("Alice")
+    world.user("Bob")
+    world.run("enter", "Alice", "lobby")
+    world.run("enter", "Bob", "lobby")
+    assert world.broker.calls == [("subscribe", "lobby")]
+    world.run("quit", "Alice", "lobby")
+    assert world.broker.calls == [("subscribe", "lobby")]
+    world.run("quit", "Bob", "lobby")
+    assert world.broker.calls == [("subscribe", "lobby"), ("unsubscribe", "lobby")]
+    assert world.hub.local_users("lobby") == 0
+
+
+def test_leave_all(world):
+    """A closed connection quits every room; others get its QUIT, it gets nothing."""
+    alice, bob = world.user("Alice"), world.user("Bob")
+    world.run("enter", "Alice", "lobby")
+    world.run("enter", "Alice", "ops")
+    world.run("enter", "Bob", "lobby")
+    alice.take()
+    bob.take()
+    d = world.hub.leave_all("i:Alice")
+    assert d.called
+    assert alice.take() == []
+    (seen,) = bob.take()
+    assert (seen["type"], seen["sender"], seen["userCount"]) == ("QUIT", "Alice", 1)
+    assert world.hub.rooms_of("i:Alice") == frozenset()
+    assert ("unsubscribe", "ops") in world.broker.calls
+    assert ("unsubscribe", "lobby") not in world.broker.calls
+
+
+def test_leave_all_survives_broker_failure(world):
+    """A QUIT the broker cannot record is logged, not raised."""
+    world.user("Alice")
+    world.run("enter", "Alice", "lobby")
+    world.broker.down.add("quit")
+    d = world.hub.leave_all("i:Alice")
+    results = []
+    d.addBoth(results.append)
+    assert results and not isinstance(results[0], defer.Failure)
+    assert world.hub.rooms_of("i:Alice") == frozenset()
+
+
+def test_enter_broker_failure(world):
+    """An ENTER the broker cannot take is ERROR unavailable, and the seat is gone."""
+    alice = world.user("Alice")
+    world.broker.down.add("enter")
+    error = refused(world, "enter", "Alice", "lobby", ref="e")
+    assert (error.code, error.ref) == (errors.UNAVAILABLE, "e")
+    assert alice.take() == []
+    assert world.hub.rooms_of("i:Alice") == frozenset() and world.hub.local_users("lobby") == 0
+    assert world.broker.calls[-1] == ("unsubscribe", "lobby")
+    world.broker.down.clear()
+    world.run("enter", "Alice", "lobby", ref="again")
+    assert [f["ref"] for f in alice.take()] == ["again"]
+
+
+def test_subscribe_failure(world):
+    """A subscription the broker cannot make is ERROR unavailable too."""
+    world.user("Alice")
+    world.broker.down.add("subscribe")
+    assert refused(world, "enter", "Alice", "lobby").code == errors.UNAVAILABLE
+    assert world.hub.rooms_of("i:Alice") == frozenset()
+
+
+def test_talk_broker_failure(world):
+    """A TALK the broker cannot store is ERROR unavailable; the member stays."""
+    alice = world.user("Alice")
+    world.run("enter", "Alice", "lobby")
+    alice.take()
+    world.broker.down.add("talk")
+    error = refused(world, "talk", "Alice", "lobby", "hi", cid="c", ref="t")
+    assert (error.code, error.ref) == (errors.UNAVAILABLE, "t")
+    assert alice.take() == []
+    world.broker.down.clear()
+    world.run("talk", "Alice", "lobby", "hi", cid="c", ref="t2")
+    assert [f["ref"] for f in alice.take()] == ["t2"]
+
+
+def test_quit_broker_failure(world):
+    """A QUIT the broker cannot record is ERROR unavailable; the member is still in."""
+    alice = world.user("Alice")
+    world.run("enter", "Alice", "lobby")
+    alice.take()
+    world.broker.down.add("quit")
+    assert refused(world, "quit", "Alice", "lobby").code == errors.UNAVAILABLE
+    world.broker.down.clear()
+    world.run("talk", "Alice", "lobby", "still in", ref=1)
+    assert [f["message"] for f in alice.take()] == ["still in"]
+
+
+def test_duplicate_cid_acknowledged_to_sender_only(world):
+    """A resent (sub, cid) gives the sender the original event with the new ref; nobody else hears it."""
+    alice, bob = world.user("Alice"), world.user("Bob")
+    world.run("enter", "Alice", "lobby")
+    world.run("enter", "Bob", "lobby")
+    world.run("talk", "Alice", "lobby", "once", cid="c1", ref="r1")
+    original = alice.take()[-1]
+    bob.take()
+    world.run("talk", "Alice", "lobby", "once", cid="c1", ref="r2")
+    (ack,) = alice.take()
+    assert ack["id"] == original["id"] and ack["ref"] == "r2"
+    assert bob.take() == []
+
+
+def test_close_while_entering(world):
+    """A connection that closes while its ENTER is in flight is sent nothing, and quits."""
+    alice, bob = world.user("Alice"), world.user("Bob")
+    world.run("enter", "Alice", "lobby")
+    alice.take()
+    world.broker.held = defer.Deferred()
+    release = world.broker.held
+    entering = world.start("enter", "Bob", "lobby")
+    world.hub.leave_all("i:Bob")
+    release.callback(None)
+    assert entering.called
+    assert bob.take() == []
+    assert [f["type"] for f in alice.take()] == ["ENTER", "QUIT"]
+    assert world.hub.local_users("lobby") == 1
