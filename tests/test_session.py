@@ -1,0 +1,247 @@
+# -*- test-case-name: tests.test_session -*-
+"""
+chatd.session on a Clock with a fake connection: WELCOME, expiry close
+4001, renewal by AUTH, the rate limit and its 1008, the rooms limits.
+"""
+
+import json
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from chatd import config, errors
+from chatd.auth import InvalidToken, Principal
+from chatd.broker.memory import MemoryBroker
+from chatd.hub import Hub, IConnection
+from chatd.session import Session
+
+START = 1000.0
+EXP = 1100
+
+
+@implementer(IConnection)
+class FakeConnection:
+    def __init__(self, connection_id="i:1"):
+        self.connection_id = connection_id
+        self.frames = []
+        self.closes = []
+
+    def send_text(self, text):
+        self.frames.append(json.loads(text))
+
+    def send_shared(self, frame):
+        self.frames.append(json.loads(frame))
+
+    def close(self, code, reason):
+        self.closes.append((code, reason))
+
+    def take(self):
+        frames, self.frames = self.frames, []
+        return frames
+
+
+class FakeVerifier:
+    """Tokens by name: the JWT rules have their own tests (test_auth)."""
+
+    def __init__(self, principals):
+        self.principals = principals
+
+    def verify(self, token):
+        if token not in self.principals:
+            raise InvalidToken("bad signature")
+        return self.principals[token]
+
+
+ALICE = Principal(sub="alice", name="Alice", exp=EXP)
+
+
+def make(principal=ALICE, tokens=None, hub_class=Hub, **limits):
+    clock = Clock()
+    clock.advance(START)
+    settings = config.defaults(**{f"limits__{k}": v for k, v in limits.items()})
+    hub = hub_class(MemoryBroker(clock, instance_id="i"))
+    connection = FakeConnection()
+    session = Session(principal, connection, hub, FakeVerifier(tokens or {}), settings.limits, clock)
+    session.open()
+    return clock, connection, session
+
+
+def send(session, frame):
+    d = session.received(json.dumps(frame))
+    assert d.called  # the embedded broker answers at once
+    return d
+
+
+def test_welcome():
+    """Opening sends WELCOME with the display name and the token's exp."""
+    _, connection, _ = make()
+    assert connection.take() == [{"type": "WELCOME", "user": "Alice", "expires": EXP}]
+
+
+def test_expiry_closes_4001():
+    """When exp passes without AUTH the connection is closed with 4001."""
+    clock, connection, _ = make()
+    clock.advance(EXP - START - 0.001)
+    assert connection.closes == []
+    clock.advance(0.001)
+    assert connection.closes == [(errors.CLOSE_TOKEN_EXPIRED, "token expired")]
+
+
+def test_auth_renews_and_reschedules():
+    """AUTH with a fresh token for the same sub answers WELCOME and moves the expiry."""
+    fresh = Principal(sub="alice", name="Someone Else", exp=EXP + 500)
+    clock, connection, session = make(tokens={"fresh": fresh})
+    connection.take()
+    send(session, {"type": "AUTH", "token": "fresh", "ref": "a"})
+    # The name stays: members already know the connection by it.
+    assert connection.take() == [{"type": "WELCOME", "user": "Alice", "expires": EXP + 500, "ref": "a"}]
+    clock.advance(EXP - START + 10)
+    assert connection.closes == []
+    clock.advance(490)
+    assert connection.closes == [(errors.CLOSE_TOKEN_EXPIRED, "token expired")]
+    assert len(clock.getDelayedCalls()) == 0
+
+
+def test_auth_for_another_user():
+    """AUTH with another sub's token is ERROR unauthorized; the old expiry stands."""
+    mallory = Principal(sub="mallory", name="Mallory", exp=EXP + 500)
+    clock, connection, session = make(tokens={"other": mallory})
+    connection.take()
+    send(session, {"type": "AUTH", "token": "other", "ref": 1})
+    (error,) = connection.take()
+    assert (error["type"], error["code"], error["ref"]) == ("ERROR", errors.UNAUTHORIZED, 1)
+    clock.advance(EXP - START)
+    assert connection.closes == [(errors.CLOSE_TOKEN_EXPIRED, "token expired")]
+
+
+def test_auth_bad_token():
+    """AUTH with a token the verifier refuses is ERROR unauthorized with its reason."""
+    _, connection, session = make()
+    connection.take()
+    send(session, {"type": "AUTH", "token": "garbage"})
+    (error,) = connection.take()
+    assert (error["code"], error["message"]) == (errors.UNAUTHORIZED, "bad signature")
+    assert connection.closes == []
+
+
+def test_bad_frame_keeps_connection():
+    """A malformed frame gets ERROR bad_request and the session goes on."""
+    _, connection, session = make()
+    connection.take()
+    send(session, {"type": "NOPE", "ref": "z"})
+    send(session, {"type": "ENTER", "room": "lobby", "ref": "e"})
+    frames = connection.take()
+    assert (frames[0]["code"], frames[0]["ref"]) == (errors.BAD_REQUEST, "z")
+    assert (frames[1]["type"], frames[1]["ref"]) == ("ENTER", "e")
+
+
+def test_rate_limited_then_1008():
+    """Over the burst: ERROR rate_limited, and after abuse_strikes of them close 1008."""
+    _, connection, session = make(rate=1.0, burst=2, abuse_strikes=3)
+    connection.take()
+    for i in range(2):
+        send(session, {"type": "QUIT", "room": "lobby", "ref": i})
+    assert [f["code"] for f in connection.take()] == [errors.NOT_MEMBER] * 2
+    send(session, {"type": "QUIT", "room": "lobby", "ref": "x"})
+    send(session, {"type": "QUIT", "room": "lobby"})
+    frames = connection.take()
+    assert [f["code"] for f in frames] == [errors.RATE_LIMITED] * 2
+    assert connection.closes == []
+    send(session, {"type": "QUIT", "room": "lobby"})
+    assert connection.take() == []
+    assert connection.closes == [(errors.CLOSE_POLICY_VIOLATION, "rate limit exceeded")]
+
+
+def test_rate_limited_message_not_delivered():
+    """A TALK refused by the rate limit is not published."""
+    _, connection, session = make(rate=1.0, burst=2)
+    send(session, {"type": "ENTER", "room": "lobby"})
+    send(session, {"type": "TALK", "room": "lobby", "message": "one"})
+    send(session, {"type": "TALK", "room": "lobby", "message": "two", "ref": "t"})
+    frames = connection.take()
+    assert [f["type"] for f in frames] == ["WELCOME", "ENTER", "TALK", "ERROR"]
+    assert (frames[-1]["code"], frames[-1].get("ref")) == (errors.RATE_LIMITED, None)
+
+
+def test_rate_recovers():
+    """After waiting 1/rate seconds a client may send again."""
+    clock, connection, session = make(rate=1.0, burst=1)
+    send(session, {"type": "QUIT", "room": "a"})
+    send(session, {"type": "QUIT", "room": "a"})
+    clock.advance(1)
+    send(session, {"type": "QUIT", "room": "a"})
+    codes = [f.get("code") for f in connection.take()[1:]]
+    assert codes == [errors.NOT_MEMBER, errors.RATE_LIMITED, errors.NOT_MEMBER]
+
+
+def test_max_rooms_per_connection():
+    """ENTER beyond max_rooms_per_connection is ERROR forbidden."""
+    _, connection, session = make(max_rooms_per_connection=2)
+    for room in ("a", "b", "c"):
+        send(session, {"type": "ENTER", "room": room, "ref": room})
+    frames = connection.take()
+    assert [f["type"] for f in frames] == ["WELCOME", "ENTER", "ENTER", "ERROR"]
+    assert (frames[-1]["code"], frames[-1]["ref"]) == (errors.FORBIDDEN, "c")
+    send(session, {"type": "QUIT", "room": "a"})
+    send(session, {"type": "ENTER", "room": "c", "ref": "c2"})
+    assert connection.take()[-1]["ref"] == "c2"
+
+
+def test_rooms_claim():
+    """ENTER of a room the token's rooms claim does not list is ERROR forbidden."""
+    limited = Principal(sub="alice", name="Alice", exp=EXP, rooms=frozenset({"ops"}))
+    _, connection, session = make(principal=limited)
+    send(session, {"type": "ENTER", "room": "lobby", "ref": 1})
+    send(session, {"type": "ENTER", "room": "ops", "ref": 2})
+    frames = connection.take()
+    assert (frames[1]["code"], frames[1]["ref"]) == (errors.FORBIDDEN, 1)
+    assert (frames[2]["type"], frames[2]["ref"]) == ("ENTER", 2)
+
+
+def test_talk_too_large():
+    """A TALK over max_talk_chars is ERROR too_large."""
+    _, connection, session = make(max_talk_chars=5)
+    send(session, {"type": "ENTER", "room": "lobby"})
+    send(session, {"type": "TALK", "room": "lobby", "message": "123456", "ref": "big"})
+    error = connection.take()[-1]
+    assert (error["code"], error["ref"]) == (errors.TOO_LARGE, "big")
+
+
+def test_closed_cancels_expiry_and_leaves_rooms():
+    """closed() cancels the expiry timer and quits the rooms; nothing is sent after."""
+    clock, connection, session = make()
+    send(session, {"type": "ENTER", "room": "lobby"})
+    connection.take()
+    d = session.closed()
+    assert d.called
+    assert clock.getDelayedCalls() == []
+    clock.advance(EXP)
+    assert connection.closes == [] and connection.take() == []
+
+
+def test_unexpected_error_is_unavailable():
+    """An unexpected error handling a command becomes ERROR unavailable with the ref."""
+    class BrokenHub(Hub):
+        async def talk(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    _, connection, session = make(hub_class=BrokenHub)
+    connection.take()
+    d = send(session, {"type": "TALK", "room": "lobby", "message": "x", "ref": "r"})
+    results = []
+    d.addBoth(results.append)
+    assert not isinstance(results[0], defer.Failure)
+    (error,) = connection.take()
+    assert (error["code"], error["ref"]) == (errors.UNAVAILABLE, "r")
+
+
+@pytest.mark.parametrize("exp_offset", [0, -50])
+def test_expired_at_open(exp_offset):
+    """A principal already at or past exp is closed as soon as the reactor turns."""
+    principal = Principal(sub="alice", name="Alice", exp=int(START) + exp_offset)
+    clock, connection, _ = make(principal=principal)
+    assert connection.closes == []
+    clock.advance(0)
+    assert connection.closes == [(errors.CLOSE_TOKEN_EXPIRED, "token expired")]
