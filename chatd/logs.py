@@ -10,8 +10,11 @@ be forged with control characters.
 import re
 
 _JWT = re.compile(r"eyJ[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*")
-_SECRET_PARAM = re.compile(r"(?i)\b(ticket|token|access_token|jwt)=[^&\s\"']*")
+# Any *ticket / *token name: id_token, refresh_token and the like too.
+_SECRET_PARAM = re.compile(r"(?i)\b(\w*(?:ticket|token)|jwt)=[^&\s\"']*")
 _BEARER = re.compile(r"(?i)\bBearer\s+\S+")
+# The same as a JSON or Python dict entry: {"ticket": "..."} in a response body.
+_SECRET_ENTRY = re.compile(r"""(?i)(["']\w*(?:ticket|token)["']\s*:\s*["'])[^"']*""")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
@@ -28,6 +31,7 @@ def redact(text):
     text = _JWT.sub("[jwt]", str(text))
     text = _SECRET_PARAM.sub(lambda m: m.group(1) + "=[redacted]", text)
     text = _BEARER.sub("Bearer [redacted]", text)
+    text = _SECRET_ENTRY.sub(lambda m: m.group(1) + "[redacted]", text)
     return printable(text)
 
 

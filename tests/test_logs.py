@@ -27,7 +27,9 @@ def test_redact_jwt():
     assert text == "bad token [jwt] from client"
 
 
-@pytest.mark.parametrize("name", ["ticket", "token", "access_token", "jwt", "TICKET"])
+@pytest.mark.parametrize(
+    "name", ["ticket", "token", "access_token", "jwt", "TICKET", "id_token", "refresh_token"]
+)
 def test_redact_secret_params(name):
     """name=value pairs for tickets and tokens lose their value, keeping the rest."""
     assert redact(f"GET /ws?{name}=abc123&room=lobby") == f"GET /ws?{name}=[redacted]&room=lobby"
@@ -37,6 +39,14 @@ def test_redact_bearer():
     """An Authorization header value is replaced."""
     assert redact("Authorization: Bearer abc.def-ghi") == "Authorization: Bearer [redacted]"
     assert "xyz" not in redact("authorization: bearer xyz")
+
+
+def test_redact_dict_entries():
+    """A ticket or token inside JSON or a Python dict repr loses its value."""
+    assert redact('{"ticket": "Qm9iX", "expires_in": 30}') == '{"ticket": "[redacted]", "expires_in": 30}'
+    assert redact("{'refresh_token':'abc', 'room': 'lobby'}") == (
+        "{'refresh_token':'[redacted]', 'room': 'lobby'}"
+    )
 
 
 def test_redact_leaves_plain_text():
