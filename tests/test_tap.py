@@ -109,8 +109,9 @@ def test_certificate_key_mismatch(tmp_path, sections):
     assert line.endswith("does not match the certificate")
 
 
+# Not strict: chatd/tls.py is another module's; when it is fixed this passes
+# and the marker should go.
 @pytest.mark.xfail(
-    strict=True,
     reason="chatd/tls.py loads the key with no passphrase callback, so OpenSSL prompts "
     "'Enter PEM pass phrase:' (and waits, on a terminal) before the refusal",
 )
