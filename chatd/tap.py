@@ -7,6 +7,7 @@ forks or changes directory: a bad file stops start-up with one line naming
 file, section and key, and exit status 1.
 """
 
+import re
 import sys
 
 from twisted.python import usage
@@ -43,6 +44,23 @@ def _check_endpoint(settings):
         raise config.ConfigError(
             settings.path, "server", "endpoint", f"not a Twisted server endpoint: {e}"
         ) from None
+    port = _tcp_port(settings.server.endpoint)
+    if port is not None and not 0 <= port <= 65535:
+        # Twisted parses it, and only bind() refuses it, with a traceback.
+        raise config.ConfigError(
+            settings.path, "server", "endpoint", f"port {port} is not between 0 and 65535"
+        )
+
+
+def _tcp_port(description):
+    """The port of a tcp/tcp6/ssl description Twisted has parsed already, else None."""
+    kind, *parts = re.split(r"(?<!\\):", description)
+    if kind.lower() not in ("tcp", "tcp6", "ssl"):
+        return None
+    named = dict(part.split("=", 1) for part in parts if "=" in part)
+    positional = [part for part in parts if "=" not in part]
+    port = named.get("port", positional[0] if positional else None)
+    return int(port) if port is not None else None
 
 
 def makeService(options):

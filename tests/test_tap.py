@@ -85,15 +85,20 @@ def test_short_secret(tmp_path, sections):
     assert_one_line_refusal(status, output, "chatd.ini: [auth] secret_file:", "at least 32")
 
 
-@pytest.mark.parametrize("endpoint", ["tcp:notaport", "nosuch:8443", "tcp:8443:bogus=1", "ssl:8443"])
-def test_bad_endpoint(tmp_path, sections, endpoint):
-    """An endpoint string Twisted cannot parse: names [server] endpoint."""
+@pytest.mark.parametrize(
+    "endpoint,why",
+    [("tcp:notaport", "not a Twisted server endpoint"),
+     ("nosuch:8443", "not a Twisted server endpoint"),
+     ("tcp:8443:bogus=1", "not a Twisted server endpoint"),
+     ("ssl:8443", "not a Twisted server endpoint"),  # names a server.pem that is not there
+     ("tcp:84430:interface=127.0.0.1", "port 84430 is not between 0 and 65535")],
+)
+def test_bad_endpoint(tmp_path, sections, endpoint, why):
+    """An endpoint string Twisted cannot parse or bind: names [server] endpoint."""
     sections["server"]["endpoint"] = endpoint
     write_config(tmp_path / "chatd.ini", sections)
     status, output = run_twistd(tmp_path, "chatd.ini")
-    assert_one_line_refusal(
-        status, output, "chatd.ini: [server] endpoint: not a Twisted server endpoint"
-    )
+    assert_one_line_refusal(status, output, f"chatd.ini: [server] endpoint: {why}")
 
 
 def test_certificate_key_mismatch(tmp_path, sections):
@@ -156,6 +161,16 @@ def test_options_tls_off(tmp_path, sections):
     options.parseOptions(["--config", str(path)])
     assert options["settings"].server.tls is False
     assert options["tls_options"] is None
+
+
+@pytest.mark.parametrize(
+    "endpoint,port",
+    [("tcp:8443:interface=127.0.0.1", 8443), ("tcp:port=0", 0), ("TCP6:99:interface=\\:\\:1", 99),
+     ("ssl:443:privateKey=k.pem", 443), ("unix:/run/chatd.sock", None)],
+)
+def test_tcp_port(endpoint, port):
+    """The port range check reads the port of tcp, tcp6 and ssl descriptions only."""
+    assert tap._tcp_port(endpoint) == port
 
 
 def test_options_refusal_in_process(tmp_path, capsys):
