@@ -264,6 +264,16 @@ def test_unreadable_file(tmp_path):
     assert str(error).startswith(f"{tmp_path}: cannot read:")
 
 
+def test_byte_order_mark(ini):
+    """A UTF-8 file starting with a BOM (as some editors save it) loads."""
+    path = ini()
+    with open(path, "rb") as f:
+        text = f.read()
+    with open(path, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + text)
+    assert config.load(path).server.tls is True
+
+
 def test_not_utf8(ini):
     """Bytes that are not UTF-8 are a read error, not a crash."""
     path = ini()
