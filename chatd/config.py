@@ -269,7 +269,7 @@ def load(path):
         interpolation=None, inline_comment_prefixes=(";", "#"), strict=True
     )
     try:
-        with open(path, encoding="utf-8-sig")  # -sig: editors that write a BOM as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: editors that write a BOM
             parser.read_file(f, source=path)
     except FileNotFoundError:
         raise ConfigError(path, None, None, "no such file") from None
