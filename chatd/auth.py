@@ -18,9 +18,10 @@ import jwt
 from chatd.messages import is_room_name
 
 # Printable, no control characters, no leading/trailing space: names reach
-# every member's screen and the logs.
-_NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]{1,64}\Z")
-_SUB = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]{1,256}\Z")
+# every member's screen and the logs.  No lone surrogates either: JSON's
+# \u escapes can spell them, and no UTF-8 encoder (WELCOME, the log) takes them.
+_NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]{1,64}\Z")
+_SUB = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]{1,256}\Z")
 
 
 class InvalidToken(Exception):

@@ -127,6 +127,18 @@ def left_text(name):
 # --- parsing -----------------------------------------------------------------
 
 
+def _is_unicode(text):
+    """
+    False for strings with lone surrogates: valid UTF-8 on the wire can spell
+    them as JSON escapes (C{"\\ud800"}), and no UTF-8 encoder takes them back.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _ref(frame):
     ref = frame.get("ref")
     if ref is None:
@@ -135,6 +147,8 @@ def _ref(frame):
         raise ProtocolError(errors.BAD_REQUEST, "ref must be a string or an integer")
     if isinstance(ref, str) and len(ref) > MAX_REF_CHARS:
         raise ProtocolError(errors.BAD_REQUEST, f"ref is longer than {MAX_REF_CHARS} characters")
+    if isinstance(ref, str) and not _is_unicode(ref):
+        raise ProtocolError(errors.BAD_REQUEST, "ref must be valid Unicode")
     if isinstance(ref, int) and not -(2**53) < ref < 2**53:
         raise ProtocolError(errors.BAD_REQUEST, "ref is out of range")
     return ref
@@ -155,7 +169,7 @@ def _optional_text(frame, key, limit, ref):
     value = frame.get(key)
     if value is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > limit:
+    if not isinstance(value, str) or not value or len(value) > limit or not _is_unicode(value):
         raise ProtocolError(
             errors.BAD_REQUEST, f"{key} must be a string of 1-{limit} characters", ref
         )
@@ -194,6 +208,8 @@ def parse_client_message(text, max_talk_chars):
         message = frame.get("message")
         if not isinstance(message, str) or not message:
             raise ProtocolError(errors.BAD_REQUEST, "message must be a non-empty string", ref)
+        if not _is_unicode(message):
+            raise ProtocolError(errors.BAD_REQUEST, "message must be valid Unicode", ref)
         if len(message) > max_talk_chars:
             raise ProtocolError(
                 errors.TOO_LARGE, f"message is longer than {max_talk_chars} characters", ref
@@ -204,7 +220,7 @@ def parse_client_message(text, max_talk_chars):
         return Quit(room=_room(frame, ref), ref=ref)
     if kind == AUTH:
         token = frame.get("token")
-        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
+        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS or not _is_unicode(token):
             raise ProtocolError(errors.BAD_REQUEST, "token must be a JWT string", ref)
         return Auth(token=token, ref=ref)
     if not isinstance(kind, str):

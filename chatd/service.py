@@ -6,6 +6,10 @@ C{makeChatService} only constructs (it runs before twistd forks and drops
 privileges); connections, timers and listening start with the services.
 Stop order is the reverse of the order children are added: WebSocket clients
 are closed with 1001 first, then the listener stops, then the broker.
+
+The listener's factory is layered, outermost first: L{guard.ConnectionGuard}
+(handshake deadline and caps, so it must sit outside TLS to cover the TLS
+handshake), then TLS when it is on, then the Site.
 """
 
 from twisted.application import strports
@@ -14,7 +18,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from chatd import errors, tls, web, ws
+from chatd import errors, guard, tls, web, ws
 from chatd.auth import TokenVerifier
 from chatd.hub import Hub
 
@@ -69,16 +73,22 @@ def makeChatService(settings, reactor=None, tls_options=None):
     verifier = TokenVerifier.from_settings(settings)
     ws_factory = ws.ChatServerFactory(settings, broker, verifier, reactor)
     ws_factory.hub = Hub(broker, prepare=ws_factory.prepare)
-    echo = ws.echo_factory(settings) if settings.conformance.echo else None
+    echo = ws.echo_factory(settings, reactor) if settings.conformance.echo else None
     site = web.make_site(settings, broker, verifier, ws_factory, echo)
     factory = site
     if settings.server.tls:
         if tls_options is None:
             tls_options = tls.certificate_options(settings)
         factory = TLSMemoryBIOFactory(tls_options, False, site)
-    listener = strports.service(settings.server.endpoint, factory, reactor=reactor)
+    connection_guard = guard.ConnectionGuard.from_settings(factory, settings, reactor)
+    site.requestFactory = connection_guard.guard_requests(site.requestFactory)
+    for ws_side in (ws_factory, echo):
+        if ws_side is not None:
+            ws_side.guard = connection_guard
+    listener = strports.service(settings.server.endpoint, connection_guard, reactor=reactor)
     listener.setServiceParent(top)
     ClientsService(ws_factory, reactor).setServiceParent(top)
     top.site = site  # the tests use this
+    top.guard = connection_guard
     top.broker = broker
     return top

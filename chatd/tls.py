@@ -2,13 +2,17 @@
 """
 TLS for the listener: the configured PEM chain and key as Twisted
 C{CertificateOptions}, with Mozilla's "intermediate" profile: TLS 1.2 and
-1.3 only, AEAD ciphers with forward secrecy, the chain served as given.
+1.3 only, AEAD ciphers with forward secrecy, key exchange on X25519, P-256
+and P-384 only, the chain served as given.  tests/test_tls.py checks the
+result with sslyze's Mozilla checker.
 """
 
 import re
 
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.logger import Logger
 
 from chatd.config import ConfigError
 
@@ -24,23 +28,54 @@ INTERMEDIATE_CIPHERS = ":".join([
 ])
 INTERMEDIATE_GROUPS = b"X25519:P-256:P-384"
 
+log = Logger()
+
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
 )
 
 
+def limit_groups(context):
+    """
+    Restrict C{context}'s key exchange groups to L{INTERMEDIATE_GROUPS}.
+
+    OpenSSL's default list also offers X448, P-521 and the FFDHE groups,
+    which the profile (and sslyze's check of it) rejects.  pyOpenSSL has no
+    public call for a group list (only C{set_tmp_ecdh}, which sets a single
+    curve), so this calls OpenSSL's C{SSL_CTX_set1_curves_list} through the
+    cryptography binding pyOpenSSL itself is built on, the same route
+    Twisted takes for C{SSL_CTX_set_ecdh_auto}.  Should a future pyOpenSSL
+    or cryptography drop that, it falls back to the public
+    C{set_tmp_ecdh(P-256)}: still within the profile, but P-256 only (TLS 1.3
+    clients that only offered an X25519 key share then pay a
+    HelloRetryRequest round trip).
+
+    @return: the groups now allowed, as text, for the startup log.
+    """
+    try:
+        from OpenSSL._util import lib
+
+        set_list = lib.SSL_CTX_set1_curves_list
+        raw_context = context._context
+    except (ImportError, AttributeError):
+        context.set_tmp_ecdh(ec.SECP256R1())
+        return "P-256"
+    if set_list(raw_context, INTERMEDIATE_GROUPS) != 1:
+        raise SSL.Error("OpenSSL refused the group list " + INTERMEDIATE_GROUPS.decode())
+    return INTERMEDIATE_GROUPS.decode()
+
+
 class _IntermediateOptions(ssl.CertificateOptions):
     """CertificateOptions that also limit key exchange to the profile's groups."""
 
-    _groups_limited = False
+    groups = None  # what limit_groups allowed, once the context exists
 
     def getContext(self):
+        # CertificateOptions makes its context once and caches it; every
+        # connection is made from that one context.
         context = super().getContext()
-        if not self._groups_limited:
-            set_groups = getattr(context, "set_groups", None)
-            if set_groups is not None:
-                set_groups(INTERMEDIATE_GROUPS)
-            self._groups_limited = True
+        if self.groups is None:
+            self.groups = limit_groups(context)
         return context
 
 
@@ -75,4 +110,5 @@ def certificate_options(settings):
         options.getContext()
     except SSL.Error:
         raise ConfigError(path, "tls", "private_key", "does not match the certificate") from None
+    log.info("TLS 1.2+, key exchange groups {groups}", groups=options.groups)
     return options

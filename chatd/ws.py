@@ -8,8 +8,14 @@ HTTP status and never upgraded.  Library defaults this module overrides, on
 purpose: Autobahn's unlimited frame and message sizes, C{failByDrop} (which
 drops TCP instead of closing with 1009/1007), its Origin check (400, we want
 403), and C{sendClose}'s refusal of 1001/1003/1009 (we use
-C{sendCloseFrame}).  Handshakes never reach twisted.web's access log, so
-each outcome is logged here, redacted.
+C{sendCloseFrame}), and its unbounded send buffer (see L{_GuardedMixin}).
+Handshakes never reach twisted.web's access log, so each outcome is logged
+here, redacted.
+
+Caps on open WebSockets (total: 503, per client address: 429) are taken in
+C{onConnect}, before the ticket is redeemed, so a refused client neither
+spends its ticket nor reaches the broker; L{chatd.guard} caps connections
+before they get this far.
 """
 
 import itertools
@@ -24,6 +30,7 @@ from zope.interface import implementer
 from chatd import errors, handshake, messages
 from chatd.errors import BrokerUnavailable
 from chatd.hub import IConnection
+from chatd.limits import CapReached, ConnectionCaps, SendBudget
 from chatd.logs import printable, redact_uri
 from chatd.session import Session
 
@@ -40,16 +47,69 @@ def _accept_deflate(offers):
     return None
 
 
-class _ClosingMixin:
-    """C{close()} that can send any close code, once, only while open."""
+class _GuardedMixin:
+    """
+    What /ws and /echo share beyond Autobahn: C{close()} with any close
+    code, and the per-connection send buffer cap.
+
+    Autobahn writes every frame straight to the transport, and Twisted's
+    transports buffer whatever they are given: a client that stops reading
+    makes the server buffer without bound (measured: 200 MB for one client
+    in a busy room, still connected).  Once open, the connection registers a
+    L{SendBudget} as its transport's producer and reports every write
+    (L{sendData}); over C{[limits] max_send_buffer_bytes} on top of a full
+    transport buffer the client is a slow consumer and is let go: close 4008
+    while a close frame can still be queued (a client that catches up reads
+    why; one that never reads is dropped by the close handshake timeout),
+    otherwise dropped at once.
+    """
+
+    _budget = None
 
     def close(self, code, reason):
+        """C{close()} that can send any close code, once, only while open."""
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:120], isReply=False)
 
+    def _guard_open(self):
+        factory = self.factory
+        if factory.guard is not None:
+            factory.guard.upgraded(self.transport.getPeer())
+        self._budget = SendBudget(factory.max_send_buffer_bytes, self._send_buffer_full)
+        # WebSocketResource took this transport over from the HTTPChannel,
+        # which is still registered as its producer and will never produce
+        # again; a transport has one producer, so ours replaces it.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self._budget, True)
+
+    def sendData(self, data, sync=False, chopsize=None):
+        """Autobahn's one path to the transport; counted against the budget."""
+        super().sendData(data, sync, chopsize)
+        if self._budget is not None:
+            self._budget.wrote(len(data))
+
+    def _send_buffer_full(self, unsent):
+        self._log.warn(
+            "websocket {peer} is not reading: {unsent} bytes queued over a full buffer; closing {code}",
+            peer=_peer_host(self.transport), unsent=unsent, code=errors.CLOSE_SLOW_CONSUMER,
+        )
+        if self.state == self.STATE_OPEN:
+            # Queued behind what it has not read; no more writes are made
+            # once the state is CLOSING, so the buffer stops growing here.
+            self.sendCloseFrame(
+                code=errors.CLOSE_SLOW_CONSUMER, reasonUtf8=b"not reading fast enough", isReply=False
+            )
+        else:
+            # We may be inside Autobahn's frame processing: drop next turn.
+            self.factory.clock.callLater(0, self.dropConnection, True)
+        self._slow_consumer()
+
+    def _slow_consumer(self):
+        """Hook: the connection was let go for not reading."""
+
 
 @implementer(IConnection)
-class ChatServerProtocol(_ClosingMixin, WebSocketServerProtocol):
+class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
     _log = Logger()  # not .log: Autobahn claims it
 
     session = None
@@ -66,6 +126,7 @@ class ChatServerProtocol(_ClosingMixin, WebSocketServerProtocol):
         try:
             handshake.check_origin(origin, factory.settings.server.allowed_origins)
             ticket = handshake.ticket_from_params(request.params)
+            factory.admit(self)
             try:
                 grant = await factory.broker.redeem_ticket(ticket)
             except BrokerUnavailable:
@@ -78,9 +139,6 @@ class ChatServerProtocol(_ClosingMixin, WebSocketServerProtocol):
                 status=deny.status, reason=deny.reason,
             )
             raise ConnectionDeny(deny.status, deny.reason)
-        if not factory.admit(self):
-            self._log.info("websocket {peer} refused 503: connection cap", peer=_peer_host(self.transport))
-            raise ConnectionDeny(errors.HTTP_UNAVAILABLE, "too many connections")
         return handshake.choose_subprotocol(request.protocols, (messages.SUBPROTOCOL,))
 
     def _connect_failed(self, failure, request):
@@ -90,6 +148,7 @@ class ChatServerProtocol(_ClosingMixin, WebSocketServerProtocol):
         return failure
 
     def onOpen(self):
+        self._guard_open()
         factory = self.factory
         self.connection_id = factory.new_connection_id()
         self._log.info(
@@ -113,12 +172,23 @@ class ChatServerProtocol(_ClosingMixin, WebSocketServerProtocol):
 
     def onClose(self, wasClean, code, reason):
         self.factory.release(self)
-        if self.session is not None:
-            session, self.session = self.session, None
-            session.closed()
+        self._leave()
+        if self.connection_id is not None:
             self._log.info(
                 "websocket {connection} closed ({code})", connection=self.connection_id, code=code
             )
+
+    def _leave(self):
+        """Quit every room, once; later frames from the client are ignored."""
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.closed()
+
+    def _slow_consumer(self):
+        # Leave the rooms now rather than when the close handshake times
+        # out, so members see the QUIT at once.  Not synchronously: this runs
+        # inside a write, possibly in the middle of the hub's fan-out.
+        self.factory.clock.callLater(0, self._leave)
 
     # IConnection
 
@@ -131,8 +201,13 @@ class ChatServerProtocol(_ClosingMixin, WebSocketServerProtocol):
             self.sendPreparedMessage(frame)
 
 
-class EchoServerProtocol(_ClosingMixin, WebSocketServerProtocol):
+class EchoServerProtocol(_GuardedMixin, WebSocketServerProtocol):
     """/echo, for the Autobahn Testsuite only: the options of /ws, no auth."""
+
+    _log = Logger()
+
+    def onOpen(self):
+        self._guard_open()
 
     def onMessage(self, payload, isBinary):
         self.sendMessage(payload, isBinary)
@@ -154,6 +229,7 @@ def _protocol_options(settings):
 
 class ChatServerFactory(WebSocketServerFactory):
     protocol = ChatServerProtocol
+    guard = None  # the service's L{chatd.guard.ConnectionGuard}, told of each open
 
     def __init__(self, settings, broker, verifier, clock):
         super().__init__()
@@ -162,6 +238,10 @@ class ChatServerFactory(WebSocketServerFactory):
         self.verifier = verifier
         self.clock = clock
         self.hub = None  # set by the service once the hub exists
+        self.max_send_buffer_bytes = settings.limits.max_send_buffer_bytes
+        self.caps = ConnectionCaps(
+            settings.limits.max_connections, settings.limits.max_connections_per_ip
+        )
         self.connections = set()
         self._ids = itertools.count(1)
         self.setProtocolOptions(**_protocol_options(settings))
@@ -173,12 +253,22 @@ class ChatServerFactory(WebSocketServerFactory):
         return self.prepareMessage(text.encode("utf-8"))
 
     def admit(self, protocol):
-        if len(self.connections) >= self.settings.limits.max_connections:
-            return False
+        """
+        Take a connection slot for C{protocol}, held until L{release}.
+
+        @raise handshake.Deny: 429 when its address holds
+            C{max_connections_per_ip} already, 503 when C{max_connections}
+            are open.
+        """
+        try:
+            self.caps.admit(protocol, _peer_host(protocol.transport))
+        except CapReached as refused:
+            raise handshake.Deny(refused.status, refused.reason) from None
         self.connections.add(protocol)
-        return True
 
     def release(self, protocol):
+        """Give C{protocol}'s slot back; called on every close, admitted or not."""
+        self.caps.release(protocol)
         self.connections.discard(protocol)
 
     def close_all(self, code, reason):
@@ -186,8 +276,18 @@ class ChatServerFactory(WebSocketServerFactory):
             protocol.close(code, reason)
 
 
-def echo_factory(settings):
-    factory = WebSocketServerFactory()
-    factory.protocol = EchoServerProtocol
-    factory.setProtocolOptions(**_protocol_options(settings))
-    return factory
+class EchoServerFactory(WebSocketServerFactory):
+    protocol = EchoServerProtocol
+    guard = None
+
+    def __init__(self, settings, clock):
+        super().__init__()
+        self.clock = clock
+        self.max_send_buffer_bytes = settings.limits.max_send_buffer_bytes
+        self.setProtocolOptions(**_protocol_options(settings))
+
+
+def echo_factory(settings, clock=None):
+    if clock is None:
+        from twisted.internet import reactor as clock
+    return EchoServerFactory(settings, clock)

@@ -1,0 +1,256 @@
+# -*- test-case-name: tests.test_guard -*-
+"""
+The outermost layer of the listener: limits on connections that are not
+(yet) WebSockets.
+
+Twisted holds an accepted connection for as long as the peer likes while it
+does nothing: the TLS handshake has no timeout, twisted.web's idle timeout
+is twelve hours and is reset by every byte (so a client dribbling a header
+a byte at a time is never timed out), and Autobahn's C{openHandshakeTimeout}
+only starts once an HTTP request has reached the WebSocket resource.  So
+L{ConnectionGuard} wraps the whole listening factory, TLS included, and:
+
+  - gives every connection C{[websocket] handshake_timeout} seconds from
+    accept to open a WebSocket or complete an HTTP request, and as long again
+    after each HTTP request it completes (so keep-alive connections idle at
+    most that long); over it the connection is aborted;
+  - caps the connections in that stage, in all and per client address, at
+    C{[limits] max_connections} and C{max_connections_per_ip} (open
+    WebSockets are capped separately, in L{chatd.ws}, where a refusal can be
+    answered with 503/429; here the connection is closed unanswered, since
+    not even TLS has been spoken);
+  - caps HTTP request bodies at L{MAX_REQUEST_BODY_BYTES} (twisted.web has
+    no limit and spools large bodies to a temporary file; chatd's API takes
+    no body at all).
+
+The WebSocket side tells the guard when a connection has opened (see
+L{ConnectionGuard.upgraded}); requests report themselves through the Site's
+C{requestFactory} (see L{ConnectionGuard.guard_requests}).  Both find their
+connection by the peer address, which is unique among a TCP listener's
+live connections.
+"""
+
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from chatd.limits import CapReached, ConnectionCaps, TokenBucket
+
+log = Logger()
+
+MAX_REQUEST_BODY_BYTES = 64 * 1024
+
+
+def _peer_key(address):
+    """A live connection's identity; L{None} for peers without a port."""
+    port = getattr(address, "port", None)
+    if port is None:
+        return None
+    return (address.type, address.host, port)
+
+
+def _host(address):
+    return getattr(address, "host", None) or str(address)
+
+
+class _LogBudget:
+    """
+    At most C{rate} log lines a second (after a burst) for events a client
+    can cause at will, so an attack cannot also flood the log; the number of
+    lines left out is reported with the next one written.
+    """
+
+    def __init__(self, clock, rate=2.0, burst=20):
+        self._bucket = TokenBucket(rate, burst, clock)
+        self.suppressed = 0
+
+    def allow(self):
+        if self._bucket.take():
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self):
+        count, self.suppressed = self.suppressed, 0
+        return count
+
+
+class _GuardedConnection(ProtocolWrapper):
+    """One accepted connection: its deadline and whether it is a WebSocket yet."""
+
+    _deadline = None
+    upgraded = False
+
+    def makeConnection(self, transport):
+        super().makeConnection(transport)
+        self.factory._connected(self)
+
+    def connectionLost(self, reason):
+        self.factory._disconnected(self)
+        super().connectionLost(reason)
+
+    def arm(self, timeout, clock):
+        self.disarm()
+        self._deadline = clock.callLater(timeout, self._expired)
+
+    def disarm(self):
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _expired(self):
+        self._deadline = None
+        self.factory._expired(self)
+        self.transport.abortConnection()
+
+
+class ConnectionGuard(WrappingFactory):
+    """
+    Wraps the listening factory (the TLS factory when TLS is on).
+
+    @ivar pending: L{ConnectionCaps} of the connections that are not
+        WebSockets; tests read it.
+    """
+
+    protocol = _GuardedConnection
+
+    def __init__(self, wrapped_factory, timeout, max_total, max_per_address, clock):
+        super().__init__(wrapped_factory)
+        self.timeout = timeout
+        self.pending = ConnectionCaps(max_total, max_per_address)
+        self._clock = clock
+        self._by_peer = {}
+        self._log_budget = _LogBudget(clock)
+
+    @classmethod
+    def from_settings(cls, wrapped_factory, settings, clock):
+        limits = settings.limits
+        return cls(
+            wrapped_factory,
+            settings.websocket.handshake_timeout,
+            limits.max_connections,
+            limits.max_connections_per_ip,
+            clock,
+        )
+
+    def buildProtocol(self, addr):
+        """
+        Refuse (return L{None}, so the reactor closes the socket at once)
+        when the caps on connections in their handshake are reached.
+        """
+        try:
+            self.pending.check(_host(addr))
+        except CapReached as refused:
+            self._note(
+                "refused connection from {peer}: {reason} ({count} still in handshake)",
+                peer=_host(addr), reason=refused.reason, count=self.pending.count(_host(addr)),
+            )
+            return None
+        return super().buildProtocol(addr)
+
+    # --- what the WebSocket side and the requests report ----------------------
+
+    def upgraded(self, address):
+        """
+        The connection from C{address} opened a WebSocket: no deadline from
+        now on (pings and token expiry look after it) and it leaves the
+        handshake caps (L{chatd.ws} counts it instead).
+        """
+        connection = self._by_peer.get(_peer_key(address))
+        if connection is None or connection.upgraded:
+            return
+        connection.upgraded = True
+        connection.disarm()
+        self.pending.release(connection)
+
+    def request_done(self, address):
+        """An HTTP request on the connection from C{address} finished: re-arm."""
+        connection = self._by_peer.get(_peer_key(address))
+        if connection is not None and not connection.upgraded:
+            connection.arm(self.timeout, self._clock)
+
+    def guard_requests(self, request_factory):
+        """
+        A Site C{requestFactory} that reports finished requests and caps
+        request bodies, built on the given one.
+        """
+        guard = self
+
+        class GuardedRequest(request_factory):
+            _body_bytes = 0
+            _refused = False
+
+            def gotLength(self, length):
+                if length is not None and length > MAX_REQUEST_BODY_BYTES:
+                    self._refuse_body(length)
+                    length = None  # an empty in-memory body, never a temporary file
+                super().gotLength(length)
+
+            def handleContentChunk(self, data):
+                if self._refused:
+                    return
+                self._body_bytes += len(data)
+                if self._body_bytes > MAX_REQUEST_BODY_BYTES:
+                    self._refuse_body(self._body_bytes)
+                    return
+                super().handleContentChunk(data)
+
+            def process(self):
+                if not self._refused:
+                    super().process()
+
+            def finish(self):
+                super().finish()
+                guard.request_done(self.getClientAddress())
+
+            def _refuse_body(self, size):
+                self._refused = True
+                guard._note(
+                    "dropped {peer}: request body of {size} bytes (limit {limit})",
+                    peer=_host(self.getClientAddress()), size=size, limit=MAX_REQUEST_BODY_BYTES,
+                )
+                self.channel.transport.abortConnection()
+
+        GuardedRequest.__name__ = "Guarded" + request_factory.__name__
+        return GuardedRequest
+
+    # --- _GuardedConnection's callbacks ----------------------------------------
+
+    def _connected(self, connection):
+        peer = connection.getPeer()
+        key = _peer_key(peer)
+        try:
+            self.pending.admit(connection, _host(peer))
+        except CapReached:
+            # buildProtocol checked in this same reactor turn; only a wrapped
+            # factory that connects synchronously could get here.
+            connection.transport.abortConnection()
+            return
+        if key is None:
+            # Not an IP listener: nothing can find this connection again to
+            # cancel its deadline, so it gets none (docs/security.md).
+            return
+        self._by_peer[key] = connection
+        connection.arm(self.timeout, self._clock)
+
+    def _disconnected(self, connection):
+        connection.disarm()
+        self.pending.release(connection)
+        key = _peer_key(connection.getPeer())
+        if self._by_peer.get(key) is connection:
+            del self._by_peer[key]
+
+    def _expired(self, connection):
+        self.pending.release(connection)
+        self._note(
+            "dropped {peer}: no WebSocket or HTTP request within {timeout} s",
+            peer=_host(connection.getPeer()), timeout=self.timeout,
+        )
+
+    def _note(self, format, **fields):
+        """Log an event a client can cause at will, within the log budget."""
+        if not self._log_budget.allow():
+            return
+        suppressed = self._log_budget.take_suppressed()
+        if suppressed:
+            log.info("{count} connection guard lines were left out", count=suppressed)
+        log.info(format, **fields)

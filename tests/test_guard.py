@@ -1,0 +1,239 @@
+# -*- test-case-name: tests.test_guard -*-
+"""
+The connection limits' bookkeeping, without sockets: per-address counting
+(L{chatd.limits.ConnectionCaps}, L{chatd.limits.client_key}), the send
+buffer budget (L{chatd.limits.SendBudget}) and the handshake guard
+(L{chatd.guard.ConnectionGuard}) on a Clock with in-memory transports.
+tests/test_abuse.py shows the same behaviour on a real twistd over TLS.
+"""
+
+import pytest
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from chatd import errors
+from chatd.guard import ConnectionGuard
+from chatd.limits import CapReached, ConnectionCaps, SendBudget, client_key
+
+
+# --- client_key ------------------------------------------------------------------
+
+
+def test_client_key_ipv4():
+    """An IPv4 address counts as itself."""
+    assert client_key("203.0.113.7") == "203.0.113.7"
+
+
+def test_client_key_ipv6_counts_per_64():
+    """IPv6 addresses count per /64: one subscriber usually holds the whole /64."""
+    assert client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
+
+
+def test_client_key_mapped_and_other():
+    """IPv4-mapped IPv6 counts as the IPv4 address; a non-IP peer as itself."""
+    assert client_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert client_key("/run/chatd.sock") == "/run/chatd.sock"
+
+
+# --- ConnectionCaps --------------------------------------------------------------
+
+
+def refusal(caps, key, host):
+    with pytest.raises(CapReached) as refused:
+        caps.admit(key, host)
+    return refused.value.status
+
+
+def test_per_address_cap_is_429():
+    """Over its own share an address is refused with 429; another address is not."""
+    caps = ConnectionCaps(max_total=10, max_per_address=2)
+    caps.admit("a", "198.51.100.1")
+    caps.admit("b", "198.51.100.1")
+    assert refusal(caps, "c", "198.51.100.1") == errors.HTTP_TOO_MANY_REQUESTS
+    caps.admit("d", "198.51.100.2")
+    assert caps.count("198.51.100.1") == 2 and len(caps) == 3
+
+
+def test_total_cap_is_503():
+    """With every slot taken, a new address is refused with 503."""
+    caps = ConnectionCaps(max_total=2, max_per_address=5)
+    caps.admit("a", "198.51.100.1")
+    caps.admit("b", "198.51.100.2")
+    assert refusal(caps, "c", "198.51.100.3") == errors.HTTP_UNAVAILABLE
+
+
+def test_per_address_checked_before_total():
+    """An address at its own cap hears 429 even when all slots are taken too."""
+    caps = ConnectionCaps(max_total=2, max_per_address=2)
+    caps.admit("a", "198.51.100.1")
+    caps.admit("b", "198.51.100.1")
+    assert refusal(caps, "c", "198.51.100.1") == errors.HTTP_TOO_MANY_REQUESTS
+
+
+def test_release_frees_the_slot_once():
+    """Release gives the slot back; releasing again (or an unknown key) is harmless."""
+    caps = ConnectionCaps(max_total=1, max_per_address=1)
+    caps.admit("a", "198.51.100.1")
+    caps.release("a")
+    caps.release("a")
+    caps.release("never-admitted")
+    caps.admit("b", "198.51.100.1")
+    assert len(caps) == 1 and caps.count("198.51.100.1") == 1
+
+
+def test_memory_is_bounded_by_held_connections():
+    """Addresses whose count drops to zero are forgotten (no growth with churn)."""
+    caps = ConnectionCaps(max_total=10, max_per_address=10)
+    for i in range(1000):
+        caps.admit(i, f"10.0.{i // 256}.{i % 256}")
+        caps.release(i)
+    assert len(caps) == 0 and caps._per_address == {}
+
+
+def test_admit_same_key_twice_takes_one_slot():
+    """Admitting a key that holds a slot already does not count it twice."""
+    caps = ConnectionCaps(max_total=1, max_per_address=1)
+    caps.admit("a", "198.51.100.1")
+    caps.admit("a", "198.51.100.1")
+    assert len(caps) == 1
+
+
+# --- SendBudget ------------------------------------------------------------------
+
+
+def test_budget_counts_only_while_paused():
+    """Writes while the transport keeps up cost nothing; while it is full they add up."""
+    overflows = []
+    budget = SendBudget(100, overflows.append)
+    budget.wrote(10_000)
+    assert budget.unsent == 0
+    budget.pauseProducing()
+    budget.wrote(60)
+    budget.wrote(40)
+    assert budget.unsent == 100 and overflows == []
+    budget.wrote(1)
+    assert overflows == [101] and budget.over
+
+
+def test_budget_resets_when_the_buffer_drains():
+    """resumeProducing means the buffer drained: the count starts again."""
+    overflows = []
+    budget = SendBudget(100, overflows.append)
+    budget.pauseProducing()
+    budget.wrote(90)
+    budget.resumeProducing()
+    budget.pauseProducing()
+    budget.wrote(90)
+    assert overflows == [] and budget.unsent == 90
+
+
+def test_budget_overflows_once():
+    """The slow-consumer callback runs once, however much more is written."""
+    overflows = []
+    budget = SendBudget(10, overflows.append)
+    budget.pauseProducing()
+    for _ in range(5):
+        budget.wrote(100)
+    assert overflows == [100]
+
+
+# --- ConnectionGuard -----------------------------------------------------------------
+
+
+class _Recorder(Protocol):
+    def __init__(self):
+        self.lost = False
+
+    def connectionLost(self, reason):
+        self.lost = True
+
+
+def make_guard(timeout=10.0, max_total=100, max_per_address=100):
+    clock = Clock()
+    guard = ConnectionGuard(Factory.forProtocol(_Recorder), timeout, max_total, max_per_address, clock)
+    guard.doStart()
+    return guard, clock
+
+
+def connect(guard, host="198.51.100.1", port=40000):
+    peer = IPv4Address("TCP", host, port)
+    protocol = guard.buildProtocol(peer)
+    if protocol is None:
+        return None, None
+    transport = StringTransport(peerAddress=peer)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_silent_connection_is_aborted_at_the_deadline():
+    """A connection that neither opens a WebSocket nor completes a request is aborted."""
+    guard, clock = make_guard(timeout=10)
+    _, transport = connect(guard)
+    clock.advance(9.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
+    assert len(guard.pending) == 0
+
+
+def test_upgraded_connection_has_no_deadline():
+    """Once its WebSocket opens, the guard leaves the connection alone."""
+    guard, clock = make_guard(timeout=10)
+    protocol, transport = connect(guard)
+    guard.upgraded(transport.getPeer())
+    clock.advance(1000)
+    assert not transport.disconnecting
+    assert len(guard.pending) == 0 and protocol.upgraded
+
+
+def test_finished_request_rearms_the_deadline():
+    """Each completed HTTP request buys another timeout; idle keep-alive ends after one."""
+    guard, clock = make_guard(timeout=10)
+    _, transport = connect(guard)
+    clock.advance(8)
+    guard.request_done(transport.getPeer())
+    clock.advance(8)
+    assert not transport.disconnecting
+    clock.advance(2.1)
+    assert transport.disconnecting
+
+
+def test_lost_connection_cancels_its_deadline():
+    """A connection that goes away leaves no timer and no slot behind."""
+    guard, clock = make_guard(timeout=10)
+    protocol, transport = connect(guard)
+    protocol.connectionLost(None)
+    assert clock.getDelayedCalls() == [] and len(guard.pending) == 0
+    guard.request_done(transport.getPeer())  # late report for a gone connection
+    assert clock.getDelayedCalls() == []
+
+
+def test_handshake_cap_per_address_and_total():
+    """Connections still in their handshake are capped per address and in all."""
+    guard, _ = make_guard(max_total=3, max_per_address=2)
+    assert connect(guard, port=1)[0] is not None
+    assert connect(guard, port=2)[0] is not None
+    assert connect(guard, port=3)[0] is None  # third from the same address
+    assert connect(guard, host="198.51.100.2", port=4)[0] is not None
+    assert connect(guard, host="198.51.100.3", port=5)[0] is None  # all three slots taken
+
+
+def test_upgrade_frees_a_handshake_slot():
+    """An opened WebSocket no longer counts against the handshake caps."""
+    guard, _ = make_guard(max_total=10, max_per_address=1)
+    _, transport = connect(guard, port=1)
+    assert connect(guard, port=2)[0] is None
+    guard.upgraded(transport.getPeer())
+    assert connect(guard, port=3)[0] is not None
+
+
+def test_ipv6_addresses_share_their_64():
+    """Two addresses in one IPv6 /64 share one per-address allowance."""
+    guard, _ = make_guard(max_per_address=1)
+    first = IPv6Address("TCP", "2001:db8::1", 1)
+    guard.buildProtocol(first).makeConnection(StringTransport(peerAddress=first))
+    assert guard.buildProtocol(IPv6Address("TCP", "2001:db8::2", 2)) is None
+    assert guard.buildProtocol(IPv6Address("TCP", "2001:db8:0:1::1", 3)) is not None
