@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 CONFIG ?= etc/chatd.ini
 PYTEST_ARGS ?=
 
-.PHONY: run test test-all conformance conformance-full bench venv dev-files system-deps clean
+.PHONY: run test test-all conformance conformance-full bench venv sslyze dev-files system-deps clean
 
 run: venv dev-files  ## set up and run the server on the embedded broker
 	$(VENV)/bin/twistd -n --pidfile= chatd --config $(CONFIG)
 
-test: venv system-deps  ## set up and run the default test suite (incl. conformance cases 1-10)
+test: venv sslyze system-deps  ## set up and run the default test suite (incl. conformance cases 1-10)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 conformance: venv  ## Autobahn Testsuite, cases 1-10
@@ -32,6 +32,15 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
 	touch $@
 
+# sslyze (tests/test_tls.py) pins cryptography < 47: its own venv, run as a subprocess.
+SSLYZE_VENV := .venv-sslyze
+sslyze: $(SSLYZE_VENV)/.installed  ## sslyze for the TLS profile test
+
+$(SSLYZE_VENV)/.installed: tests/sslyze-requirements.txt
+	$(PYTHON) -m venv --clear $(SSLYZE_VENV)
+	$(SSLYZE_VENV)/bin/python -m pip install -q -r tests/sslyze-requirements.txt
+	touch $@
+
 dev-files: venv
 	test -f etc/dev/fullchain.pem -a -f etc/dev/privkey.pem || $(PY) -m chatd devcert etc/dev
 	test -f etc/dev/jwt.secret || $(PY) -m chatd devsecret etc/dev/jwt.secret
@@ -47,4 +56,4 @@ system-deps:  ## redis-server and Chromium from Debian, when missing
 	fi
 
 clean:
-	rm -rf $(VENV) .venv-wstest build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-wstest $(SSLYZE_VENV) .venv-sslyze.lock build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,172 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+chatd's TLS against Mozilla's "intermediate" profile, checked by sslyze
+(the scanner, from PyPI) against a real twistd chatd on loopback.
+
+sslyze pins cryptography < 47 and its own OpenSSL build (nassl), which clash
+with chatd's cryptography, so it lives in its own venv, C{.venv-sslyze}
+(made by C{make sslyze} or, if missing, by this module) and runs as a
+subprocess.  Its Mozilla check needs a certificate it can validate: the test
+makes a small CA and a leaf signed by it, and hands sslyze the CA.
+"""
+
+import datetime
+import fcntl
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from chatd import config, tls
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SSLYZE_VENV = os.path.join(ROOT, ".venv-sslyze")
+SSLYZE_REQUIREMENTS = os.path.join(ROOT, "tests", "sslyze-requirements.txt")
+INSTALL_TIMEOUT = 600
+SCAN_TIMEOUT = 180
+
+# Mozilla intermediate (v5.7, the profile sslyze 6.3 ships), IANA names.
+INTERMEDIATE_TLS12 = {
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    "TLS_DHE_RSA_WITH_AES_128_GCM_SHA256",
+    "TLS_DHE_RSA_WITH_AES_256_GCM_SHA384",
+    "TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+}
+INTERMEDIATE_TLS13 = {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"}
+INTERMEDIATE_CURVES = {"X25519", "secp256r1", "secp384r1"}
+
+
+def sslyze_python():
+    """The venv's python, making the venv first if needed (once, under a lock)."""
+    python = os.path.join(SSLYZE_VENV, "bin", "python")
+    with open(os.path.join(ROOT, ".venv-sslyze.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        probe = [python, "-c", "import sslyze"]
+        if os.path.exists(python) and subprocess.run(probe, capture_output=True, timeout=60).returncode == 0:
+            return python
+        steps = [
+            [sys.executable, "-m", "venv", "--clear", SSLYZE_VENV],
+            [python, "-m", "pip", "install", "-q", "-r", SSLYZE_REQUIREMENTS],
+        ]
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True, timeout=INSTALL_TIMEOUT)
+            if done.returncode != 0:
+                pytest.fail(f"could not set up sslyze ({' '.join(step)}):\n{done.stdout}\n{done.stderr}")
+        open(os.path.join(SSLYZE_VENV, ".installed"), "w").close()  # the Makefile's stamp
+    return python
+
+
+def _name(common_name):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_pki(directory):
+    """
+    A CA and a localhost leaf it signed (ECDSA P-256, 90 days, the usual
+    extensions), as PEM files; returns (ca, chain, key) paths.
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("chatd test CA"))
+        .issuer_name(_name("chatd test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=90))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(_name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=90))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {name: os.path.join(directory, name) for name in ("ca.pem", "fullchain.pem", "privkey.pem")}
+    with open(paths["ca.pem"], "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    with open(paths["fullchain.pem"], "wb") as f:
+        f.write(leaf.public_bytes(serialization.Encoding.PEM))
+    with open(paths["privkey.pem"], "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return paths["ca.pem"], paths["fullchain.pem"], paths["privkey.pem"]
+
+
+def accepted(scan, version):
+    return {c["cipher_suite"]["name"] for c in scan[f"{version}_cipher_suites"]["result"]["accepted_cipher_suites"]}
+
+
+def test_groups_are_limited_to_the_profile(tmp_path):
+    """certificate_options restricts key exchange to X25519, P-256 and P-384."""
+    _, chain, key = make_pki(str(tmp_path))
+    settings = config.replace(config.defaults(), tls__certificate=chain, tls__private_key=key)
+    assert tls.certificate_options(settings).groups == "X25519:P-256:P-384"
+
+
+def test_sslyze_mozilla_intermediate(start_chatd, tmp_path):
+    """
+    sslyze's Mozilla "intermediate" check passes: TLS 1.2 and 1.3 only, the
+    profile's ciphers and groups, no compression, a valid chain.
+    """
+    python = sslyze_python()
+    ca, chain, key = make_pki(str(tmp_path))
+    server = start_chatd(tls__certificate=chain, tls__private_key=key)
+    report = tmp_path / "sslyze.json"
+    scan = subprocess.run(
+        [python, "-m", "sslyze", "--mozilla_config=intermediate", f"--certinfo_ca_file={ca}",
+         f"--json_out={report}", f"localhost:{server.port}{{127.0.0.1}}"],
+        capture_output=True, text=True, timeout=SCAN_TIMEOUT,
+    )
+    assert scan.returncode == 0 and "OK - Compliant" in scan.stdout, scan.stdout[-4000:] + scan.stderr[-2000:]
+
+    result = json.loads(report.read_text())["server_scan_results"][0]["scan_result"]
+    for old in ("ssl_2_0", "ssl_3_0", "tls_1_0", "tls_1_1"):
+        assert accepted(result, old) == set(), old
+    assert accepted(result, "tls_1_2") and accepted(result, "tls_1_2") <= INTERMEDIATE_TLS12
+    assert accepted(result, "tls_1_3") and accepted(result, "tls_1_3") <= INTERMEDIATE_TLS13
+    curves = {c["name"] for c in result["elliptic_curves"]["result"]["supported_curves"]}
+    assert curves == INTERMEDIATE_CURVES
+    assert result["tls_compression"]["result"]["supports_compression"] is False
+    assert "Traceback" not in server.log_text()
