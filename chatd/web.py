@@ -77,7 +77,8 @@ class _Authenticated(_JSONResource):
             [(b"www-authenticate", b'Bearer realm="chatd", error="invalid_token"')],
         )
 
-    def unavailable(self, request, failure):
+    def unavailable(self, failure, request):
+        # An errback: the Failure comes first.
         failure.trap(BrokerUnavailable)
         _finish(request, errors.HTTP_UNAVAILABLE, {"error": "unavailable", "message": "chat backend unavailable, try again"})
 

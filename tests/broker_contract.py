@@ -1,0 +1,213 @@
+"""
+The IBroker contract as tests, written once and run against every broker
+(tests/test_broker_contract.py runs it on MemoryBroker and on RedisBroker
+with a real redis-server).
+
+A subclass provides the C{make_rig} fixture: an async factory
+C{await make_rig(history_size=N)} returning a L{Rig} around a started
+broker.  Everything is awaited on events (the feed, Deferreds), each wait
+with a deadline.
+"""
+
+import pytest_twisted
+from twisted.internet import defer
+from zope.interface.verify import verifyObject
+
+from chatd.auth import Principal
+from chatd.broker.interfaces import IBroker, Member
+from chatd.messages import event_id_key
+
+FEED_TIMEOUT = 5.0
+
+
+class Rig:
+    """A broker, the feed it delivers to, and a way to let time pass."""
+
+    def __init__(self, broker, clock, elapse):
+        self.broker = broker
+        self.clock = clock
+        self.feed = []
+        self._waiters = []
+        self._elapse = elapse
+        broker.set_feed(self._receive)
+
+    def _receive(self, delivery):
+        self.feed.append(delivery)
+        for waiter in list(self._waiters):
+            count, d = waiter
+            if len(self.feed) >= count:
+                self._waiters.remove(waiter)
+                d.callback(None)
+
+    def fed(self, count):
+        """Fires once the feed brought C{count} deliveries in all."""
+        if len(self.feed) >= count:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append((count, d))
+        return d.addTimeout(FEED_TIMEOUT, self.clock)
+
+    def elapse(self, seconds):
+        return self._elapse(seconds)
+
+    def member(self, n, sub=None, name=None):
+        sub = sub or f"user{n}"
+        return Member(f"{self.broker.instance_id}:{n}", sub, name or sub.capitalize())
+
+
+def keys_of(events):
+    return [event_id_key(e.id) for e in events]
+
+
+def assert_increasing(events):
+    keys = keys_of(events)
+    assert keys == sorted(keys) and len(set(keys)) == len(keys), [e.id for e in events]
+
+
+class BrokerContract:
+    """What every IBroker does.  Subclasses add the C{make_rig} fixture."""
+
+    @pytest_twisted.ensureDeferred
+    async def test_provides_the_interface(self, make_rig):
+        """The broker provides IBroker, has an instance id and is available."""
+        rig = await make_rig()
+        assert verifyObject(IBroker, rig.broker)
+        assert rig.broker.instance_id
+        assert rig.broker.is_available()
+
+    @pytest_twisted.ensureDeferred
+    async def test_room_events_in_one_order(self, make_rig):
+        """ENTER, TALK, QUIT: counts as the room changes, ids increasing, the feed in that order."""
+        rig = await make_rig()
+        alice, bob = rig.member(1), rig.member(2)
+        await rig.broker.subscribe("lobby")
+        entered = await rig.broker.enter("lobby", alice, ref="e1")
+        second = await rig.broker.enter("lobby", bob)
+        talked = await rig.broker.talk("lobby", alice, "hi {there}", ref=5)
+        left = await rig.broker.quit("lobby", alice, ref="q")
+        events = [entered.event, second.event, talked.event, left]
+        assert [(e.type, e.sender, e.user_count) for e in events] == [
+            ("ENTER", "User1", 1), ("ENTER", "User2", 2), ("TALK", "User1", 2), ("QUIT", "User1", 1)
+        ]
+        assert talked.event.message == "hi {there}" and not talked.duplicate
+        assert left.message == "User1 left" and entered.event.message == "User1 entered"
+        assert_increasing(events)
+        await rig.fed(4)
+        assert [d.event for d in rig.feed] == events
+        assert [(d.origin, d.ref) for d in rig.feed] == [
+            (alice.connection_id, "e1"), (bob.connection_id, None),
+            (alice.connection_id, 5), (alice.connection_id, "q"),
+        ]
+
+    @pytest_twisted.ensureDeferred
+    async def test_only_subscribed_rooms_are_fed(self, make_rig):
+        """No deliveries for a room never subscribed or unsubscribed; the marker room proves it."""
+        rig = await make_rig()
+        alice = rig.member(1)
+        await rig.broker.subscribe("marker")
+        await rig.broker.subscribe("lobby")
+        await rig.broker.enter("other", alice)
+        await rig.broker.enter("lobby", alice)
+        await rig.fed(1)
+        await rig.broker.unsubscribe("lobby")
+        await rig.broker.talk("lobby", alice, "unheard")
+        await rig.broker.enter("marker", alice)
+        # One feed, one order: once the marker's ENTER is in, nothing
+        # published before it is still on its way.
+        await rig.fed(2)
+        assert [(d.event.room, d.event.type) for d in rig.feed] == [
+            ("lobby", "ENTER"), ("marker", "ENTER")
+        ]
+
+    @pytest_twisted.ensureDeferred
+    async def test_replay_since(self, make_rig):
+        """ENTER with since gets the TALKs in between, in order, and whether that is all of them."""
+        rig = await make_rig()
+        alice, bob = rig.member(1), rig.member(2)
+        first = await rig.broker.enter("lobby", alice)
+        said = [(await rig.broker.talk("lobby", alice, f"m{i}")).event for i in range(3)]
+        back = await rig.broker.enter("lobby", bob, since=said[0].id)
+        assert back.replay == tuple(said[1:]) and back.complete is True
+        assert event_id_key(back.event.id) > event_id_key(said[-1].id)
+        everything = await rig.broker.enter("lobby", rig.member(3), since=first.event.id)
+        assert everything.replay == tuple(said) and everything.complete is True
+        nothing = await rig.broker.enter("lobby", rig.member(4), since=back.event.id)
+        assert nothing.replay == () and nothing.complete is True
+        # An id from another life of the broker cannot vouch for anything.
+        foreign = await rig.broker.enter("lobby", rig.member(5), since="1-1")
+        assert foreign.replay == tuple(said) and foreign.complete is False
+        plain = await rig.broker.enter("lobby", rig.member(6))
+        assert plain.replay == () and plain.complete is True
+
+    @pytest_twisted.ensureDeferred
+    async def test_history_cap_makes_replay_incomplete(self, make_rig):
+        """With [history] size 2, a since before the evicted TALK says complete: false."""
+        rig = await make_rig(history_size=2)
+        alice = rig.member(1)
+        first = await rig.broker.enter("lobby", alice)
+        said = [(await rig.broker.talk("lobby", alice, f"m{i}")).event for i in range(3)]
+        old = await rig.broker.enter("lobby", rig.member(2), since=first.event.id)
+        assert old.replay == tuple(said[1:]) and old.complete is False
+        recent = await rig.broker.enter("lobby", rig.member(3), since=said[0].id)
+        assert recent.replay == tuple(said[1:]) and recent.complete is True
+
+    @pytest_twisted.ensureDeferred
+    async def test_no_history(self, make_rig):
+        """With [history] size 0 nothing is replayed, and once anything was said, that is incomplete."""
+        rig = await make_rig(history_size=0)
+        alice = rig.member(1)
+        first = await rig.broker.enter("lobby", alice)
+        quiet = await rig.broker.enter("lobby", rig.member(2), since=first.event.id)
+        assert quiet.replay == () and quiet.complete is True
+        await rig.broker.talk("lobby", alice, "gone at once")
+        after = await rig.broker.enter("lobby", rig.member(3), since=first.event.id)
+        assert after.replay == () and after.complete is False
+
+    @pytest_twisted.ensureDeferred
+    async def test_cid_is_accepted_once(self, make_rig):
+        """A repeated (sub, cid) returns the original event and publishes nothing."""
+        rig = await make_rig()
+        alice, alice_again, bob = rig.member(1), rig.member(2, sub="user1"), rig.member(3)
+        await rig.broker.subscribe("lobby")
+        await rig.broker.enter("lobby", alice)
+        original = await rig.broker.talk("lobby", alice, "once", cid="c-1", ref="a")
+        retry = await rig.broker.talk("lobby", alice_again, "once (retry)", cid="c-1", ref="b")
+        assert retry.duplicate is True and retry.event == original.event
+        other_user = await rig.broker.talk("lobby", bob, "same cid, other sub", cid="c-1")
+        other_room = await rig.broker.talk("annex", alice, "same cid, other room", cid="c-1")
+        no_cid = [await rig.broker.talk("lobby", alice, "no cid") for _ in range(2)]
+        assert not any(t.duplicate for t in [other_user, other_room] + no_cid)
+        assert len({t.event.id for t in [original, other_user] + no_cid}) == 4
+        await rig.fed(5)
+        talks = [d.event for d in rig.feed if d.event.type == "TALK"]
+        assert talks == [original.event, other_user.event] + [t.event for t in no_cid]
+
+    @pytest_twisted.ensureDeferred
+    async def test_tickets_work_once_and_expire(self, make_rig):
+        """A ticket is redeemed once; unknown and expired ones give None."""
+        rig = await make_rig()
+        grant = Principal(sub="alice", name="Alice", exp=2**40, rooms=frozenset({"lobby"}))
+        await rig.broker.issue_ticket("ticket-1", grant, 30)
+        await rig.broker.issue_ticket("ticket-2", grant, 0.3)
+        assert await rig.broker.redeem_ticket("ticket-1") == grant
+        assert await rig.broker.redeem_ticket("ticket-1") is None
+        assert await rig.broker.redeem_ticket("never-issued") is None
+        await rig.elapse(0.5)
+        assert await rig.broker.redeem_ticket("ticket-2") is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_room_registry(self, make_rig):
+        """Rooms are listed with their counts; an empty room without history is forgotten."""
+        rig = await make_rig()
+        alice, bob = rig.member(1), rig.member(2)
+        await rig.broker.enter("lobby", alice)
+        await rig.broker.enter("lobby", bob)
+        await rig.broker.enter("ops", alice)
+        await rig.broker.enter("chat", bob)
+        await rig.broker.talk("chat", bob, "kept in history")
+        assert await rig.broker.list_rooms() == [("chat", 1), ("lobby", 2), ("ops", 1)]
+        await rig.broker.quit("ops", alice)
+        await rig.broker.quit("chat", bob)
+        assert await rig.broker.list_rooms() == [("chat", 0), ("lobby", 2)]
+        again = await rig.broker.enter("ops", alice)
+        assert again.event.user_count == 1

@@ -1,0 +1,437 @@
+"""
+RedisBroker in this process against a real redis-server: several brokers
+on one Redis are several instances.  What only Redis does is tested here:
+one order across instances, tickets and cids across instances, dead
+instances reaped, goodbye on stop, Redis restarted (same port), stopped
+(SIGSTOP), unreachable, flushed, password and database, the key layout.
+
+tests/test_scaleout.py does the same through real twistd processes.
+"""
+
+import os
+import signal
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+from chatd.auth import Principal
+from chatd.broker.interfaces import Member
+from chatd.broker.redis import RedisBroker, decode_event
+from chatd.errors import BrokerUnavailable
+from chatd.messages import event_id_key
+from tests.support import free_port
+
+TIMEOUT = 10.0
+
+
+class LoggedFailures:
+    """What was logged at error level or with a failure; C{expect} excuses a message."""
+
+    def __init__(self):
+        self.events = []
+        self._expected = []
+
+    def expect(self, text):
+        self._expected.append(text)
+
+    def __call__(self, event):
+        if event.get("log_failure") is not None or event.get("log_level") in (
+            LogLevel.error, LogLevel.critical
+        ):
+            self.events.append(event)
+
+    def unexpected(self):
+        texts = [
+            formatEvent(e) + (e["log_failure"].getTraceback() if e.get("log_failure") else "")
+            for e in self.events
+        ]
+        return [t for t in texts if not any(x in t for x in self._expected)]
+
+
+@pytest.fixture(autouse=True)
+def logged_failures():
+    """
+    Like trial: a test fails when anything logged a failure or an error
+    (an unhandled exception in a Deferred, a log.failure, log.error) that
+    it did not expect.  Warnings are how Redis outages are meant to show.
+    """
+    observer = LoggedFailures()
+    globalLogPublisher.addObserver(observer)
+    yield observer
+    globalLogPublisher.removeObserver(observer)
+    assert not observer.unexpected()
+
+
+def _reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def redis_command(port, *args):
+    """One command on a fresh connection (RESP2), for looking at Redis from outside."""
+    encoded = [a if isinstance(a, bytes) else str(a).encode() for a in args]
+    request = b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in encoded)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        return _reply(s.makefile("rb"))
+
+
+def _reply(stream):
+    line = stream.readline().rstrip(b"\r\n")
+    kind, rest = line[:1], line[1:]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise AssertionError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        if int(rest) < 0:
+            return None
+        data = stream.read(int(rest) + 2)[:-2]
+        return data.decode()
+    if kind == b"*":
+        return None if int(rest) < 0 else [_reply(stream) for _ in range(int(rest))]
+    raise AssertionError(f"bad reply {line!r}")
+
+
+async def eventually(check, timeout, what, interval=0.05):
+    """Poll C{check} (may return a Deferred) until it gives something true, or fail."""
+    reactor = _reactor()
+    deadline = reactor.seconds() + timeout
+    while True:
+        result = await defer.maybeDeferred(check)
+        if result:
+            return result
+        if reactor.seconds() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await task.deferLater(reactor, interval, lambda: None)
+
+
+class Feed:
+    """A broker's feed, awaitable."""
+
+    def __init__(self, broker):
+        self.deliveries = []
+        broker.set_feed(self.deliveries.append)
+
+    @property
+    def events(self):
+        return [d.event for d in self.deliveries]
+
+    def of_type(self, kind):
+        return [e for e in self.events if e.type == kind]
+
+    def until(self, predicate, what, timeout=TIMEOUT):
+        return eventually(lambda: predicate(self.events), timeout, what, interval=0.01)
+
+
+@pytest.fixture
+def brokers(start_redis):
+    """C{brokers(redis=None, **options)} starts a RedisBroker; all are stopped at teardown."""
+    reactor = _reactor()
+    started = []
+    default_redis = []
+
+    async def start(redis=None, wait=True, **options):
+        if redis is None:
+            if not default_redis:
+                default_redis.append(start_redis())
+            redis = default_redis[0]
+        port = redis if isinstance(redis, int) else redis.port
+        options.setdefault("timeout", 1.0)
+        options.setdefault("presence_ttl", 3.0)
+        broker = RedisBroker(reactor, "127.0.0.1", port, **options)
+        broker.feed = Feed(broker)
+        started.append(broker)
+        broker.startService()
+        if wait:
+            await broker.when_available().addTimeout(TIMEOUT, reactor)
+        return broker
+
+    yield start
+    for broker in started:
+        if broker.running:
+            pytest_twisted.blockon(broker.stopService())
+
+
+def member(broker, n, sub=None):
+    sub = sub or f"user{n}"
+    return Member(f"{broker.instance_id}:{n}", sub, sub.capitalize())
+
+
+@pytest_twisted.ensureDeferred
+async def test_instances_share_one_order(brokers):
+    """Concurrent TALKs from two instances reach both feeds in one order, ids increasing."""
+    a, b = await brokers(), await brokers()
+    await a.subscribe("lobby")
+    await b.subscribe("lobby")
+    alice, bob = member(a, 1), member(b, 1)
+    await a.enter("lobby", alice)
+    await b.enter("lobby", bob)
+    sent = await defer.gatherResults([
+        (a.talk("lobby", alice, f"a{i}") if i % 2 else b.talk("lobby", bob, f"b{i}"))
+        for i in range(40)
+    ])
+    for broker in (a, b):
+        await broker.feed.until(lambda events: len(events) >= 42, "42 events")
+    assert a.feed.events == b.feed.events
+    keys = [event_id_key(e.id) for e in a.feed.events]
+    assert keys == sorted(keys) and len(set(keys)) == 42
+    assert {t.event for t in sent} == set(a.feed.of_type("TALK"))
+    assert [e.user_count for e in a.feed.events] == [1] + [2] * 41
+
+
+@pytest_twisted.ensureDeferred
+async def test_tickets_and_cids_across_instances(brokers):
+    """A ticket issued on one instance works once on any; a cid is accepted once on any."""
+    a, b = await brokers(), await brokers()
+    grant = Principal(sub="alice", name="Alice", exp=2**40)
+    await a.issue_ticket("t-1", grant, 30)
+    assert await b.redeem_ticket("t-1") == grant
+    assert await a.redeem_ticket("t-1") is None
+
+    await a.subscribe("lobby")
+    await a.enter("lobby", member(a, 1, "alice"))
+    first = await a.talk("lobby", member(a, 1, "alice"), "hello", cid="x")
+    again = await b.talk("lobby", member(b, 7, "alice"), "hello", cid="x", ref="r")
+    assert again.duplicate and again.event == first.event
+    marker = await a.talk("lobby", member(a, 1, "alice"), "marker")
+    await a.feed.until(lambda events: marker.event in events, "the marker")
+    assert a.feed.of_type("TALK") == [first.event, marker.event]
+
+
+@pytest_twisted.ensureDeferred
+async def test_dead_instance_leaves_every_room(brokers):
+    """
+    An instance that vanishes without goodbye: its connections get one QUIT
+    each, emitted once even with two instances sweeping, within about
+    presence_ttl plus one upkeep period.
+    """
+    reactor = _reactor()
+    a = await brokers(presence_ttl=1.0)
+    c = await brokers(presence_ttl=1.0)
+    doomed = await brokers(presence_ttl=1.0)
+    for room in ("lobby", "ops"):
+        await a.subscribe(room)
+    await a.enter("lobby", member(a, 1))
+    for n, room in [(1, "lobby"), (2, "lobby"), (3, "ops")]:
+        await doomed.enter(room, member(doomed, n))
+    # Vanish: the connections and the timer stop, no goodbye is said.
+    await defer.gatherResults([service.stopService() for service in list(doomed)])
+    died = reactor.seconds()
+    await a.feed.until(lambda events: len([e for e in events if e.type == "QUIT"]) >= 3,
+                       "three QUITs", timeout=5)
+    elapsed = reactor.seconds() - died
+    assert elapsed <= 1.0 + 1.0 / 3 + 1.0, elapsed
+    marker = await c.talk("lobby", member(c, 9), "after the sweep")
+    await a.feed.until(lambda events: marker.event in events, "the marker")
+    quits = a.feed.of_type("QUIT")
+    assert sorted((e.room, e.sender) for e in quits) == [
+        ("lobby", "User1"), ("lobby", "User2"), ("ops", "User3")
+    ]
+    assert [e.user_count for e in quits if e.room == "ops"] == [0]
+    assert await a.list_rooms() == [("lobby", 2)]
+    port = a._commands.protocol.transport.getPeer().port
+    assert doomed.instance_id not in redis_command(port, "SMEMBERS", "chatd:instances")
+    assert redis_command(port, "EXISTS", f"chatd:instance:{doomed.instance_id}:rooms") == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_says_goodbye(brokers):
+    """A stopping instance takes its connections out of their rooms itself, at once."""
+    a, b = await brokers(), await brokers()
+    await a.subscribe("lobby")
+    await a.enter("lobby", member(a, 1))
+    await b.enter("lobby", member(b, 1))
+    await b.enter("lobby", member(b, 2))
+    await b.stopService()
+    await a.feed.until(lambda events: len([e for e in events if e.type == "QUIT"]) == 2, "2 QUITs",
+                       timeout=2)
+    assert await a.list_rooms() == [("lobby", 1)]
+    port = a._commands.protocol.transport.getPeer().port
+    assert redis_command(port, "EXISTS", f"chatd:instance:{b.instance_id}") == 0
+    assert b.instance_id not in redis_command(port, "SMEMBERS", "chatd:instances")
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_restart(brokers, start_redis):
+    """
+    Redis stops and comes back empty on the same port: calls fail fast
+    meanwhile; then both connections come back by themselves, every room
+    is subscribed again, presence is rebuilt, ids keep increasing and an
+    old `since` is reported incomplete.
+    """
+    redis = start_redis()
+    a, b = await brokers(redis), await brokers(redis)
+    alice, bob = member(a, 1), member(b, 1)
+    for broker, who in ((a, alice), (b, bob)):
+        await broker.subscribe("lobby")
+        await broker.enter("lobby", who)
+    before = await a.talk("lobby", alice, "before")
+
+    redis.stop()
+    await eventually(lambda: not a.is_available() and not b.is_available(), 5, "unavailable")
+    with pytest.raises(BrokerUnavailable):
+        await a.talk("lobby", alice, "lost")
+    with pytest.raises(BrokerUnavailable):
+        await a.issue_ticket("t", Principal("alice", "Alice", 2**40), 30)
+
+    start_redis(port=redis.port)
+    await defer.gatherResults([a.when_available(), b.when_available()]).addTimeout(TIMEOUT, _reactor())
+    assert await eventually(
+        lambda: a.list_rooms().addCallback(lambda rooms: rooms == [("lobby", 2)]), 5, "both back"
+    )
+    after = await a.talk("lobby", alice, "after")
+    await b.feed.until(lambda events: after.event in events, "live delivery after the restart")
+    assert event_id_key(after.event.id) > event_id_key(before.event.id)
+    late = await b.enter("lobby", member(b, 2), since=before.event.id)
+    assert late.replay == (after.event,) and late.complete is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopped_redis_times_out(brokers, start_redis):
+    """
+    SIGSTOP: every call fails within the timeout and the broker reports
+    itself unavailable (/healthz 503).  After SIGCONT both connections come
+    back, and a QUIT that timed out is in Redis exactly once: Redis may run
+    it late from its socket buffer, or the instance retries it; never both.
+    """
+    reactor = _reactor()
+    redis = start_redis()
+    a, b = await brokers(redis), await brokers(redis)
+    alice = Member(f"{a.instance_id}:1", "alice", "Alice")
+    bob = Member(f"{b.instance_id}:1", "bob", "Bob")
+    await a.subscribe("lobby")
+    await a.enter("lobby", alice)
+    await b.enter("lobby", bob)
+    # A witness that never reconnects: it sees everything Redis publishes.
+    witness = socket.create_connection(("127.0.0.1", redis.port), timeout=5)
+    witness.sendall(b"SUBSCRIBE chatd:0:events:lobby\r\n")
+    stream = witness.makefile("rb")
+    assert _reply(stream)[0] == "subscribe"
+
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        started = reactor.seconds()
+        with pytest.raises(BrokerUnavailable):
+            await a.talk("lobby", alice, "into the void")
+        assert reactor.seconds() - started < 1.0 + 0.5
+        assert not a.is_available()
+        with pytest.raises(BrokerUnavailable):
+            await a.redeem_ticket("whatever")  # the connection is gone: at once
+        with pytest.raises(BrokerUnavailable):
+            await b.quit("lobby", bob)
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    await defer.gatherResults([a.when_available(), b.when_available()]).addTimeout(TIMEOUT, reactor)
+    await eventually(lambda: a.list_rooms().addCallback(lambda rooms: rooms == [("lobby", 1)]),
+                     5, "bob out of the room")
+    marker = await a.talk("lobby", alice, "back")
+    await a.feed.until(lambda events: marker.event in events, "live again")
+    heard = []
+    while not heard or heard[-1].id != marker.event.id:
+        kind, _, payload = _reply(stream)
+        assert kind == "message"
+        heard.append(decode_event(payload).event)
+    witness.close()
+    assert [e.sender for e in heard if e.type == "QUIT"] == ["Bob"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_redis_fails_fast(brokers):
+    """Nothing listening: not available, and every call fails at once, none hangs."""
+    reactor = _reactor()
+    broker = await brokers(free_port(), wait=False)
+    assert not broker.is_available()
+    started = reactor.seconds()
+    for call in (
+        lambda: broker.subscribe("lobby"),
+        lambda: broker.enter("lobby", member(broker, 1)),
+        lambda: broker.talk("lobby", member(broker, 1), "hi"),
+        lambda: broker.quit("lobby", member(broker, 1)),
+        lambda: broker.issue_ticket("t", Principal("a", "A", 2**40), 30),
+        lambda: broker.redeem_ticket("t"),
+        broker.list_rooms,
+    ):
+        with pytest.raises(BrokerUnavailable):
+            await call()
+    assert reactor.seconds() - started < 0.5
+    await broker.unsubscribe("lobby")  # nothing to undo: no error
+
+
+@pytest_twisted.ensureDeferred
+async def test_flushed_redis_starts_a_new_epoch(brokers):
+    """After Redis loses its data, ids still increase and old ids replay incomplete."""
+    a = await brokers()
+    alice = member(a, 1)
+    await a.enter("lobby", alice)
+    before = await a.talk("lobby", alice, "before")
+    port = a._commands.protocol.transport.getPeer().port
+    redis_command(port, "FLUSHALL")
+    after = await a.talk("lobby", alice, "after")
+    assert event_id_key(after.event.id)[0] > event_id_key(before.event.id)[0]
+    late = await a.enter("lobby", member(a, 2), since=before.event.id)
+    assert late.replay == (after.event,) and late.complete is False
+    # The heartbeat notices it was lost and registers the instance again.
+    await eventually(lambda: a.instance_id in redis_command(port, "SMEMBERS", "chatd:instances"),
+                     5, "the instance registered again")
+
+
+@pytest_twisted.ensureDeferred
+async def test_password_and_database(brokers, start_redis, logged_failures):
+    """AUTH and SELECT happen on both connections; a wrong password is retried, never fatal."""
+    logged_failures.expect("refused AUTH: WRONGPASS")
+    redis = start_redis()
+    redis_command(redis.port, "CONFIG", "SET", "requirepass", "s3cret")
+    wrong = await brokers(redis, wait=False, password="nope")
+    right = await brokers(redis, password="s3cret", db=3)
+    await right.subscribe("lobby")
+    entered = await right.enter("lobby", member(right, 1))
+    await right.feed.until(lambda events: entered.event in events, "the ENTER, on db 3's channel")
+    assert not wrong.is_available()
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as s:
+        s.sendall(b"AUTH s3cret\r\nSELECT 3\r\nEXISTS chatd:room:lobby\r\n"
+                  b"SELECT 0\r\nEXISTS chatd:room:lobby\r\n")
+        stream = s.makefile("rb")
+        assert [_reply(stream) for _ in range(5)] == ["OK", "OK", 1, "OK", 0]
+    assert logged_failures.events, "the refused AUTH was logged"
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_layout(brokers):
+    """The keys docs/delivery.md describes, and no user-chosen text in any key name."""
+    a = await brokers()
+    alice = Member(f"{a.instance_id}:1", "alice@example.com", "Alice")
+    await a.enter("lobby", alice)
+    await a.talk("lobby", alice, "hi", cid="my-cid-1")
+    await a.issue_ticket("the-ticket", Principal("alice@example.com", "Alice", 2**40), 30)
+    port = a._commands.protocol.transport.getPeer().port
+    await eventually(lambda: redis_command(port, "EXISTS", f"chatd:instance:{a.instance_id}"), 5,
+                     "the heartbeat")
+    types = {key: redis_command(port, "TYPE", key) for key in redis_command(port, "KEYS", "*")}
+    cid_key = next(k for k in types if ":cid:" in k)
+    ticket_key = next(k for k in types if k.startswith("chatd:ticket:"))
+    assert types == {
+        "chatd:rooms": "set",
+        "chatd:instances": "set",
+        f"chatd:instance:{a.instance_id}": "string",
+        f"chatd:instance:{a.instance_id}:rooms": "hash",
+        "chatd:room:lobby": "hash",
+        "chatd:room:lobby:members": "hash",
+        "chatd:room:lobby:history": "stream",
+        cid_key: "string",
+        ticket_key: "string",
+    }
+    for key in types:
+        assert "alice" not in key and "my-cid" not in key and "the-ticket" not in key
+    assert 0 < redis_command(port, "PTTL", cid_key) <= 600_000
+    assert 0 < redis_command(port, "PTTL", ticket_key) <= 30_000
+    assert 0 < redis_command(port, "PTTL", f"chatd:instance:{a.instance_id}") <= 3_000
+    stored = redis_command(port, "XRANGE", "chatd:room:lobby:history", "-", "+")
+    assert [entry[1][0] for entry in stored] == ["m"]
+    assert decode_event(stored[0][1][1]).event.message == "hi"

@@ -1,0 +1,268 @@
+"""
+Scale-out through real processes: two `twistd chatd` instances on one
+private redis-server behave as one chat, and keep their WebSocket clients
+through Redis failures (stop and restart on the same port, SIGSTOP), a
+kill -9 of an instance, and a restart of every instance.
+
+Each test starts its own redis-server and chatd processes (stopped by PID
+by the fixtures); presence_ttl is 3 s and the Redis timeout 1 s so that
+failures show quickly.
+"""
+
+import os
+import signal
+import time
+
+from tests.support import http, wait_for, ws_refusal
+
+PRESENCE_TTL = 3
+REDIS_TIMEOUT = 1
+
+
+def start_instances(start_chatd, redis, count=2, **overrides):
+    """C{count} chatd instances on C{redis}, started side by side, each healthy."""
+    settings = dict(
+        redis__url=redis.url, redis__presence_ttl=PRESENCE_TTL, redis__timeout=REDIS_TIMEOUT
+    )
+    settings.update(overrides)
+    servers = [start_chatd(wait=False, **settings) for _ in range(count)]
+    for server in servers:
+        server.wait_ready()
+        wait_health(server, 200)
+    return servers
+
+
+def health(server):
+    try:
+        return http("GET", server.base + "/healthz", timeout=2)[0]
+    except OSError:
+        return None
+
+
+def wait_health(server, status, timeout=10):
+    wait_for(lambda: health(server) == status, timeout, f"/healthz {status} on {server.port}")
+
+
+def room_users(server, room):
+    status, _, body = http("GET", server.base + "/rooms", token=server.token("observer"))
+    assert status == 200, (status, body)
+    return {r["name"]: r["users"] for r in body["rooms"]}.get(room)
+
+
+def talks(client, count):
+    """The next C{count} TALK events a client receives (other frames skipped)."""
+    seen = []
+    while len(seen) < count:
+        frame = client.recv()
+        if frame["type"] == "TALK":
+            seen.append(frame)
+    return seen
+
+
+def key(event_id):
+    return tuple(int(p) for p in event_id.split("-"))
+
+
+def without_ref(frame):
+    return {k: v for k, v in frame.items() if k != "ref"}
+
+
+def test_instances_are_one_chat(start_redis, start_chatd, clients):
+    """
+    Two instances: tickets work once on any instance, users on either see
+    the same events in the same order with the same counts, a cid retry on
+    the other instance gets the original, `since` replays across instances,
+    and a kill -9 of one instance makes its users leave within the bound.
+    """
+    redis = start_redis()
+    a, b = start_instances(start_chatd, redis)
+
+    ticket = b.ticket("alice", name="Alice")
+    alice = a.connect(ticket=ticket)
+    clients.append(alice)
+    assert ws_refusal(b.ws_base + "/ws?ticket=" + ticket) == 401
+    assert ws_refusal(a.ws_base + "/ws?ticket=" + ticket) == 401
+    bob = b.connect("bob", name="Bob")
+    clients.append(bob)
+
+    alice_in = alice.enter("lobby")
+    bob_in = bob.enter("lobby")
+    assert (alice_in["userCount"], bob_in["userCount"]) == (1, 2)
+    assert alice.recv() == without_ref(bob_in)
+
+    # Both talk at once: one order for everyone, ids increasing.
+    for i in range(6):
+        alice.send({"type": "TALK", "room": "lobby", "message": f"a{i}"})
+        bob.send({"type": "TALK", "room": "lobby", "message": f"b{i}"})
+    heard_a, heard_b = talks(alice, 12), talks(bob, 12)
+    assert [without_ref(f) for f in heard_a] == [without_ref(f) for f in heard_b]
+    assert [key(f["id"]) for f in heard_a] == sorted(key(f["id"]) for f in heard_a)
+    assert {f["userCount"] for f in heard_a} == {2}
+    assert room_users(a, "lobby") == room_users(b, "lobby") == 2
+
+    # A retry with the same cid, from bob's second connection on the other
+    # instance, gets the original event and publishes nothing.
+    original = bob.talk("lobby", "once", cid="c-42")
+    assert alice.recv()["id"] == original["id"]
+    bob_again = a.connect("bob", name="Bob")
+    clients.append(bob_again)
+    assert bob_again.enter("lobby")["userCount"] == 3
+    alice.recv(), bob.recv()  # bob_again's ENTER
+    retry = bob_again.talk("lobby", "once", cid="c-42")
+    assert retry["id"] == original["id"] and retry["message"] == "once"
+    marker = alice.talk("lobby", "marker")
+    assert bob.recv()["id"] == marker["id"]  # nothing in between: no duplicate went out
+
+    # A latecomer on the other instance catches up from alice's ENTER.
+    carol = b.connect("carol", name="Carol")
+    clients.append(carol)
+    carol.send({"type": "ENTER", "room": "lobby", "since": alice_in["id"], "ref": "c"})
+    frames = carol.recv_until(lambda f: f["type"] == "ENTER")
+    assert [f["id"] for f in frames[:-2]] == [f["id"] for f in heard_a] + [original["id"], marker["id"]]
+    assert frames[-2] == {"type": "REPLAY", "room": "lobby", "count": 14, "complete": True, "ref": "c"}
+    assert frames[-1]["userCount"] == 4
+
+    # kill -9 of B: bob and carol leave, seen from A, within presence_ttl
+    # plus one upkeep period (presence_ttl / 3), plus slack.
+    alice.recv()  # carol's ENTER
+    b.kill()
+    killed = time.monotonic()
+    quits = alice.recv_until(
+        lambda f: f["type"] == "QUIT" and f["userCount"] == 2, timeout=PRESENCE_TTL * 4
+    )
+    elapsed = time.monotonic() - killed
+    assert sorted(f["sender"] for f in quits if f["type"] == "QUIT") == ["Bob", "Carol"]
+    assert elapsed <= PRESENCE_TTL * (1 + 1 / 3) + 2, elapsed
+    print(f"\npresence: users of a kill -9'd instance left after {elapsed:.2f}s "
+          f"(presence_ttl {PRESENCE_TTL}s)")
+    assert room_users(a, "lobby") == 2
+    assert "stopped sending heartbeats" in a.log_text()
+
+
+def test_redis_restart_keeps_clients(start_redis, start_chatd, clients):
+    """
+    Redis stops: the instances and their WebSocket connections stay, TALK
+    gets ERROR unavailable, tickets 503, /healthz 503.  Redis comes back on
+    the same port, empty: /healthz 200 again, live delivery resumes on the
+    same connections, presence is rebuilt, and `since` reports the loss.
+    """
+    redis = start_redis()
+    a, b = start_instances(start_chatd, redis)
+    alice, bob = a.connect("alice", name="Alice"), b.connect("bob", name="Bob")
+    clients.extend([alice, bob])
+    alice.enter("lobby")
+    bob.enter("lobby")
+    alice.recv()
+    before = alice.talk("lobby", "before")
+    assert bob.recv()["id"] == before["id"]
+    unused_ticket = a.ticket("carol")
+
+    redis.stop()
+    wait_health(a, 503)
+    wait_health(b, 503)
+    refused = alice.talk("lobby", "lost", cid="lost-1")
+    assert (refused["type"], refused["code"]) == ("ERROR", "unavailable")
+    status, _, body = http("POST", a.base + "/auth/ticket", token=a.token("carol"))
+    assert (status, body["error"]) == (503, "unavailable")
+    assert ws_refusal(b.ws_base + "/ws?ticket=" + unused_ticket) == 503
+
+    start_redis(port=redis.port)
+    wait_health(a, 200)
+    wait_health(b, 200)
+    wait_for(lambda: room_users(a, "lobby") == 2, PRESENCE_TTL * 2, "presence rebuilt")
+    after = alice.talk("lobby", "after")
+    heard = bob.recv()
+    assert (heard["id"], heard["message"], heard["userCount"]) == (after["id"], "after", 2)
+    assert key(after["id"]) > key(before["id"])
+
+    carol = b.connect("carol", name="Carol")
+    clients.append(carol)
+    carol.send({"type": "ENTER", "room": "lobby", "since": before["id"]})
+    frames = carol.recv_until(lambda f: f["type"] == "REPLAY")
+    assert [f["id"] for f in frames[:-1]] == [after["id"]]
+    assert frames[-1]["complete"] is False  # "lost" was never stored; "before" went with Redis's data
+    for log_text in (a.log_text(), b.log_text()):
+        assert "Unhandled" not in log_text and "Traceback" not in log_text
+
+
+def test_stopped_redis_is_unavailable_not_stuck(start_redis, start_chatd, clients):
+    """SIGSTOP of redis-server: ERROR unavailable and 503 within the timeout, then recovery."""
+    redis = start_redis()
+    a, b = start_instances(start_chatd, redis)
+    alice, bob = a.connect("alice", name="Alice"), b.connect("bob", name="Bob")
+    clients.extend([alice, bob])
+    alice.enter("lobby")
+    bob_in = bob.enter("lobby")
+    alice.recv()
+
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        refused = alice.talk("lobby", "stuck?", cid="s-1")
+        waited = time.monotonic() - started
+        assert (refused["type"], refused["code"]) == ("ERROR", "unavailable")
+        assert waited < REDIS_TIMEOUT + 1.5, waited
+        wait_health(a, 503, timeout=REDIS_TIMEOUT + 2)
+        started = time.monotonic()
+        status, _, body = http("POST", b.base + "/auth/ticket", token=b.token("carol"))
+        assert (status, body["error"]) == (503, "unavailable")
+        assert time.monotonic() - started < REDIS_TIMEOUT + 1.5
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    print(f"\nSIGSTOP: ERROR unavailable after {waited:.2f}s (timeout {REDIS_TIMEOUT}s)")
+    wait_health(a, 200)
+    wait_health(b, 200)
+    # Redis may have run the timed-out TALK late from its socket buffer (and
+    # published it while the subscribers were reconnecting); a resend with
+    # the same cid is safe either way: it is stored once.
+    resent = alice.talk("lobby", "stuck?", cid="s-1")
+    assert resent["type"] == "TALK"
+    back = alice.talk("lobby", "back")
+    heard = bob.recv_until(lambda f: f.get("id") == back["id"])  # live on the same connection
+    assert [f["message"] for f in heard if f["type"] == "TALK"] in (["stuck?", "back"], ["back"])
+    carol = b.connect("carol", name="Carol")
+    clients.append(carol)
+    carol.send({"type": "ENTER", "room": "lobby", "since": bob_in["id"]})
+    frames = carol.recv_until(lambda f: f["type"] == "REPLAY")
+    assert [f["message"] for f in frames[:-1]] == ["stuck?", "back"]
+    assert frames[-1]["complete"] is True
+
+
+def test_full_restart_keeps_rooms_history_and_tickets_expire(start_redis, start_chatd, clients):
+    """
+    Every instance restarts, Redis stays: GET /rooms still lists the room,
+    `since` replays completely across the restart, ids keep increasing;
+    tickets expire after ticket_ttl.
+    """
+    redis = start_redis()
+    a, b = start_instances(start_chatd, redis, auth__ticket_ttl=1)
+    alice, bob = a.connect("alice", name="Alice"), b.connect("bob", name="Bob")
+    clients.extend([alice, bob])
+    entered = alice.enter("lobby")
+    bob.enter("ops")
+    said = [alice.talk("lobby", f"m{i}") for i in range(2)]
+    assert room_users(b, "lobby") == 1 and room_users(b, "ops") == 1
+
+    for server in (a, b):
+        server.stop()  # goodbye: their users leave their rooms
+    assert alice.closed_with() == 1001 and bob.closed_with() == 1001
+    for server in (a, b):
+        server.start(wait=False)
+    for server in (a, b):
+        server.wait_ready()
+        wait_health(server, 200)
+
+    # lobby has history, so it stays; ops had none and nobody is left in it.
+    status, _, body = http("GET", b.base + "/rooms", token=b.token("observer"))
+    assert body == {"rooms": [{"name": "lobby", "users": 0}]}
+    carol = b.connect("carol", name="Carol")
+    clients.append(carol)
+    carol.send({"type": "ENTER", "room": "lobby", "since": entered["id"]})
+    frames = carol.recv_until(lambda f: f["type"] == "ENTER")
+    assert [f["id"] for f in frames[:2]] == [s["id"] for s in said]
+    assert frames[2] == {"type": "REPLAY", "room": "lobby", "count": 2, "complete": True}
+    assert key(frames[3]["id"]) > key(said[-1]["id"]) and frames[3]["userCount"] == 1
+
+    ticket = a.ticket("dave")
+    time.sleep(1.3)  # the property under test is the passing of ticket_ttl itself
+    assert ws_refusal(b.ws_base + "/ws?ticket=" + ticket) == 401
