@@ -9,6 +9,7 @@ tests/test_scaleout.py does the same through real twistd processes.
 """
 
 import os
+import re
 import signal
 import socket
 
@@ -63,6 +64,12 @@ def logged_failures():
     yield observer
     globalLogPublisher.removeObserver(observer)
     assert not observer.unexpected()
+
+
+def _read_doc(name):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", name), encoding="utf-8") as f:
+        return f.read()
 
 
 def _reactor():
@@ -429,6 +436,20 @@ async def test_key_layout(brokers):
     }
     for key in types:
         assert "alice" not in key and "my-cid" not in key and "the-ticket" not in key
+    # docs/delivery.md's key table names exactly these.
+    documented = {
+        k for k in re.findall(r"^\| `(chatd:[^`]+)` \|", _read_doc("delivery.md"), re.M)
+    }
+    placeholders = {
+        "lobby": "<room>", a.instance_id: "<id>",
+        cid_key.rsplit(":", 1)[1]: "<sha256(sub, cid)>", ticket_key.rsplit(":", 1)[1]: "<sha256(ticket)>",
+    }
+    normalized = set()
+    for key in types:
+        for value, placeholder in placeholders.items():
+            key = re.sub(rf"(?<=:){re.escape(value)}(?=:|$)", placeholder, key)
+        normalized.add(key)
+    assert normalized == documented
     assert 0 < redis_command(port, "PTTL", cid_key) <= 600_000
     assert 0 < redis_command(port, "PTTL", ticket_key) <= 30_000
     assert 0 < redis_command(port, "PTTL", f"chatd:instance:{a.instance_id}") <= 3_000
