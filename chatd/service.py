@@ -4,8 +4,8 @@ Wiring: settings in, one C{MultiService} out.
 
 C{makeChatService} only constructs (it runs before twistd forks and drops
 privileges); connections, timers and listening start with the services.
-Stop order is the reverse of the order children are added: WebSocket clients
-are closed with 1001 first, then the listener stops, then the broker.
+On stop, WebSocket clients are closed with 1001 and the listener stops;
+the broker stops only after both (see L{ChatService}).
 
 The listener's factory is layered, outermost first: L{guard.ConnectionGuard}
 (handshake deadline and caps, so it must sit outside TLS to cover the TLS
@@ -64,10 +64,29 @@ class ClientsService(Service):
         return loop.start(0.05, now=True).addCallback(lambda _: None)
 
 
+class ChatService(MultiService):
+    """
+    C{MultiService} stops all its children at once.  The broker has to go
+    last: connections closed on shutdown still QUIT their rooms through it,
+    and the Redis broker's goodbye must come after those QUITs, or the
+    rooms would see two QUITs for one connection.
+    """
+
+    broker = None
+
+    def stopService(self):
+        Service.stopService(self)
+        others = [s for s in reversed(list(self)) if s is not self.broker]
+        stopped = defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others])
+        if self.broker is not None:
+            stopped.addCallback(lambda _: self.broker.stopService())
+        return stopped
+
+
 def makeChatService(settings, reactor=None, tls_options=None):
     if reactor is None:
         from twisted.internet import reactor
-    top = MultiService()
+    top = ChatService()
     broker = make_broker(settings, reactor)
     broker.setServiceParent(top)
     verifier = TokenVerifier.from_settings(settings)

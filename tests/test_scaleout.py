@@ -239,13 +239,23 @@ def test_full_restart_keeps_rooms_history_and_tickets_expire(start_redis, start_
     alice, bob = a.connect("alice", name="Alice"), b.connect("bob", name="Bob")
     clients.extend([alice, bob])
     entered = alice.enter("lobby")
+    bob.enter("lobby")
     bob.enter("ops")
     said = [alice.talk("lobby", f"m{i}") for i in range(2)]
-    assert room_users(b, "lobby") == 1 and room_users(b, "ops") == 1
+    assert room_users(b, "lobby") == 2 and room_users(b, "ops") == 1
 
-    for server in (a, b):
-        server.stop()  # goodbye: their users leave their rooms
-    assert alice.closed_with() == 1001 and bob.closed_with() == 1001
+    # A stops first: bob, on B, sees alice leave exactly once (her QUIT went
+    # through the broker before its goodbye, which found nobody left).
+    a.stop()
+    assert alice.closed_with() == 1001
+    bob.send({"type": "TALK", "room": "lobby", "message": "marker", "ref": "marker"})
+    frames = bob.recv_until(lambda f: f.get("ref") == "marker")
+    marker = frames[-1]
+    assert [(f["sender"], f["userCount"]) for f in frames if f["type"] == "QUIT"] == [("Alice", 1)]
+    assert "0 connections left their rooms on shutdown" in a.log_text()
+    assert "not recorded" not in a.log_text()
+    b.stop()  # now every instance is down
+    assert bob.closed_with() == 1001
     for server in (a, b):
         server.start(wait=False)
     for server in (a, b):
@@ -259,9 +269,9 @@ def test_full_restart_keeps_rooms_history_and_tickets_expire(start_redis, start_
     clients.append(carol)
     carol.send({"type": "ENTER", "room": "lobby", "since": entered["id"]})
     frames = carol.recv_until(lambda f: f["type"] == "ENTER")
-    assert [f["id"] for f in frames[:2]] == [s["id"] for s in said]
-    assert frames[2] == {"type": "REPLAY", "room": "lobby", "count": 2, "complete": True}
-    assert key(frames[3]["id"]) > key(said[-1]["id"]) and frames[3]["userCount"] == 1
+    assert [f["id"] for f in frames[:3]] == [s["id"] for s in said] + [marker["id"]]
+    assert frames[3] == {"type": "REPLAY", "room": "lobby", "count": 3, "complete": True}
+    assert key(frames[4]["id"]) > key(marker["id"]) and frames[4]["userCount"] == 1
 
     ticket = a.ticket("dave")
     time.sleep(1.3)  # the property under test is the passing of ticket_ttl itself
