@@ -118,7 +118,27 @@ def _quit_envelope(room, member):
 
 
 class _LinkProtocolMixin:
-    """Reports connection and loss to the link; never asks txredisapi to stop trying."""
+    """
+    Reports connection and loss to the link; never asks txredisapi to stop
+    trying.  Also parses all the data at hand in one reactor turn.
+    """
+
+    _rest = None
+
+    def setLineMode(self, extra=b""):
+        # txredisapi's LineReceiver pauses the transport after every bulk
+        # string and hands the rest of the buffer to callLater(0): one
+        # reactor turn per bulk, so a burst of pub/sub messages would be
+        # fanned out one message per turn, each flushed to every WebSocket
+        # on its own.  Keep the rest for dataReceived's loop instead.
+        self.line_mode = 1
+        if extra:
+            self._rest = extra
+
+    def dataReceived(self, data, unpause=False):
+        while data:
+            super().dataReceived(data)
+            data, self._rest = self._rest, None
 
     def connectionMade(self):
         # password and dbid are None, so txredisapi's connectionMade only
