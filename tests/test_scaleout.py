@@ -14,6 +14,7 @@ import signal
 import time
 
 from tests.support import http, wait_for, ws_refusal
+from tests.test_broker_redis import redis_command
 
 PRESENCE_TTL = 3
 REDIS_TIMEOUT = 1
@@ -57,6 +58,11 @@ def talks(client, count):
         if frame["type"] == "TALK":
             seen.append(frame)
     return seen
+
+
+def subscribers(redis, room):
+    """How many connections (one per instance) are subscribed to the room's channel."""
+    return redis_command(redis.port, "PUBSUB", "NUMSUB", f"chatd:0:events:{room}")[1]
 
 
 def key(event_id):
@@ -156,6 +162,7 @@ def test_redis_restart_keeps_clients(start_redis, start_chatd, clients):
     before = alice.talk("lobby", "before")
     assert bob.recv()["id"] == before["id"]
     unused_ticket = a.ticket("carol")
+    assert subscribers(redis, "lobby") == 2  # one subscription per instance, not per member
 
     redis.stop()
     wait_health(a, 503)
@@ -170,6 +177,7 @@ def test_redis_restart_keeps_clients(start_redis, start_chatd, clients):
     wait_health(a, 200)
     wait_health(b, 200)
     wait_for(lambda: room_users(a, "lobby") == 2, PRESENCE_TTL * 2, "presence rebuilt")
+    assert subscribers(redis, "lobby") == 2  # both subscribed again by themselves
     after = alice.talk("lobby", "after")
     heard = bob.recv()
     assert (heard["id"], heard["message"], heard["userCount"]) == (after["id"], "after", 2)
@@ -181,6 +189,11 @@ def test_redis_restart_keeps_clients(start_redis, start_chatd, clients):
     frames = carol.recv_until(lambda f: f["type"] == "REPLAY")
     assert [f["id"] for f in frames[:-1]] == [after["id"]]
     assert frames[-1]["complete"] is False  # "lost" was never stored; "before" went with Redis's data
+    # The last local member leaving B unsubscribes B; carol keeps it.
+    bob.request({"type": "QUIT", "room": "lobby"})
+    assert subscribers(redis, "lobby") == 2
+    carol.request({"type": "QUIT", "room": "lobby"})
+    wait_for(lambda: subscribers(redis, "lobby") == 1, 5, "B unsubscribed")
     for log_text in (a.log_text(), b.log_text()):
         assert "Unhandled" not in log_text and "Traceback" not in log_text
 

@@ -305,8 +305,8 @@ class RedisLink:
         if not self.service.running:
             log.info("redis ({link}) connection closed", link=self.name)
             return
-        log.warn("redis ({link}) connection lost: {why}; reconnecting", link=self.name,
-                 why=why.getErrorMessage())
+        log.warn("redis ({link}) connection lost ({why}); reconnecting", link=self.name,
+                 why=why.getErrorMessage().rstrip("."))
 
     def message_received(self, channel, message):
         if self._on_message is not None:
