@@ -150,7 +150,7 @@ def brokers(start_redis):
                 default_redis.append(start_redis())
             redis = default_redis[0]
         port = redis if isinstance(redis, int) else redis.port
-        options.setdefault("timeout", 1.0)
+        options.setdefault("timeout", 3.0)  # generous: a loaded test machine is not an outage
         options.setdefault("presence_ttl", 3.0)
         broker = RedisBroker(reactor, "127.0.0.1", port, **options)
         broker.feed = Feed(broker)
@@ -310,7 +310,7 @@ async def test_stopped_redis_times_out(brokers, start_redis):
     """
     reactor = _reactor()
     redis = start_redis()
-    a, b = await brokers(redis), await brokers(redis)
+    a, b = await brokers(redis, timeout=1.0), await brokers(redis, timeout=1.0)
     alice = Member(f"{a.instance_id}:1", "alice", "Alice")
     bob = Member(f"{b.instance_id}:1", "bob", "Bob")
     await a.subscribe("lobby")

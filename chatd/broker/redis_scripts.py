@@ -109,12 +109,14 @@ end
 
 -- The room's next id.  A room without an epoch (new, forgotten, or lost
 -- with Redis's data) starts a new life whose epoch is the current time in
--- ms, so its ids are above those of any earlier life; history of an
--- earlier life cannot be addressed with the new ids and goes.
+-- microseconds (16 digits: exact as a Lua number), so its ids are above
+-- those of any earlier life, even one lost within the same millisecond;
+-- history of an earlier life cannot be addressed with the new ids and goes.
 local function stamp(meta, history)
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
-    epoch = now_ms()
+    local t = redis.call('TIME')
+    epoch = t[1] .. string.format('%06d', tonumber(t[2]))
     redis.call('DEL', history)
     redis.call('HDEL', meta, 'dropped')
     redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
