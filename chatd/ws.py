@@ -40,11 +40,36 @@ def _peer_host(transport):
     return getattr(peer, "host", str(peer))
 
 
-def _accept_deflate(offers):
-    for offer in offers:
-        if isinstance(offer, PerMessageDeflateOffer):
-            return PerMessageDeflateOfferAccept(offer)
-    return None
+# permessage-deflate, when [websocket] compression = on (docs/security.md):
+# a small window and memory level, because Autobahn keeps each connection's
+# zlib state for the connection's life (about 300 KiB at zlib's defaults,
+# about 20 KiB here) and chat messages are short; and no context takeover
+# from server to client, so no message is compressed against another (no
+# CRIME-style length oracle between one member's text and another's).  Both
+# are server-side choices any client can decompress.
+DEFLATE_WINDOW_BITS = 11
+DEFLATE_MEM_LEVEL = 4
+
+
+def _deflate_acceptor(max_message_bytes):
+    def accept(offers):
+        for offer in offers:
+            if isinstance(offer, PerMessageDeflateOffer):
+                window = DEFLATE_WINDOW_BITS
+                if offer.request_max_window_bits:
+                    window = min(window, offer.request_max_window_bits)
+                return PerMessageDeflateOfferAccept(
+                    offer,
+                    request_no_context_takeover=offer.accept_no_context_takeover,
+                    no_context_takeover=True,
+                    window_bits=window,
+                    mem_level=DEFLATE_MEM_LEVEL,
+                    # Autobahn also bounds inflation by maxMessagePayloadSize.
+                    max_message_size=max_message_bytes,
+                )
+        return None
+
+    return accept
 
 
 class _GuardedMixin:
@@ -223,7 +248,7 @@ def _protocol_options(settings):
         closeHandshakeTimeout=5,
         autoPingInterval=ws.ping_interval,
         autoPingTimeout=ws.ping_timeout,
-        perMessageCompressionAccept=_accept_deflate if ws.compression else None,
+        perMessageCompressionAccept=_deflate_acceptor(limits.max_message_bytes) if ws.compression else None,
     )
 
 

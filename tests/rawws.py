@@ -76,10 +76,13 @@ def mask(payload, key):
     return bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
-def frame(opcode, payload=b"", fin=True, masked=True, length=None):
-    """One client frame; C{length} overrides the declared payload length."""
+def frame(opcode, payload=b"", fin=True, masked=True, length=None, rsv1=False):
+    """
+    One client frame; C{length} overrides the declared payload length,
+    C{rsv1} marks a permessage-deflate compressed message.
+    """
     declared = len(payload) if length is None else length
-    head = bytes([(0x80 if fin else 0) | opcode])
+    head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
     bit = 0x80 if masked else 0
     if declared < 126:
         head += bytes([bit | declared])

@@ -11,6 +11,7 @@ with a deadline.
 
 import socket
 import ssl
+import zlib
 from urllib.parse import quote
 
 import pytest
@@ -264,6 +265,46 @@ def test_slow_consumer_is_cut_off(start_chatd, clients):
     assert slow.close_code(limit=100000) == 4008
     slow.close()
     assert "is not reading" in server.log_text()
+    assert_clean_log(server)
+
+
+# --- compression ------------------------------------------------------------------
+
+
+def deflate(data):
+    """A permessage-deflate message body: raw deflate, sync-flushed, tail cut."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return (compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+
+
+def test_compression_bounds_inflation(start_chatd, clients):
+    """
+    With [websocket] compression = on, compressed chat works, and a zip bomb
+    (48 KB that inflate to 50 MB) is closed with 1009 at the message limit
+    instead of being inflated.
+    """
+    server = start_chatd(websocket__compression="on")
+    alice, bob = server.connect("alice"), server.connect("bob")  # websockets offers deflate
+    clients.extend([alice, bob])
+    assert "permessage-deflate" in alice.ws.response.headers.get("Sec-WebSocket-Extensions", "")
+    alice.enter("lobby")
+    bob.enter("lobby")
+    said = alice.talk("lobby", "compressible " * 100)
+    assert bob.recv_until(lambda f: f["type"] == "TALK")[-1]["id"] == said["id"]
+
+    bomber = rawws.RawWebSocket(server.port)
+    status, head = bomber.upgrade(
+        "/ws?ticket=" + server.ticket("mallory"),
+        extra_headers=["Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"],
+    )
+    assert status == 101 and b"permessage-deflate" in head.lower()
+    bomb = deflate(b'{"type": "TALK", "room": "lobby", "message": "' + b"A" * 50_000_000 + b'"}')
+    assert len(bomb) < 65536
+    bomber.send_frame(rawws.OP_TEXT, bomb, rsv1=True)
+    assert bomber.close_code() == 1009
+    bomber.close()
+    assert "after decompression" in server.log_text()
+    assert alice.talk("lobby", "still up")["type"] == "TALK"
     assert_clean_log(server)
 
 
