@@ -20,6 +20,10 @@ from chatd.logs import printable
 
 log = Logger()
 
+# Strikes (rate_limited answers) are forgiven at this pace, so only
+# sustained flooding ends in 1008, not a long life of occasional bursts.
+STRIKES_FORGIVEN_PER_SECOND = 1.0
+
 
 class Session:
     def __init__(self, principal, connection, hub, verifier, limits, clock):
@@ -31,7 +35,10 @@ class Session:
         self._limits = limits
         self._clock = clock
         self._bucket = TokenBucket(limits.rate, limits.burst, clock)
-        self._strikes = 0
+        # Room for abuse_strikes - 1 strikes; the next one closes (1008).
+        self._patience = TokenBucket(
+            STRIKES_FORGIVEN_PER_SECOND, limits.abuse_strikes - 1, clock
+        )
         self._expiry = None
         self._closed = False
 
@@ -52,8 +59,7 @@ class Session:
         was answered; it never fails (errors become ERROR events).
         """
         if not self._bucket.take():
-            self._strikes += 1
-            if self._strikes >= self._limits.abuse_strikes:
+            if not self._patience.take():
                 self._connection.close(errors.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
                 return defer.succeed(None)
             self._send_error(ProtocolError(errors.RATE_LIMITED, "slow down"))

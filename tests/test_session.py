@@ -154,6 +154,19 @@ def test_rate_limited_then_1008():
     assert connection.closes == [(errors.CLOSE_POLICY_VIOLATION, "rate limit exceeded")]
 
 
+def test_strikes_are_forgiven_over_time():
+    """Occasional bursts over the limit, spread out in time, never add up to 1008."""
+    clock, connection, session = make(rate=1.0, burst=1, abuse_strikes=3)
+    for _ in range(20):
+        send(session, {"type": "QUIT", "room": "lobby"})
+        send(session, {"type": "QUIT", "room": "lobby"})
+        send(session, {"type": "QUIT", "room": "lobby"})
+        clock.advance(5)
+    codes = [f.get("code") for f in connection.take()[1:]]
+    assert codes.count(errors.RATE_LIMITED) == 40
+    assert errors.CLOSE_POLICY_VIOLATION not in [code for code, _ in connection.closes]
+
+
 def test_rate_limited_message_not_delivered():
     """A TALK refused by the rate limit is not published."""
     _, connection, session = make(rate=1.0, burst=2)
