@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= etc/chatd.ini
 PYTEST_ARGS ?=
 
-.PHONY: run test test-all conformance conformance-full bench venv sslyze dev-files system-deps clean
+.PHONY: run test conformance conformance-full bench venv sslyze dev-files system-deps clean
 
 run: venv dev-files  ## set up and run the server on the embedded broker
 	$(VENV)/bin/twistd -n --pidfile= chatd --config $(CONFIG)
@@ -45,11 +45,10 @@ dev-files: venv
 	test -f etc/dev/fullchain.pem -a -f etc/dev/privkey.pem || $(PY) -m chatd devcert etc/dev
 	test -f etc/dev/jwt.secret || $(PY) -m chatd devsecret etc/dev/jwt.secret
 
-system-deps:  ## redis-server and Chromium from Debian, when missing
+system-deps:  ## redis-server and Chromium from Debian, when missing (the page test drives Chromium over CDP)
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
-	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
