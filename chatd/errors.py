@@ -49,6 +49,14 @@ class ProtocolError(Exception):
         self.ref = ref
 
 
+class RoomLimitReached(Exception):
+    """
+    Entering would make a new room while the registry already holds
+    C{[limits] max_rooms}: every room keeps history, so their number is what
+    bounds the broker's memory.  Answered with ERROR forbidden.
+    """
+
+
 class BrokerUnavailable(Exception):
     """
     The broker could not store or deliver something (Redis down, timed out).

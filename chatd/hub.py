@@ -23,7 +23,7 @@ from zope.interface import Attribute, Interface
 
 from chatd import errors, messages
 from chatd.broker.interfaces import Delivery
-from chatd.errors import BrokerUnavailable, ProtocolError
+from chatd.errors import BrokerUnavailable, ProtocolError, RoomLimitReached
 from chatd.logs import printable
 from chatd.messages import event_id_key
 
@@ -116,6 +116,9 @@ class Hub:
         except BrokerUnavailable:
             self._unseat(room, cid)
             raise ProtocolError(errors.UNAVAILABLE, "chat is unavailable, try again", ref)
+        except RoomLimitReached:
+            self._unseat(room, cid)
+            raise ProtocolError(errors.FORBIDDEN, "no new rooms: this server holds its maximum", ref)
         if local.seats.get(cid) is not seat:
             return  # the connection closed while entering; leave_all quit for it
         if since is not None:

@@ -34,7 +34,7 @@ def make_broker(settings, reactor):
         return RedisBroker.from_settings(settings, reactor)
     from chatd.broker.memory import MemoryBroker
 
-    return MemoryBroker(reactor, settings.history.size)
+    return MemoryBroker(reactor, settings.history.size, max_rooms=settings.limits.max_rooms)
 
 
 class ClientsService(Service):

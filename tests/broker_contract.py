@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 
 from chatd.auth import Principal
 from chatd.broker.interfaces import IBroker, Member
+from chatd.errors import RoomLimitReached
 from chatd.messages import event_id_key
 
 FEED_TIMEOUT = 5.0
@@ -211,3 +212,20 @@ class BrokerContract:
         assert await rig.broker.list_rooms() == [("chat", 0), ("lobby", 2)]
         again = await rig.broker.enter("ops", alice)
         assert again.event.user_count == 1
+
+    @pytest_twisted.ensureDeferred
+    async def test_room_limit(self, make_rig):
+        """A new room beyond max_rooms is refused and changes nothing; known rooms stay open."""
+        rig = await make_rig(max_rooms=2)
+        alice, bob = rig.member(1), rig.member(2)
+        await rig.broker.enter("one", alice)
+        await rig.broker.enter("two", alice)
+        try:
+            await rig.broker.enter("three", alice)
+        except RoomLimitReached:
+            pass
+        else:
+            raise AssertionError("a third room was made")
+        assert sorted(await rig.broker.list_rooms()) == [("one", 1), ("two", 1)]
+        entered = await rig.broker.enter("two", bob)
+        assert entered.event.user_count == 2

@@ -27,8 +27,8 @@ class TestMemoryBroker(BrokerContract):
             clock.advance(seconds)
             return defer.succeed(None)
 
-        async def make(history_size=500):
-            return Rig(MemoryBroker(clock, history_size), _reactor(), elapse)
+        async def make(history_size=500, max_rooms=10000):
+            return Rig(MemoryBroker(clock, history_size, max_rooms=max_rooms), _reactor(), elapse)
 
         return make
 
@@ -44,10 +44,10 @@ class TestRedisBroker(BrokerContract):
             # Redis expires keys by its own clock: real time has to pass.
             return task.deferLater(reactor, seconds, lambda: None)
 
-        async def make(history_size=500):
+        async def make(history_size=500, max_rooms=10000):
             broker = RedisBroker(
                 reactor, "127.0.0.1", redis.port, timeout=2.0, presence_ttl=3.0,
-                history_size=history_size,
+                history_size=history_size, max_rooms=max_rooms,
             )
             brokers.append(broker)
             broker.startService()

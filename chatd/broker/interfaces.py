@@ -98,7 +98,9 @@ class IBroker(Interface):
     def enter(room, member, since=None, ref=None):
         """
         Add C{member} to the room's presence, store and publish its ENTER
-        event (C{userCount} counting it), and fire with L{Entered}.
+        event (C{userCount} counting it), and fire with L{Entered}.  Fail
+        with L{chatd.errors.RoomLimitReached}, changing nothing, when the
+        room is new and the registry already holds its maximum of rooms.
         """
 
     def talk(room, member, text, cid=None, ref=None):

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from chatd.broker.interfaces import Delivery, Entered, IBroker, Talked
+from chatd.errors import RoomLimitReached
 from chatd.rooms import Room, id_counter
 from chatd.tickets import TicketBook
 
@@ -29,11 +30,12 @@ SWEEP_INTERVAL = 60.0
 class MemoryBroker(MultiService):
     log = Logger()
 
-    def __init__(self, clock, history_size=500, instance_id=None):
+    def __init__(self, clock, history_size=500, instance_id=None, max_rooms=10000):
         super().__init__()
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self._clock = clock
         self._history_size = history_size
+        self._max_rooms = max_rooms
         self._epoch = int(clock.seconds() * 1000)
         self._counter = id_counter()
         self._rooms = {}
@@ -73,6 +75,8 @@ class MemoryBroker(MultiService):
         return defer.succeed(self._tickets.redeem(ticket))
 
     def enter(self, room, member, since=None, ref=None):
+        if room not in self._rooms and len(self._rooms) >= self._max_rooms:
+            return defer.fail(RoomLimitReached(room))
         event, replay, complete = self._room(room).enter(member, since, self._clock.seconds())
         self._publish(event, member.connection_id, ref)
         return defer.succeed(Entered(event, replay, complete))

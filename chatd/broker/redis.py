@@ -50,7 +50,7 @@ from chatd import messages
 from chatd.auth import Principal
 from chatd.broker import redis_scripts as scripts
 from chatd.broker.interfaces import Delivery, Entered, IBroker, Talked
-from chatd.errors import BrokerUnavailable
+from chatd.errors import BrokerUnavailable, RoomLimitReached
 from chatd.logs import printable
 from chatd.messages import RoomEvent, event_id_key
 from chatd.rooms import DEDUP_WINDOW
@@ -330,13 +330,15 @@ class RedisBroker(MultiService):
     """
 
     def __init__(self, clock, host, port, db=0, password=None, username=None,
-                 timeout=5.0, presence_ttl=15.0, history_size=500, instance_id=None):
+                 timeout=5.0, presence_ttl=15.0, history_size=500, instance_id=None,
+                 max_rooms=10000):
         super().__init__()
         self.instance_id = instance_id or _new_instance_id()
         self._clock = clock
         self._timeout = timeout
         self._presence_ttl = presence_ttl
         self._history_size = history_size
+        self._max_rooms = max_rooms
         self._keys = scripts.Keys(db)
         self._deliver = None
         self._wanted = set()  # rooms the hub subscribed to
@@ -379,6 +381,7 @@ class RedisBroker(MultiService):
             timeout=settings.redis.timeout,
             presence_ttl=settings.redis.presence_ttl,
             history_size=settings.history.size,
+            max_rooms=settings.limits.max_rooms,
         )
 
     @property
@@ -553,13 +556,16 @@ class RedisBroker(MultiService):
                 self._keys.room_keys(room, self.instance_id),
                 [room, member.connection_id, _quit_envelope(room, member),
                  encode_envelope(messages.ENTER, room, member, messages.entered_text(member.name), ref),
-                 self._keys.channel(room), since_epoch, since_seq],
+                 self._keys.channel(room), since_epoch, since_seq, str(self._max_rooms)],
             )
         except BrokerUnavailable:
             # It may have happened anyway (a timeout): make sure it is undone.
             self._forget_local(room, member)
             self._unsure[(room, member.connection_id)] = member
             raise
+        if reply[0] == scripts.ROOM_LIMIT_REACHED:
+            self._forget_local(room, member)
+            raise RoomLimitReached(room)
         event = decode_event(reply[0]).event
         if since is None:
             return Entered(event)

@@ -163,12 +163,19 @@ local function forget_if_idle(meta, members, history, registry, room, idle_ms)
 end
 """
 
+ROOM_LIMIT_REACHED = "room-limit"
+
 # KEYS: meta, members, history, registry, instance rooms
 # ARGV: room, connection id, QUIT envelope, ENTER envelope, channel,
-#       since epoch ('' for no replay), since seq
-# -> {ENTER event, dropped seq or '', TALK events after since...}
+#       since epoch ('' for no replay), since seq, max rooms
+# -> {ENTER event, dropped seq or '', TALK events after since...},
+#    or {ROOM_LIMIT_REACHED} when the room is new and the registry is full
 ENTER = _ROOM_PRELUDE + """
 local room, connection = ARGV[1], ARGV[2]
+if redis.call('SISMEMBER', KEYS[4], room) == 0
+    and redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[8]) then
+  return {'""" + ROOM_LIMIT_REACHED + """'}
+end
 local epoch, seq, ts = stamp(KEYS[1], KEYS[3])
 seat(KEYS[2], KEYS[5], room, connection, ARGV[3], true)
 redis.call('SADD', KEYS[4], room)
