@@ -3,11 +3,12 @@
 The outermost layer of the listener: limits on connections that are not
 (yet) WebSockets.
 
-Twisted holds an accepted connection for as long as the peer likes while it
-does nothing: the TLS handshake has no timeout, twisted.web's idle timeout
-is twelve hours and is reset by every byte (so a client dribbling a header
-a byte at a time is never timed out), and Autobahn's C{openHandshakeTimeout}
-only starts once an HTTP request has reached the WebSocket resource.  So
+Twisted holds an accepted connection as long as the peer keeps it barely
+alive: twisted.web's idle timeout (60 s, plus 15 s before an abort) is reset
+by every byte, so a client dribbling its headers a byte at a time, or
+keeping a connection alive with one request a minute, is never timed out;
+and Autobahn's C{openHandshakeTimeout} only starts once an HTTP request has
+reached the WebSocket resource.  So
 L{ConnectionGuard} wraps the whole listening factory, TLS included, and:
 
   - gives every connection C{[websocket] handshake_timeout} seconds from
@@ -180,10 +181,13 @@ class ConnectionGuard(WrappingFactory):
             _refused = False
 
             def gotLength(self, length):
+                # The channel-to-request interface (not for resources): Twisted
+                # picks the body's storage from the length, a temporary file
+                # for unknown (chunked) or large ones.  With the cap, a body
+                # always fits in memory, so ask for that.
                 if length is not None and length > MAX_REQUEST_BODY_BYTES:
                     self._refuse_body(length)
-                    length = None  # an empty in-memory body, never a temporary file
-                super().gotLength(length)
+                super().gotLength(0)
 
             def handleContentChunk(self, data):
                 if self._refused:

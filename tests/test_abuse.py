@@ -44,19 +44,48 @@ def still_open(sock):
     return bool(data)
 
 
-def ws_from(server, source, ticket):
+def websockets_tls():
+    """
+    The client TLS context for the websockets library's (threaded) sync
+    client in these tests: TLS 1.2.
+
+    Over TLS 1.3 that client intermittently loses its upgrade request: it
+    starts its reader thread before writing the request on the same
+    SSLSocket, and the server's post-handshake NewSessionTicket arrives in
+    between (compare python-websockets/websockets#1648).  chatd then sees a
+    TLS connection that never sends a request, and rightly drops it after
+    handshake_timeout.  Measured here: about 1 upgrade in 200-500 stalls
+    over TLS 1.3, none in 900 over TLS 1.2.  These tests are about abuse,
+    not TLS versions; the raw client (single-threaded) and HTTP still use
+    TLS 1.3, and tests/test_tls.py checks the versions.
+    """
+    context = client_tls()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def connect(server, sub, **claims):
+    """A L{Client} like C{server.connect}, over L{websockets_tls}."""
+    client = Client(ws_from(server, "127.0.0.1", server.ticket(sub, **claims)))
+    client.welcome = client.recv()
+    assert client.welcome["type"] == "WELCOME", client.welcome
+    return client
+
+
+def ws_from(server, source, ticket, compression="deflate"):
     """A WebSocket from loopback address C{source} (127.0.0.0/8 is all ours)."""
     sock = rawws.tcp_connect(server.port, source=source)
     return ws_connect(
         server.ws_base + "/ws?ticket=" + ticket,
         sock=sock,
-        ssl=client_tls(),
+        ssl=websockets_tls(),
         server_hostname="localhost",
         subprotocols=["chatd.v1"],
         open_timeout=RECV_TIMEOUT,
         close_timeout=RECV_TIMEOUT,
         ping_interval=None,
-        compression=None,
+        compression=compression,
+        max_size=2**24,
         legacy=True,  # a plain connection object, as tests.support does
     )
 
@@ -94,7 +123,7 @@ def test_stalled_handshakes_are_dropped(start_chatd, clients):
     handshake_timeout; an open WebSocket is not.
     """
     server = start_chatd(websocket__handshake_timeout=str(HANDSHAKE_TIMEOUT))
-    alive = server.connect("alice")  # opened first, so its deadline would come first
+    alive = connect(server, "alice")  # opened first, so its deadline would come first
     clients.append(alive)
 
     silent_tcp = rawws.tcp_connect(server.port)  # never says a word
@@ -195,7 +224,7 @@ def test_flooding_is_refused_then_closed(start_chatd, clients):
     delivered; kept up, the flood ends the connection with 1008.
     """
     server = start_chatd(limits__rate="0.1", limits__burst="4", limits__abuse_strikes="3")
-    flooder, listener, other = (server.connect(s) for s in ("flooder", "listener", "other"))
+    flooder, listener, other = (connect(server, s) for s in ("flooder", "listener", "other"))
     clients.extend([flooder, listener, other])
     for client in (listener, other, flooder):
         client.enter("lobby")
@@ -240,7 +269,7 @@ def test_slow_consumer_is_cut_off(start_chatd, clients):
     )
     # A small receive window, so the kernel does not absorb megabytes first.
     slow = raw_client(server, "slow", room="r", rcvbuf=8192)
-    listener, talker = server.connect("listener"), server.connect("talker")
+    listener, talker = connect(server, "listener"), connect(server, "talker")
     clients.extend([listener, talker])
     listener.enter("r")
     talker.enter("r")
@@ -284,7 +313,7 @@ def test_compression_bounds_inflation(start_chatd, clients):
     instead of being inflated.
     """
     server = start_chatd(websocket__compression="on")
-    alice, bob = server.connect("alice"), server.connect("bob")  # websockets offers deflate
+    alice, bob = connect(server, "alice"), connect(server, "bob")  # websockets offers deflate
     clients.extend([alice, bob])
     assert "permessage-deflate" in alice.ws.response.headers.get("Sec-WebSocket-Extensions", "")
     alice.enter("lobby")
@@ -314,7 +343,7 @@ def test_compression_bounds_inflation(start_chatd, clients):
 def test_peer_that_never_answers_pings_is_dropped(start_chatd, clients):
     """A client that reads but never answers a ping is dropped after ping_timeout."""
     server = start_chatd(websocket__ping_interval="0.5", websocket__ping_timeout="1")
-    healthy = server.connect("healthy")  # websockets answers pings by itself
+    healthy = connect(server, "healthy")  # websockets answers pings by itself
     clients.append(healthy)
     dead = raw_client(server, "dead")
     opcodes = set()
@@ -382,7 +411,7 @@ def test_per_connection_limits_and_malformed_frames(start_chatd, clients):
         limits__rate="1000",
         limits__burst="1000",
     )
-    alice = server.connect("alice")
+    alice = connect(server, "alice")
     clients.append(alice)
     alice.enter("one")
     alice.enter("two")
@@ -394,12 +423,12 @@ def test_per_connection_limits_and_malformed_frames(start_chatd, clients):
         assert (answer["type"], answer["code"]) == ("ERROR", "bad_request"), (frame[:80], answer)
     assert alice.talk("one", "still here")["type"] == "TALK"
 
-    too_big = server.connect("bob")
+    too_big = connect(server, "bob")
     clients.append(too_big)
     too_big.send("x" * 8193)
     assert too_big.closed_with() == 1009
 
-    binary = server.connect("carol")
+    binary = connect(server, "carol")
     clients.append(binary)
     binary.ws.send(b"\x00\x01")
     assert binary.closed_with() == 1003
@@ -438,7 +467,7 @@ def test_names_never_reach_the_log_raw(chatd, clients):
     token = mint_token(chatd.secret, "eve\n" + forged)
     assert http("POST", chatd.base + "/auth/ticket", token=token)[0] == 401
 
-    alice = chatd.connect("alice")
+    alice = connect(chatd, "alice")
     clients.append(alice)
     answer = alice.request({"type": "ENTER", "room": "lobby\n" + forged})
     assert answer["code"] == "bad_request"
