@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_limits -*-
+# -*- test-case-name: tests.test_limits,tests.test_guard -*-
 """
 The bookkeeping behind chatd's resource limits, without I/O.
 
