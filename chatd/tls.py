@@ -79,6 +79,10 @@ class _IntermediateOptions(ssl.CertificateOptions):
         return context
 
 
+def _no_passphrase(*args):
+    raise crypto.Error([("chatd", "load_privatekey", "encrypted keys are not supported")])
+
+
 def certificate_options(settings):
     """
     @raise ConfigError: naming [tls] certificate or private_key when the
@@ -96,7 +100,9 @@ def certificate_options(settings):
     with open(settings.tls.private_key, "rb") as f:
         key_pem = f.read()
     try:
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+        # A passphrase callback that gives none: an encrypted key is refused
+        # here instead of OpenSSL prompting on the terminal (or hanging).
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem, passphrase=_no_passphrase)
     except crypto.Error:
         raise ConfigError(path, "tls", "private_key", "not a valid, unencrypted PEM private key") from None
     options = _IntermediateOptions(

@@ -19,7 +19,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from tests import rawws
-from tests.support import RECV_TIMEOUT, Client, client_tls, http, mint_token, wait_for
+from tests.support import RECV_TIMEOUT, Client, client_tls, http, mint_token, wait_for, websockets_tls
 
 HANDSHAKE_TIMEOUT = 2  # seconds; small so the tests that wait for it are quick
 
@@ -42,26 +42,6 @@ def still_open(sock):
     finally:
         sock.setblocking(True)
     return bool(data)
-
-
-def websockets_tls():
-    """
-    The client TLS context for the websockets library's (threaded) sync
-    client in these tests: TLS 1.2.
-
-    Over TLS 1.3 that client intermittently loses its upgrade request: it
-    starts its reader thread before writing the request on the same
-    SSLSocket, and the server's post-handshake NewSessionTicket arrives in
-    between (compare python-websockets/websockets#1648).  chatd then sees a
-    TLS connection that never sends a request, and rightly drops it after
-    handshake_timeout.  Measured here: about 1 upgrade in 200-500 stalls
-    over TLS 1.3, none in 900 over TLS 1.2.  These tests are about abuse,
-    not TLS versions; the raw client (single-threaded) and HTTP still use
-    TLS 1.3, and tests/test_tls.py checks the versions.
-    """
-    context = client_tls()
-    context.maximum_version = ssl.TLSVersion.TLSv1_2
-    return context
 
 
 def connect(server, sub, **claims):

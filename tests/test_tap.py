@@ -114,12 +114,6 @@ def test_certificate_key_mismatch(tmp_path, sections):
     assert line.endswith("does not match the certificate")
 
 
-# Not strict: chatd/tls.py is another module's; when it is fixed this passes
-# and the marker should go.
-@pytest.mark.xfail(
-    reason="chatd/tls.py loads the key with no passphrase callback, so OpenSSL prompts "
-    "'Enter PEM pass phrase:' (and waits, on a terminal) before the refusal",
-)
 def test_encrypted_private_key(tmp_path, sections):
     """An encrypted private key is refused with one line and no passphrase prompt."""
     key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
