@@ -112,8 +112,9 @@ def main():
         limits__max_connections_per_ip="100000", server__access_log="off",
     )
     results = {}
-    server = support.Chatd(workdir, workdir, secret, name="embedded", **limits).start()
+    server = support.Chatd(workdir, workdir, secret, name="embedded", **limits)
     try:
+        server.start()
         results["embedded"] = bench("embedded", server, args)
     finally:
         server.stop()
@@ -123,8 +124,9 @@ def main():
     except AssertionError as e:
         print(f"redis: skipped ({e})")
     if redis is not None:
-        server = support.Chatd(workdir, workdir, secret, name="redis", redis__url=redis.url, **limits).start()
+        server = support.Chatd(workdir, workdir, secret, name="redis", redis__url=redis.url, **limits)
         try:
+            server.start()  # inside the try: a chatd that fails to start must not leak redis
             results["redis"] = bench("redis", server, args)
         finally:
             server.stop()
