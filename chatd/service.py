@@ -14,7 +14,7 @@ handshake), then TLS when it is on, then the Site.
 
 from twisted.application import strports
 from twisted.application.service import MultiService, Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -50,18 +50,18 @@ class ClientsService(Service):
             return None
         log.info("closing {count} websocket connections", count=len(self._factory.connections))
         self._factory.close_all(errors.CLOSE_GOING_AWAY, "server shutting down")
-        return self._drained(SHUTDOWN_GRACE)
+        drained = self._factory.when_empty()
+        drained.addTimeout(SHUTDOWN_GRACE, self._clock)
+        drained.addErrback(self._grace_over)
+        return drained
 
-    def _drained(self, timeout):
-        deadline = self._clock.seconds() + timeout
-
-        def check():
-            if not self._factory.connections or self._clock.seconds() >= deadline:
-                loop.stop()
-
-        loop = task.LoopingCall(check)
-        loop.clock = self._clock
-        return loop.start(0.05, now=True).addCallback(lambda _: None)
+    def _grace_over(self, failure):
+        """Past the grace period the listener and broker stop regardless."""
+        failure.trap(defer.TimeoutError)
+        log.warn(
+            "{count} websocket connections still open after {grace}s; stopping anyway",
+            count=len(self._factory.connections), grace=SHUTDOWN_GRACE,
+        )
 
 
 class ChatService(MultiService):

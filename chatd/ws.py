@@ -268,6 +268,7 @@ class ChatServerFactory(WebSocketServerFactory):
             settings.limits.max_connections, settings.limits.max_connections_per_ip
         )
         self.connections = set()
+        self._empty_waiters = []
         self._ids = itertools.count(1)
         self.setProtocolOptions(**_protocol_options(settings))
 
@@ -295,6 +296,18 @@ class ChatServerFactory(WebSocketServerFactory):
         """Give C{protocol}'s slot back; called on every close, admitted or not."""
         self.caps.release(protocol)
         self.connections.discard(protocol)
+        if not self.connections:
+            waiters, self._empty_waiters = self._empty_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def when_empty(self):
+        """A Deferred that fires once no WebSocket connection is open."""
+        if not self.connections:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._empty_waiters.append(waiter)
+        return waiter
 
     def close_all(self, code, reason):
         for protocol in list(self.connections):
