@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_messages -*-
+# -*- test-case-name: tests.test_errors,tests.test_messages -*-
 """
 The one place for every code chatd answers with: ERROR event codes,
 WebSocket close codes and the HTTP statuses of the handshake and resources.
@@ -30,8 +30,11 @@ CLOSE_SLOW_CONSUMER = 4008  # outgoing buffer over its cap
 
 # HTTP statuses.
 HTTP_UNAUTHORIZED = 401  # missing/invalid JWT or ticket
-HTTP_FORBIDDEN = 403  # Origin not allowed
+HTTP_FORBIDDEN = 403  # Origin not allowed; a room the token does not allow
+HTTP_NOT_FOUND = 404
+HTTP_CONFLICT = 409
 HTTP_TOO_MANY_REQUESTS = 429  # per-IP connection cap
+HTTP_INTERNAL_ERROR = 500  # anything unexpected (logged once)
 HTTP_UNAVAILABLE = 503  # broker down, or total connection cap
 
 
@@ -49,7 +52,48 @@ class ProtocolError(Exception):
         self.ref = ref
 
 
-class RoomLimitReached(Exception):
+class ChatError(Exception):
+    """
+    A domain refusal: something the hub or a broker will not do.  Not
+    tied to a wire: L{chatd.session.ERROR_TABLE} turns each kind into an
+    ERROR event (WebSocket, later STOMP) and L{http_error} into an HTTP
+    answer, so each kind gets the same code everywhere.
+    """
+
+
+class NotMember(ChatError):
+    """TALK or QUIT in a room the connection is not (or no longer, or not yet) in."""
+
+    def __init__(self, room):
+        super().__init__(room)
+        self.room = room
+
+
+class AlreadyInRoom(ChatError):
+    """ENTER of a room the connection is in (or entering, or leaving)."""
+
+    def __init__(self, room):
+        super().__init__(room)
+        self.room = room
+
+
+class Forbidden(ChatError):
+    """The token's C{rooms} claim does not allow C{room}."""
+
+    def __init__(self, room):
+        super().__init__(room)
+        self.room = room
+
+
+class TooManyRooms(ChatError):
+    """ENTER beyond C{[limits] max_rooms_per_connection} on one connection."""
+
+    def __init__(self, limit):
+        super().__init__(limit)
+        self.limit = limit
+
+
+class RoomLimitReached(ChatError):
     """
     Entering would make a new room while the registry already holds
     C{[limits] max_rooms}: every room keeps history, so their number is what
@@ -57,8 +101,34 @@ class RoomLimitReached(Exception):
     """
 
 
-class BrokerUnavailable(Exception):
+class BrokerUnavailable(ChatError):
     """
     The broker could not store or deliver something (Redis down, timed out).
     Callers answer ERROR unavailable or HTTP 503.
     """
+
+
+# Domain refusals over HTTP (web.py and the server API), most specific first.
+_HTTP_TABLE = (
+    (BrokerUnavailable, HTTP_UNAVAILABLE, UNAVAILABLE, "chat backend unavailable, try again"),
+    (Forbidden, HTTP_FORBIDDEN, FORBIDDEN, "your token does not allow {room}"),
+    (RoomLimitReached, HTTP_FORBIDDEN, FORBIDDEN, "no new rooms: this server holds its maximum"),
+    (TooManyRooms, HTTP_FORBIDDEN, FORBIDDEN, "at most {limit} rooms per connection"),
+    (NotMember, HTTP_NOT_FOUND, NOT_MEMBER, "not in {room}"),
+    (AlreadyInRoom, HTTP_CONFLICT, BAD_REQUEST, "already in {room}"),
+)
+
+
+def http_error(exc):
+    """
+    The HTTP answer for an exception a resource could not handle.
+
+    @param exc: any exception; a L{ChatError} gets its own status, anything
+        else is an internal error (500; the caller logs it, once).
+    @return: C{(status, body)}, the body a JSON-able dict
+        C{{"error": code, "message": text}}.
+    """
+    for kind, status, code, text in _HTTP_TABLE:
+        if isinstance(exc, kind):
+            return status, {"error": code, "message": text.format(**vars(exc))}
+    return HTTP_INTERNAL_ERROR, {"error": "internal", "message": "try again"}

@@ -3,241 +3,264 @@
 Local fan-out: which of this instance's connections are in which room.
 
 The hub subscribes to a room's feed at the broker when its first local
-member enters and unsubscribes when the last one leaves.  Each event off the
-feed is encoded (and, through C{prepare}, framed) once per instance and sent
-to every local member; only the actor's copy, which echoes its C{ref}, is
-encoded again.
+member enters and unsubscribes when the last one leaves (the
+L{chatd.seats.SeatRegistry} says which is which).  Each event off the feed
+is encoded once per instance and the same C{str} is handed to every local
+member's C{send_shared}, so the WebSocket layer can frame it once; only the
+actor's copy, which echoes its C{ref}, is encoded again.
 
 Ordering: a member sees a room's events in feed order, never one twice.
 Each seat remembers the newest id it was sent (its floor) and drops anything
 at or below it; while an ENTER is in flight its seat buffers the feed, so
-nothing published between the subscription and the ENTER's reply is lost.
+nothing published between the subscription and the ENTER's reply is lost
+(L{chatd.seats.Seat.go_live}).
+
+Refusals are domain exceptions (L{chatd.errors.ChatError}); the session
+turns them into ERROR events.
 """
 
-import dataclasses
-from typing import Any, Callable, Dict, List, Optional
+from typing import Dict
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
-from chatd import errors, messages
+from chatd import messages
 from chatd.broker.interfaces import Delivery
-from chatd.errors import BrokerUnavailable, ProtocolError, RoomLimitReached
+from chatd.errors import AlreadyInRoom, BrokerUnavailable, NotMember
 from chatd.logs import printable
-from chatd.messages import event_id_key
+from chatd.observer import OneShotObserverList
+from chatd.seats import LIVE, QUITTING, Seat, SeatRegistry
 
 log = Logger()
 
 
 class IConnection(Interface):
-    """What the hub needs of a connection (L{chatd.ws} provides it)."""
+    """What the hub and the session need of a connection (L{chatd.ws} provides it)."""
 
     connection_id = Attribute("Unique across instances.")
 
     def send_text(text):
         """Send one text frame to this connection only."""
 
-    def send_shared(frame):
-        """Send a frame made by the hub's C{prepare}, shared by many connections."""
+    def send_shared(text):
+        """
+        Send C{text}, a C{str} the hub hands to many connections for one
+        event (the very same object to each), so the transport may frame it
+        once and reuse the frame.
+        """
 
-
-@dataclasses.dataclass
-class _Seat:
-    connection: Any
-    member: Any
-    floor: tuple = ()
-    pending: Optional[List[Any]] = dataclasses.field(default_factory=list)  # None once live
-    quitting: bool = False
-
-
-_PENDING = object()
-
-
-class _LocalRoom:
-    def __init__(self, subscribed):
-        self.seats: Dict[str, _Seat] = {}
-        self._outcome = _PENDING  # None, or the subscription's Failure
-        self._waiters = []
-        subscribed.addBoth(self._settle)
-
-    def _settle(self, result):
-        self._outcome = result if isinstance(result, defer.Failure) else None
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if self._outcome is None:
-                waiter.callback(None)
-            else:
-                waiter.errback(self._outcome)
-        return None  # a failure is handed to each waiter
-
-    def ready(self):
-        """A fresh Deferred that fires once the subscription is in place."""
-        if self._outcome is _PENDING:
-            waiter = defer.Deferred()
-            self._waiters.append(waiter)
-            return waiter
-        if self._outcome is not None:
-            return defer.fail(self._outcome)
-        return defer.succeed(None)
+    def close(code, reason):
+        """Close with a WebSocket close C{code} and a short C{reason}, once."""
 
 
 class Hub:
-    def __init__(self, broker, prepare: Callable[[str], Any] = lambda text: text):
+    """
+    This instance's rooms: seats, subscriptions and the fan-out of the
+    broker's feed to local connections.
+
+    @param broker: an L{chatd.broker.interfaces.IBroker}; the hub becomes
+        its feed.
+    """
+
+    def __init__(self, broker):
         self._broker = broker
-        self._prepare = prepare
-        self._rooms: Dict[str, _LocalRoom] = {}
-        self._rooms_of: Dict[str, set] = {}  # connection id -> room names
+        self._seats = SeatRegistry()
+        self._subscribed: Dict[str, OneShotObserverList] = {}
         broker.set_feed(self.deliver)
 
     # --- what connections ask -------------------------------------------------
 
     def rooms_of(self, connection_id):
-        return frozenset(self._rooms_of.get(connection_id, ()))
+        """
+        @return: the rooms the connection has a seat in (entering, in, or
+            leaving), as a frozenset.
+        """
+        return self._seats.rooms_of(connection_id)
 
     def local_users(self, room):
-        local = self._rooms.get(room)
-        return len(local.seats) if local else 0
+        """@return: how many of this instance's connections have a seat in C{room}."""
+        return self._seats.count(room)
 
     async def enter(self, room, member, connection, since=None, ref=None):
-        cid = member.connection_id
-        local = self._rooms.get(room)
-        if local is not None and cid in local.seats:
-            raise ProtocolError(errors.BAD_REQUEST, f"already in {room}", ref)
-        if local is None:
-            local = self._rooms[room] = _LocalRoom(
-                defer.maybeDeferred(self._broker.subscribe, room)
-            )
-        seat = local.seats[cid] = _Seat(connection, member)
-        self._rooms_of.setdefault(cid, set()).add(room)
+        """
+        Seat C{member} in C{room}: subscribe if it is the room's first local
+        seat, ENTER at the broker, send the replay (with C{since}) and the
+        REPLAY marker, then go live, starting with the own ENTER.
+
+        Any failure leaves no seat (and no member at the broker, as far as
+        it can be told).
+
+        @param connection: the member's L{IConnection}.
+        @param since: the last event id the client saw in C{room}, or L{None}.
+        @param ref: the client's C{ref}, echoed on the own ENTER and REPLAY.
+        @raise AlreadyInRoom: the connection has a seat there already.
+        @raise NotMember: the connection was made to leave while entering.
+        @raise BrokerUnavailable: the broker could not take the ENTER.
+        @raise RoomLimitReached: a new room, with the registry full.
+        """
+        connection_id = member.connection_id
+        seat = Seat(connection, member)
         try:
-            await local.ready()
+            is_first = self._seats.add(room, seat)
+        except KeyError:
+            raise AlreadyInRoom(room) from None
+        if is_first:
+            subscription = self._subscribed[room] = OneShotObserverList()
+            defer.maybeDeferred(self._broker.subscribe, room).addBoth(subscription.fire)
+        entered = None
+        try:
+            await self._subscribed[room].when_fired()
+            if self._seats.get(room, connection_id) is not seat:
+                raise NotMember(room)  # made to leave before the broker heard of it
             entered = await self._broker.enter(room, member, since, ref)
-        except BrokerUnavailable:
-            self._unseat(room, cid)
-            raise ProtocolError(errors.UNAVAILABLE, "chat is unavailable, try again", ref)
-        except RoomLimitReached:
-            self._unseat(room, cid)
-            raise ProtocolError(errors.FORBIDDEN, "no new rooms: this server holds its maximum", ref)
-        if local.seats.get(cid) is not seat:
-            return  # the connection closed while entering; leave_all quit for it
-        if since is not None:
-            for event in entered.replay:
-                connection.send_text(messages.event(event))
-            connection.send_text(
-                messages.replay_marker(room, len(entered.replay), entered.complete, ref)
-            )
-        pending, seat.pending = seat.pending, None
-        own = event_id_key(entered.event.id)
-        if not any(event_id_key(d.event.id) == own for d in pending):
-            # The feed has not brought our ENTER yet: nothing at or after it
-            # has arrived either, so sending it now keeps the order.
-            self._send(seat, Delivery(entered.event, cid, ref), None)
-        for delivery in pending:
-            if event_id_key(delivery.event.id) >= own:
-                self._send(seat, delivery, None)
-        seat.floor = max(seat.floor, own)
+            if self._seats.get(room, connection_id) is not seat:
+                # Made to leave while the ENTER was in flight: leave() left
+                # the broker to us, since it could not know the ENTER's fate.
+                self._quit_at_broker(room, member)
+                raise NotMember(room)
+            if since is not None:
+                for event in entered.replay:
+                    connection.send_text(messages.event(event))
+                connection.send_text(
+                    messages.replay_marker(room, len(entered.replay), entered.complete, ref)
+                )
+            for delivery in seat.go_live(Delivery(entered.event, connection_id, ref)):
+                self._send(seat, delivery)
+        except BaseException:
+            if self._drop(room, connection_id, seat) is not None and entered is not None:
+                # The broker has the member; tell it the member is gone.
+                self._quit_at_broker(room, member)
+            raise
 
     async def talk(self, room, member, connection, text, cid=None, ref=None):
-        self._seat_of(room, member, ref)
-        try:
-            talked = await self._broker.talk(room, member, text, cid, ref)
-        except BrokerUnavailable:
-            raise ProtocolError(errors.UNAVAILABLE, "message not accepted, try again", ref)
+        """
+        Store and publish a TALK; the own copy (with C{ref}) comes off the
+        feed.  A repeated C{cid} is answered with the original event.
+
+        @param cid: the client's message id, for deduplication, or L{None}.
+        @raise NotMember: no live seat in C{room}.
+        @raise BrokerUnavailable: not known to be stored.
+        """
+        self._member_seat(room, member)
+        talked = await self._broker.talk(room, member, text, cid, ref)
         if talked.duplicate:
             # Already accepted once: the original, same id, is the ack.
             connection.send_text(messages.event(talked.event, ref))
 
     async def quit(self, room, member, connection, ref=None):
-        seat = self._seat_of(room, member, ref)
-        seat.quitting = True
+        """
+        Leave C{room}.  The own QUIT (with C{ref}) is the last event the
+        connection gets from the room.
+
+        @raise NotMember: no live seat in C{room}.
+        @raise BrokerUnavailable: the broker did not take the QUIT; the
+            member stays in.
+        """
+        seat = self._member_seat(room, member)
+        seat.start_quit()
         try:
             event = await self._broker.quit(room, member, ref)
-        except BrokerUnavailable:
-            seat.quitting = False
-            raise ProtocolError(errors.UNAVAILABLE, "could not leave, try again", ref)
-        local = self._rooms.get(room)
-        if local is not None and local.seats.get(member.connection_id) is seat:
+        except BaseException:
+            if seat.state == QUITTING:
+                seat.quit_failed()
+            raise
+        if self._seats.get(room, member.connection_id) is seat:
             # The feed has not brought our QUIT yet; it is our last event.
-            if event_id_key(event.id) > seat.floor:
+            if seat.offer(Delivery(event, member.connection_id, ref)):
                 connection.send_text(messages.event(event, ref))
-            self._unseat(room, member.connection_id)
+            self._drop(room, member.connection_id, seat)
+
+    def leave(self, connection_id, rooms):
+        """
+        Take the connection out of C{rooms} at once (nothing more is sent to
+        it from them) and QUIT each at the broker; the connection gets no
+        QUIT of its own.
+
+        @return: a Deferred that fires when the broker heard of every QUIT;
+            it never fails (failures are logged).
+        """
+        quits = []
+        for room in sorted(rooms):
+            seat, _ = self._drop_seat(room, connection_id)
+            if seat is None or seat.state != LIVE:
+                # Quitting: its own QUIT is on its way.  Entering: enter()
+                # quits at the broker once its ENTER is answered.
+                continue
+            quits.append(self._quit_at_broker(room, seat.member))
+        return defer.gatherResults(quits, consumeErrors=True)
 
     def leave_all(self, connection_id):
         """
-        A connection closed: it quits every room it was in.  Returns a
-        Deferred that fires when the broker heard of every QUIT.
+        A connection closed: it quits every room it was in.
+
+        @return: a Deferred that fires when the broker heard of every QUIT.
         """
-        quits = []
-        for room in sorted(self._rooms_of.get(connection_id, ())):
-            seat = self._unseat(room, connection_id)
-            if seat is None or seat.quitting:
-                continue
-            d = defer.maybeDeferred(self._broker.quit, room, seat.member)
-            d.addErrback(self._quit_failed, room, seat.member)
-            quits.append(d)
-        return defer.gatherResults(quits, consumeErrors=True)
+        return self.leave(connection_id, self._seats.rooms_of(connection_id))
 
     # --- the feed -------------------------------------------------------------
 
     def deliver(self, delivery):
-        """L{chatd.broker.interfaces.IBroker.set_feed} target."""
-        local = self._rooms.get(delivery.event.room)
-        if local is None:
-            return
+        """
+        L{chatd.broker.interfaces.IBroker.set_feed} target: send one event
+        to every local seat in its room.  The shared text is encoded once.
+        """
+        room = delivery.event.room
         shared = []
-        key = event_id_key(delivery.event.id)
-        for cid, seat in list(local.seats.items()):
-            if seat.pending is not None:
-                seat.pending.append(delivery)
-                continue
-            if key <= seat.floor:
+        for seat in self._seats.seats(room):
+            if not seat.offer(delivery):
                 continue
             self._send(seat, delivery, shared)
-            seat.floor = key
-            if cid == delivery.origin and delivery.event.type == messages.QUIT:
-                self._unseat(delivery.event.room, cid)
+            connection_id = seat.member.connection_id
+            if connection_id == delivery.origin and delivery.event.type == messages.QUIT:
+                self._drop(room, connection_id, seat)
 
-    def _send(self, seat, delivery, shared):
+    def _send(self, seat, delivery, shared=None):
         connection = seat.connection
         if delivery.origin == seat.member.connection_id and delivery.ref is not None:
             connection.send_text(messages.event(delivery.event, delivery.ref))
-            return
-        if shared is None:
+        elif shared is None:
             connection.send_text(messages.event(delivery.event))
-            return
-        if not shared:
-            shared.append(self._prepare(messages.event(delivery.event)))
-        connection.send_shared(shared[0])
+        else:
+            if not shared:
+                shared.append(messages.event(delivery.event))
+            connection.send_shared(shared[0])
 
     # --- bookkeeping ----------------------------------------------------------
 
-    def _seat_of(self, room, member, ref):
-        local = self._rooms.get(room)
-        seat = local.seats.get(member.connection_id) if local else None
-        if seat is None or seat.pending is not None or seat.quitting:
-            raise ProtocolError(errors.NOT_MEMBER, f"not in {room}", ref)
+    def _member_seat(self, room, member):
+        seat = self._seats.get(room, member.connection_id)
+        if seat is None or not seat.is_member:
+            raise NotMember(room)
         return seat
 
-    def _unseat(self, room, connection_id):
-        local = self._rooms.get(room)
-        seat = local.seats.pop(connection_id, None) if local else None
-        rooms = self._rooms_of.get(connection_id)
-        if rooms is not None:
-            rooms.discard(room)
-            if not rooms:
-                del self._rooms_of[connection_id]
-        if local is not None and not local.seats:
-            del self._rooms[room]
+    def _drop(self, room, connection_id, seat):
+        return self._drop_seat(room, connection_id, seat)[0]
+
+    def _drop_seat(self, room, connection_id, seat=None):
+        dropped, was_last = self._seats.drop(room, connection_id, seat)
+        if was_last:
+            del self._subscribed[room]
             d = defer.maybeDeferred(self._broker.unsubscribe, room)
             d.addErrback(lambda f: log.warn(
                 "could not unsubscribe from {room}: {why}", room=printable(room),
                 why=f.getErrorMessage()))
-        return seat
+        return dropped, was_last
+
+    def _quit_at_broker(self, room, member):
+        d = defer.maybeDeferred(self._broker.quit, room, member)
+        d.addErrback(self._quit_failed, room, member)
+        return d
 
     def _quit_failed(self, failure, room, member):
-        failure.trap(BrokerUnavailable)
-        log.warn(
-            "QUIT of {user} from {room} not recorded: {why}",
-            user=printable(member.name), room=printable(room), why=failure.getErrorMessage(),
-        )
+        if failure.check(BrokerUnavailable):
+            log.warn(
+                "QUIT of {user} from {room} not recorded: {why}",
+                user=printable(member.name), room=printable(room), why=failure.getErrorMessage(),
+            )
+        else:
+            log.failure(
+                "QUIT of {user} from {room} failed", failure,
+                user=printable(member.name), room=printable(room),
+            )
+

@@ -91,7 +91,7 @@ def makeChatService(settings, reactor=None, tls_options=None):
     broker.setServiceParent(top)
     verifier = TokenVerifier.from_settings(settings)
     ws_factory = ws.ChatServerFactory(settings, broker, verifier, reactor)
-    ws_factory.hub = Hub(broker, prepare=ws_factory.prepare)
+    ws_factory.hub = Hub(broker)
     echo = ws.echo_factory(settings, reactor) if settings.conformance.echo else None
     site = web.make_site(settings, broker, verifier, ws_factory, echo)
     factory = site

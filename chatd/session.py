@@ -3,7 +3,7 @@
 One authenticated connection's conversation: commands in, events out.
 
 No Autobahn here: L{chatd.ws} feeds text in and provides the connection
-(see L{chatd.hub.IConnection} plus C{close}).  Per-connection rules live
+(see L{chatd.hub.IConnection}).  Per-connection rules live
 here: rate limit, rooms per connection, the token's expiry and its renewal
 by AUTH.
 """
@@ -14,7 +14,10 @@ from twisted.logger import Logger
 from chatd import errors, messages
 from chatd.auth import InvalidToken
 from chatd.broker.interfaces import Member
-from chatd.errors import ProtocolError
+from chatd.errors import (
+    AlreadyInRoom, BrokerUnavailable, Forbidden, NotMember, ProtocolError, RoomLimitReached,
+    TooManyRooms,
+)
 from chatd.limits import TokenBucket
 from chatd.logs import printable
 
@@ -24,8 +27,49 @@ log = Logger()
 # sustained flooding ends in 1008, not a long life of occasional bursts.
 STRIKES_FORGIVEN_PER_SECOND = 1.0
 
+# The one table from domain refusals (L{chatd.errors.ChatError}) to ERROR
+# events: kind -> (code, message, formatted with the exception's fields).
+# Subclasses before their bases; anything not here is unexpected (logged
+# once, answered unavailable).  docs/protocol.md lists the codes.
+ERROR_TABLE = (
+    (NotMember, errors.NOT_MEMBER, "not in {room}"),
+    (AlreadyInRoom, errors.BAD_REQUEST, "already in {room}"),
+    (Forbidden, errors.FORBIDDEN, "your token does not allow {room}"),
+    (TooManyRooms, errors.FORBIDDEN, "at most {limit} rooms per connection"),
+    (RoomLimitReached, errors.FORBIDDEN, "no new rooms: this server holds its maximum"),
+    (BrokerUnavailable, errors.UNAVAILABLE, "chat is unavailable, try again"),
+)
+
+
+def protocol_error(exc, ref=None):
+    """
+    The ERROR for a domain refusal.
+
+    @param exc: a L{chatd.errors.ChatError} (or a L{ProtocolError}, returned
+        as it is).
+    @param ref: the C{ref} of the client message refused.
+    @return: a L{ProtocolError}, or L{None} when C{exc} is of no known kind.
+    """
+    if isinstance(exc, ProtocolError):
+        return exc
+    for kind, code, text in ERROR_TABLE:
+        if isinstance(exc, kind):
+            return ProtocolError(code, text.format(**vars(exc)), ref)
+    return None
+
 
 class Session:
+    """
+    One authenticated connection's conversation.
+
+    @param principal: the L{chatd.auth.Principal} the ticket granted.
+    @param connection: an L{chatd.hub.IConnection}.
+    @param hub: the instance's L{chatd.hub.Hub}.
+    @param verifier: checks AUTH's fresh tokens (C{verify(token)}).
+    @param limits: the C{[limits]} settings.
+    @param clock: an C{IReactorTime}, for the rate limit and the expiry.
+    """
+
     def __init__(self, principal, connection, hub, verifier, limits, clock):
         self.principal = principal
         self.member = Member(connection.connection_id, principal.sub, principal.name)
@@ -43,6 +87,7 @@ class Session:
         self._closed = False
 
     def open(self):
+        """The connection is open: WELCOME, and close at the token's exp."""
         self._connection.send_text(messages.welcome(self.principal.name, self.principal.exp))
         self._schedule_expiry()
 
@@ -55,8 +100,12 @@ class Session:
 
     def received(self, text):
         """
-        Handle one text frame.  Returns a Deferred that fires when the frame
-        was answered; it never fails (errors become ERROR events).
+        Handle one text frame.
+
+        @return: a Deferred that fires when the frame was answered; it never
+            fails: refusals (L{ProtocolError}, and the domain's
+            L{chatd.errors.ChatError} through L{ERROR_TABLE}) become ERROR
+            events with the message's C{ref}.
         """
         if not self._bucket.take():
             if not self._patience.take():
@@ -81,13 +130,9 @@ class Session:
             )
         elif isinstance(command, messages.Enter):
             if not self.principal.may_enter(command.room):
-                raise ProtocolError(errors.FORBIDDEN, f"your token does not allow {command.room}", command.ref)
+                raise Forbidden(command.room)
             if len(self._hub.rooms_of(self.member.connection_id)) >= self._limits.max_rooms_per_connection:
-                raise ProtocolError(
-                    errors.FORBIDDEN,
-                    f"at most {self._limits.max_rooms_per_connection} rooms per connection",
-                    command.ref,
-                )
+                raise TooManyRooms(self._limits.max_rooms_per_connection)
             await self._hub.enter(command.room, self.member, connection, command.since, command.ref)
         elif isinstance(command, messages.Quit):
             await self._hub.quit(command.room, self.member, connection, command.ref)
@@ -124,13 +169,12 @@ class Session:
             self._connection.send_text(messages.error(error.code, error.message, error.ref))
 
     def _failed(self, failure, command):
-        if failure.check(ProtocolError):
-            self._send_error(failure.value)
-            return None
-        log.failure(
-            "unexpected error handling {command} from {user}",
-            failure, command=type(command).__name__, user=printable(self.principal.name),
-        )
-        self._send_error(
-            ProtocolError(errors.UNAVAILABLE, "internal error, try again", getattr(command, "ref", None))
-        )
+        ref = getattr(command, "ref", None)
+        error = protocol_error(failure.value, ref)
+        if error is None:
+            log.failure(
+                "unexpected error handling {command} from {user}",
+                failure, command=type(command).__name__, user=printable(self.principal.name),
+            )
+            error = ProtocolError(errors.UNAVAILABLE, "internal error, try again", ref)
+        self._send_error(error)

@@ -221,9 +221,9 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendMessage(text.encode("utf-8"))
 
-    def send_shared(self, frame):
+    def send_shared(self, text):
         if self.state == self.STATE_OPEN:
-            self.sendPreparedMessage(frame)
+            self.sendPreparedMessage(self.factory.prepared(text))
 
 
 class EchoServerProtocol(_GuardedMixin, WebSocketServerProtocol):
@@ -275,8 +275,16 @@ class ChatServerFactory(WebSocketServerFactory):
     def new_connection_id(self):
         return f"{self.broker.instance_id}:{next(self._ids)}"
 
-    def prepare(self, text):
-        return self.prepareMessage(text.encode("utf-8"))
+    _shared = (None, None)  # (text, prepared frame) of the latest shared event
+
+    def prepared(self, text):
+        """
+        The frame for C{text}, made once per event: the hub hands the same
+        C{str} object to every member's C{send_shared}.
+        """
+        if self._shared[0] is not text:
+            self._shared = (text, self.prepareMessage(text.encode("utf-8")))
+        return self._shared[1]
 
     def admit(self, protocol):
         """

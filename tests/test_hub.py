@@ -5,88 +5,17 @@ encodes once per event, the actor's copy echoes its ref, replay order, and
 what a member sees on entering, leaving and broker failures.
 """
 
-import json
-
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from zope.interface import implementer
+from zope.interface.exceptions import BrokenImplementation
 from zope.interface.verify import verifyObject
 
-from chatd import errors
 from chatd.broker.interfaces import Member
-from chatd.broker.memory import MemoryBroker
-from chatd.errors import BrokerUnavailable, ProtocolError
+from chatd.errors import AlreadyInRoom, BrokerUnavailable, NotMember, RoomLimitReached
 from chatd.hub import Hub, IConnection
-
-
-class Shared:
-    """What the hub's prepare made: one per fanned-out event."""
-
-    def __init__(self, text):
-        self.text = text
-
-
-@implementer(IConnection)
-class FakeConnection:
-    def __init__(self, connection_id):
-        self.connection_id = connection_id
-        self.frames = []  # decoded, in the order sent
-        self.shared = []  # Shared objects received
-
-    def send_text(self, text):
-        self.frames.append(json.loads(text))
-
-    def send_shared(self, frame):
-        self.shared.append(frame)
-        self.frames.append(json.loads(frame.text))
-
-    def take(self):
-        """The frames received since the last take()."""
-        frames, self.frames = self.frames, []
-        return frames
-
-
-class RecordingBroker(MemoryBroker):
-    """The embedded broker, remembering (un)subscriptions; can be made to fail."""
-
-    def __init__(self, clock):
-        super().__init__(clock, history_size=10, instance_id="i")
-        self.calls = []
-        self.down = set()  # names of methods that fail with BrokerUnavailable
-        self.held = None  # a Deferred enter() answers through, when set
-
-    def _maybe_fail(self, name):
-        if name in self.down:
-            return defer.fail(BrokerUnavailable(f"{name}: redis down"))
-        return None
-
-    def subscribe(self, room):
-        self.calls.append(("subscribe", room))
-        return self._maybe_fail("subscribe") or super().subscribe(room)
-
-    def unsubscribe(self, room):
-        self.calls.append(("unsubscribe", room))
-        return super().unsubscribe(room)
-
-    def enter(self, room, member, since=None, ref=None):
-        failed = self._maybe_fail("enter")
-        if failed:
-            return failed
-        d = super().enter(room, member, since, ref)
-        if self.held is None:
-            return d
-        # Published already (the feed has it); the reply waits for the test.
-        entered = []
-        d.addCallback(entered.append)
-        held, self.held = self.held, None
-        return held.addCallback(lambda _: entered[0])
-
-    def talk(self, room, member, text, cid=None, ref=None):
-        return self._maybe_fail("talk") or super().talk(room, member, text, cid, ref)
-
-    def quit(self, room, member, ref=None):
-        return self._maybe_fail("quit") or super().quit(room, member, ref)
+from tests.fakes import FakeConnection, RecordingBroker
 
 
 class World:
@@ -96,14 +25,8 @@ class World:
         self.clock = Clock()
         self.clock.advance(1000)
         self.broker = RecordingBroker(self.clock)
-        self.prepared = []
-        self.hub = Hub(self.broker, prepare=self._prepare)
+        self.hub = Hub(self.broker)
         self.users = {}
-
-    def _prepare(self, text):
-        shared = Shared(text)
-        self.prepared.append(shared)
-        return shared
 
     def user(self, name, connection_id=None):
         connection_id = connection_id or f"i:{name}"
@@ -128,8 +51,8 @@ class World:
         return defer.ensureDeferred(getattr(self.hub, method)(*args[:1], member, connection, *args[1:], **kwargs))
 
 
-def refused(world, method, name, *args, **kwargs):
-    with pytest.raises(ProtocolError) as info:
+def refused(world, kind, method, name, *args, **kwargs):
+    with pytest.raises(kind) as info:
         world.run(method, name, *args, **kwargs)
     return info.value
 
@@ -142,6 +65,23 @@ def world():
 def test_fake_connection_provides_iconnection():
     """The test double really is an IConnection."""
     assert verifyObject(IConnection, FakeConnection("x"))
+
+
+def test_iconnection_requires_close():
+    """A connection without the close() the session calls is caught by verifyObject."""
+
+    @implementer(IConnection)
+    class NoClose:
+        connection_id = "x"
+
+        def send_text(self, text):
+            pass
+
+        def send_shared(self, text):
+            pass
+
+    with pytest.raises(BrokenImplementation):
+        verifyObject(IConnection, NoClose())
 
 
 def test_enter_sends_own_enter_with_ref(world):
@@ -167,12 +107,12 @@ def test_fan_out_encodes_once(world):
     for c in conns:
         c.take()
         c.shared.clear()
-    world.prepared.clear()
 
     world.run("talk", "Alice", "lobby", "hello", ref="t1")
-    assert len(world.prepared) == 1
     alice, *others = conns
-    assert all(c.shared == [world.prepared[0]] for c in others)
+    assert all(len(c.shared) == 1 for c in others)
+    # The very same str object, so the WebSocket layer frames it once.
+    assert len({id(c.shared[0]) for c in others}) == 1
     assert alice.shared == []
     (own,) = alice.take()
     assert own["ref"] == "t1" and own["message"] == "hello"
@@ -182,26 +122,25 @@ def test_fan_out_encodes_once(world):
 
 
 def test_fan_out_without_ref_shares_with_actor(world):
-    """With no ref to echo, the actor gets the same shared frame as everyone."""
+    """With no ref to echo, the actor gets the same shared text as everyone."""
     alice, bob = world.user("Alice"), world.user("Bob")
     world.run("enter", "Alice", "lobby")
     world.run("enter", "Bob", "lobby")
-    world.prepared.clear()
     alice.shared.clear()
     bob.shared.clear()
     world.run("talk", "Alice", "lobby", "hi")
-    assert len(world.prepared) == 1
-    assert alice.shared == bob.shared == world.prepared
+    assert len(alice.shared) == len(bob.shared) == 1
+    assert alice.shared[0] is bob.shared[0]
 
 
 def test_lone_actor_needs_no_shared_frame(world):
-    """An actor alone in the room gets its ref'd copy; nothing is prepared."""
+    """An actor alone in the room gets its ref'd copy; nothing is shared."""
     alice = world.user("Alice")
     world.run("enter", "Alice", "lobby")
     alice.take()
-    world.prepared.clear()
+    alice.shared.clear()
     world.run("talk", "Alice", "lobby", "anyone?", ref=7)
-    assert world.prepared == []
+    assert alice.shared == []
     assert [f["ref"] for f in alice.take()] == [7]
 
 
@@ -261,21 +200,18 @@ def test_events_published_while_entering_are_kept_in_order(world):
 
 
 def test_not_member(world):
-    """TALK or QUIT in a room not entered is not_member with ref."""
+    """TALK or QUIT in a room not entered is NotMember, naming the room."""
     world.user("Alice")
-    error = refused(world, "talk", "Alice", "lobby", "hi", ref="x")
-    assert (error.code, error.ref) == (errors.NOT_MEMBER, "x")
-    assert refused(world, "quit", "Alice", "lobby", ref="y").code == errors.NOT_MEMBER
+    assert refused(world, NotMember, "talk", "Alice", "lobby", "hi", ref="x").room == "lobby"
+    assert refused(world, NotMember, "quit", "Alice", "lobby", ref="y").room == "lobby"
 
 
 def test_already_in_room(world):
-    """A second ENTER of the same room is bad_request and changes nothing."""
+    """A second ENTER of the same room is AlreadyInRoom and changes nothing."""
     alice = world.user("Alice")
     world.run("enter", "Alice", "lobby")
     alice.take()
-    error = refused(world, "enter", "Alice", "lobby", ref="again")
-    assert (error.code, error.ref) == (errors.BAD_REQUEST, "again")
-    assert "already in lobby" in error.message
+    assert refused(world, AlreadyInRoom, "enter", "Alice", "lobby", ref="again").room == "lobby"
     assert alice.take() == [] and world.hub.local_users("lobby") == 1
 
 
@@ -294,7 +230,7 @@ def test_quit_own_quit_last(world):
     world.run("talk", "Bob", "lobby", "still here")
     assert alice.take() == []
     assert world.hub.rooms_of("i:Alice") == frozenset()
-    assert refused(world, "talk", "Alice", "lobby", "x").code == errors.NOT_MEMBER
+    refused(world, NotMember, "talk", "Alice", "lobby", "x")
 
 
 def test_unsubscribe_when_last_leaves(world):
@@ -342,11 +278,10 @@ def test_leave_all_survives_broker_failure(world):
 
 
 def test_enter_broker_failure(world):
-    """An ENTER the broker cannot take is ERROR unavailable, and the seat is gone."""
+    """An ENTER the broker cannot take is BrokerUnavailable, and the seat is gone."""
     alice = world.user("Alice")
     world.broker.down.add("enter")
-    error = refused(world, "enter", "Alice", "lobby", ref="e")
-    assert (error.code, error.ref) == (errors.UNAVAILABLE, "e")
+    refused(world, BrokerUnavailable, "enter", "Alice", "lobby", ref="e")
     assert alice.take() == []
     assert world.hub.rooms_of("i:Alice") == frozenset() and world.hub.local_users("lobby") == 0
     assert world.broker.calls[-1] == ("unsubscribe", "lobby")
@@ -356,21 +291,20 @@ def test_enter_broker_failure(world):
 
 
 def test_subscribe_failure(world):
-    """A subscription the broker cannot make is ERROR unavailable too."""
+    """A subscription the broker cannot make is BrokerUnavailable too."""
     world.user("Alice")
     world.broker.down.add("subscribe")
-    assert refused(world, "enter", "Alice", "lobby").code == errors.UNAVAILABLE
+    refused(world, BrokerUnavailable, "enter", "Alice", "lobby")
     assert world.hub.rooms_of("i:Alice") == frozenset()
 
 
 def test_talk_broker_failure(world):
-    """A TALK the broker cannot store is ERROR unavailable; the member stays."""
+    """A TALK the broker cannot store is BrokerUnavailable; the member stays."""
     alice = world.user("Alice")
     world.run("enter", "Alice", "lobby")
     alice.take()
     world.broker.down.add("talk")
-    error = refused(world, "talk", "Alice", "lobby", "hi", cid="c", ref="t")
-    assert (error.code, error.ref) == (errors.UNAVAILABLE, "t")
+    refused(world, BrokerUnavailable, "talk", "Alice", "lobby", "hi", cid="c", ref="t")
     assert alice.take() == []
     world.broker.down.clear()
     world.run("talk", "Alice", "lobby", "hi", cid="c", ref="t2")
@@ -378,12 +312,12 @@ def test_talk_broker_failure(world):
 
 
 def test_quit_broker_failure(world):
-    """A QUIT the broker cannot record is ERROR unavailable; the member is still in."""
+    """A QUIT the broker cannot record is BrokerUnavailable; the member is still in."""
     alice = world.user("Alice")
     world.run("enter", "Alice", "lobby")
     alice.take()
     world.broker.down.add("quit")
-    assert refused(world, "quit", "Alice", "lobby").code == errors.UNAVAILABLE
+    refused(world, BrokerUnavailable, "quit", "Alice", "lobby")
     world.broker.down.clear()
     world.run("talk", "Alice", "lobby", "still in", ref=1)
     assert [f["message"] for f in alice.take()] == ["still in"]
@@ -413,7 +347,54 @@ def test_close_while_entering(world):
     entering = world.start("enter", "Bob", "lobby")
     world.hub.leave_all("i:Bob")
     release.callback(None)
-    assert entering.called
+    outcome = []
+    entering.addBoth(outcome.append)
+    assert outcome and outcome[0].check(NotMember)
     assert bob.take() == []
     assert [f["type"] for f in alice.take()] == ["ENTER", "QUIT"]
     assert world.hub.local_users("lobby") == 1
+
+
+@pytest.mark.parametrize("step", ["enter", "subscribe"])
+def test_any_enter_failure_leaves_no_seat(world, step):
+    """Any exception from subscribe or ENTER propagates and leaves no seat or subscription."""
+    world.user("Alice")
+    world.broker.broken[step] = RuntimeError("boom")
+    refused(world, RuntimeError, "enter", "Alice", "lobby")
+    assert world.hub.rooms_of("i:Alice") == frozenset() and world.hub.local_users("lobby") == 0
+    assert world.broker.calls[-1] == ("unsubscribe", "lobby")
+    del world.broker.broken[step]
+    world.run("enter", "Alice", "lobby")
+    assert world.hub.rooms_of("i:Alice") == frozenset({"lobby"})
+
+
+def test_failure_after_the_broker_entered_quits_there(world):
+    """If going live fails after the broker took the ENTER, the broker hears a QUIT too."""
+    alice, bob = world.user("Alice"), world.user("Bob")
+    world.run("enter", "Alice", "lobby")
+    alice.take()
+
+    def broken(text):
+        raise OSError("transport gone")
+
+    bob.send_text = broken
+    refused(world, OSError, "enter", "Bob", "lobby")
+    assert [(f["type"], f["sender"], f["userCount"]) for f in alice.take()] == [
+        ("ENTER", "Bob", 2), ("QUIT", "Bob", 1)
+    ]
+    assert world.hub.local_users("lobby") == 1
+
+
+def test_leave_some_rooms(world):
+    """leave() takes a connection out of the named rooms only; the rooms see its QUIT, it gets nothing."""
+    alice, bob = world.user("Alice"), world.user("Bob")
+    for room in ("lobby", "ops"):
+        world.run("enter", "Alice", room)
+        world.run("enter", "Bob", room)
+    alice.take()
+    bob.take()
+    assert world.hub.leave("i:Alice", ["lobby"]).called
+    assert alice.take() == []
+    (seen,) = bob.take()
+    assert (seen["type"], seen["room"], seen["sender"]) == ("QUIT", "lobby", "Alice")
+    assert world.hub.rooms_of("i:Alice") == frozenset({"ops"})

@@ -9,59 +9,27 @@ import json
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from zope.interface import implementer
+from twisted.logger import globalLogPublisher
 
 from chatd import config, errors
-from chatd.auth import InvalidToken, Principal
+from chatd.auth import Principal
 from chatd.broker.memory import MemoryBroker
-from chatd.hub import Hub, IConnection
+from chatd.hub import Hub
 from chatd.session import Session
+from tests.fakes import FakeConnection, FakeVerifier, RecordingBroker
 
 START = 1000.0
 EXP = 1100
 
 
-@implementer(IConnection)
-class FakeConnection:
-    def __init__(self, connection_id="i:1"):
-        self.connection_id = connection_id
-        self.frames = []
-        self.closes = []
-
-    def send_text(self, text):
-        self.frames.append(json.loads(text))
-
-    def send_shared(self, frame):
-        self.frames.append(json.loads(frame))
-
-    def close(self, code, reason):
-        self.closes.append((code, reason))
-
-    def take(self):
-        frames, self.frames = self.frames, []
-        return frames
-
-
-class FakeVerifier:
-    """Tokens by name: the JWT rules have their own tests (test_auth)."""
-
-    def __init__(self, principals):
-        self.principals = principals
-
-    def verify(self, token):
-        if token not in self.principals:
-            raise InvalidToken("bad signature")
-        return self.principals[token]
-
-
 ALICE = Principal(sub="alice", name="Alice", exp=EXP)
 
 
-def make(principal=ALICE, tokens=None, hub_class=Hub, **limits):
+def make(principal=ALICE, tokens=None, hub_class=Hub, broker=None, **limits):
     clock = Clock()
     clock.advance(START)
     settings = config.defaults(**{f"limits__{k}": v for k, v in limits.items()})
-    hub = hub_class(MemoryBroker(clock, instance_id="i"))
+    hub = hub_class(broker(clock) if broker else MemoryBroker(clock, instance_id="i"))
     connection = FakeConnection()
     session = Session(principal, connection, hub, FakeVerifier(tokens or {}), settings.limits, clock)
     session.open()
@@ -258,3 +226,67 @@ def test_expired_at_open(exp_offset):
     assert connection.closes == []
     clock.advance(0)
     assert connection.closes == [(errors.CLOSE_TOKEN_EXPIRED, "token expired")]
+
+
+BOB = Principal(sub="bob", name="Bob", exp=EXP)
+
+
+def join(session, principal, connection_id):
+    """A second session on the same hub and clock (another member)."""
+    connection = FakeConnection(connection_id)
+    other = Session(principal, connection, session._hub, FakeVerifier({}), session._limits, session._clock)
+    other.open()
+    connection.take()
+    return connection, other
+
+
+@pytest.fixture
+def logged_failures():
+    """The failures logged while the test runs."""
+    failures = []
+
+    def observe(event):
+        if "log_failure" in event:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield failures
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest.mark.parametrize("step", ["enter", "subscribe"])
+def test_unexpected_enter_failure_leaves_no_seat(step, logged_failures):
+    """
+    Any failure during ENTER (not only unavailable or the room limit) is
+    ERROR unavailable, logged once, and leaves no seat: a retry enters, and
+    the others never see a QUIT for a member that never entered.
+    """
+    _, connection, session = make(broker=RecordingBroker)
+    broker = session._hub._broker
+    broker.broken[step] = RuntimeError("boom")
+    connection.take()
+    send(session, {"type": "ENTER", "room": "lobby", "ref": "e"})
+    (error,) = connection.take()
+    assert (error["type"], error["code"], error["ref"]) == ("ERROR", errors.UNAVAILABLE, "e")
+    assert len(logged_failures) == 1
+    assert session._hub.rooms_of("i:1") == frozenset()
+    send(session, {"type": "TALK", "room": "lobby", "message": "x", "ref": "t"})
+    assert connection.take()[0]["code"] == errors.NOT_MEMBER
+    del broker.broken[step]
+    send(session, {"type": "ENTER", "room": "lobby", "ref": "again"})
+    (entered,) = connection.take()
+    assert (entered["type"], entered["ref"]) == ("ENTER", "again")
+
+
+def test_failed_enter_sends_no_quit_on_close():
+    """A connection whose ENTER failed unexpectedly closes without a QUIT reaching the room."""
+    _, connection, session = make(broker=RecordingBroker)
+    bob, other = join(session, BOB, "i:2")
+    send(other, {"type": "ENTER", "room": "lobby"})
+    bob.take()
+    session._hub._broker.broken["enter"] = RuntimeError("boom")
+    send(session, {"type": "ENTER", "room": "lobby"})
+    session.closed()
+    send(other, {"type": "TALK", "room": "lobby", "message": "anyone?"})
+    assert [f["type"] for f in bob.take()] == ["TALK"]
+    assert session._hub.local_users("lobby") == 1

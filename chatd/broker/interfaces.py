@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_broker_memory -*-
+# -*- test-case-name: tests.test_broker_contract -*-
 """
 The broker contract: the one seam between an instance and the state it
 shares with other instances (tickets, presence, history, ordered fan-out).

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_broker_memory -*-
+# -*- test-case-name: tests.test_broker_contract -*-
 """
 The embedded broker: one instance's rooms and tickets in this process.
 
@@ -28,6 +28,16 @@ SWEEP_INTERVAL = 60.0
 
 @implementer(IBroker)
 class MemoryBroker(MultiService):
+    """
+    The L{IBroker} of a single instance: rooms (L{chatd.rooms.Room}) and
+    tickets in this process, each call answered before it returns.
+
+    @param clock: an C{IReactorTime}: event times, epochs, ticket expiry.
+    @param history_size: C{[history] size}, TALK events kept per room.
+    @param instance_id: this instance's id (random when not given).
+    @param max_rooms: C{[limits] max_rooms}, rooms the registry holds.
+    """
+
     log = Logger()
 
     def __init__(self, clock, history_size=500, instance_id=None, max_rooms=10000):
