@@ -13,7 +13,7 @@ from zope.interface.exceptions import BrokenImplementation
 from zope.interface.verify import verifyObject
 
 from chatd.broker.interfaces import Member
-from chatd.errors import AlreadyInRoom, BrokerUnavailable, NotMember, RoomLimitReached
+from chatd.errors import AlreadyInRoom, BrokerUnavailable, NotMember
 from chatd.hub import Hub, IConnection
 from tests.fakes import FakeConnection, RecordingBroker
 
