@@ -152,6 +152,13 @@ class Session:
         )
         self._connection.send_text(messages.welcome(self.principal.name, self.principal.exp, command.ref))
         self._schedule_expiry()
+        # A narrower rooms claim: leave what the new token no longer allows.
+        connection_id = self.member.connection_id
+        barred = sorted(r for r in self._hub.rooms_of(connection_id) if not self.principal.may_enter(r))
+        if barred:
+            self._hub.leave(connection_id, barred)
+            for room in barred:
+                self._send_error(protocol_error(Forbidden(room), command.ref))
 
     def _schedule_expiry(self):
         if self._expiry is not None and self._expiry.active():

@@ -290,3 +290,31 @@ def test_failed_enter_sends_no_quit_on_close():
     send(other, {"type": "TALK", "room": "lobby", "message": "anyone?"})
     assert [f["type"] for f in bob.take()] == ["TALK"]
     assert session._hub.local_users("lobby") == 1
+
+
+def test_auth_with_narrower_rooms_leaves_them():
+    """
+    AUTH with a token whose rooms claim no longer lists a room the
+    connection is in: it leaves that room (the room sees a QUIT) and gets
+    ERROR forbidden naming it; the rooms still allowed are kept.
+    """
+    narrower = Principal(sub="alice", name="Alice", exp=EXP + 500, rooms=frozenset({"ops"}))
+    _, connection, session = make(tokens={"narrower": narrower})
+    bob, other = join(session, BOB, "i:2")
+    send(other, {"type": "ENTER", "room": "lobby"})
+    for room in ("lobby", "ops"):
+        send(session, {"type": "ENTER", "room": room})
+    connection.take()
+    bob.take()
+    send(session, {"type": "AUTH", "token": "narrower", "ref": "a"})
+    welcome, error = connection.take()
+    assert (welcome["type"], welcome["ref"]) == ("WELCOME", "a")
+    assert (error["type"], error["code"], error["ref"]) == ("ERROR", errors.FORBIDDEN, "a")
+    assert "lobby" in error["message"]
+    (quit,) = bob.take()
+    assert (quit["type"], quit["sender"], quit["userCount"]) == ("QUIT", "Alice", 1)
+    assert session._hub.rooms_of("i:1") == frozenset({"ops"})
+    send(other, {"type": "TALK", "room": "lobby", "message": "gone?"})
+    assert connection.take() == []
+    send(session, {"type": "TALK", "room": "ops", "message": "still here", "ref": 1})
+    assert [f["message"] for f in connection.take()] == ["still here"]
