@@ -20,8 +20,15 @@ conformance: venv  ## Autobahn Testsuite, cases 1-10
 conformance-full: venv  ## Autobahn Testsuite, every case incl. permessage-deflate
 	$(PY) conformance/run.py --full
 
-bench: venv system-deps  ## fan-out / memory benchmark (not part of `make test`)
-	$(PY) bench/run.py
+BENCH_ARGS ?=
+BENCH_STAMP := $(VENV)/.bench-installed
+
+bench: venv system-deps $(BENCH_STAMP)  ## chatd vs a plain Twisted + Autobahn broadcast, scenarios 1-4 (not part of `make test`; docs/performance.md)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]' --config-settings editable_mode=compat
+	touch $@
 
 venv: $(STAMP)
 

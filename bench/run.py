@@ -1,137 +1,463 @@
+# -*- test-case-name: tests.test_bench -*-
 """
-Fan-out benchmark: how fast one instance delivers a room's TALK events to
-many receivers, and what that costs in server memory.
+The benchmark: chatd against a plain Twisted + Autobahn broadcast
+(bench/reference.py), driven by one fast load generator (bench/loadgen.py,
+picows on uvloop).  docs/performance.md has the method and the figures.
 
-It starts a real `twistd chatd` (embedded broker, then Redis when
-redis-server is installed), connects R receivers into one room over wss,
-and has one sender send M messages.  It measures the time until every
-receiver has every message, and the server's RSS (from /proc) before and
-after.  Each setting runs several times and the median is reported, because
-a 2-core machine shared with the clients is noisy.  Nothing here is
-asserted: this is for comparing changes, not for CI.
+    make bench                       # every scenario, full sizes
+    .venv/bin/python bench/run.py 1  # one scenario
+    .venv/bin/python bench/run.py 1 3 --runs 1 --members 50 --messages 100   # a quick look
 
-    .venv/bin/python bench/run.py [--receivers 200] [--messages 200] [--runs 3]
+Scenarios: 1 fan-out, 2 idle connections, 3 many small rooms, 4 fan-out
+over two chatd instances and Redis (5, STOMP, is a hook for later).  Each
+run starts its servers afresh, pinned with taskset to the server core,
+and the generator on its own core; chatd and reference runs alternate, and
+each figure is the median of the runs with their min-max.  Before each
+run it waits (bounded) for the machine to be quiet and records how busy it
+was.  One JSON line per run and per summary goes to stdout, then a table.
+Every process it starts is stopped by PID, on Ctrl-C and errors too.
 """
 
 import argparse
-import asyncio
+import collections
 import json
 import os
+import platform
+import re
+import resource
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from websockets.asyncio.client import connect  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
 
 from tests import support  # noqa: E402
 
-DEADLINE = 120.0
+LOADGEN = os.path.join(HERE, "loadgen.py")
+REFERENCE = os.path.join(HERE, "reference.py")
+
+# chatd's per-user limits are for people, not for one generator: lifted.
+CHATD_OVERRIDES = dict(
+    limits__rate="1000000", limits__burst="1000000", limits__max_connections="100000",
+    limits__max_connections_per_ip="100000", limits__max_send_buffer_bytes=str(64 << 20),
+    server__access_log="off",
+)
 
 
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
+def log(text):
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+# -- the machine --
+
+
+def cpu_times():
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def busy_fraction(interval=1.0):
+    busy0, total0 = cpu_times()
+    time.sleep(interval)
+    busy1, total1 = cpu_times()
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def wait_quiet(threshold, limit):
+    """Wait up to C{limit} s for the machine to be under C{threshold} busy; return what it was."""
+    deadline = time.monotonic() + limit
+    busy = busy_fraction(0.5)
+    while busy > threshold and time.monotonic() < deadline:
+        busy = busy_fraction(1.0)
+    return {"machine_busy_before": round(busy, 2), "loadavg_1m": os.getloadavg()[0]}
+
+
+def machine():
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-async def _receiver(url, room, expected, ready, done, handshakes):
-    async with handshakes:  # a few TLS handshakes at a time, not a stampede
-        ws = await connect(url, ssl=support.client_tls(), max_size=2**20, ping_interval=None, open_timeout=60)
-    async with ws:
-        await ws.recv()  # WELCOME
-        await ws.send(json.dumps({"type": "ENTER", "room": room, "ref": "e"}))
-        while json.loads(await ws.recv()).get("ref") != "e":
-            pass
-        ready.release()
-        got = 0
-        while got < expected:
-            frame = json.loads(await ws.recv())
-            if frame["type"] == "TALK":
-                got += 1
-        done.append(time.perf_counter())
-
-
-async def one_run(server, receivers, messages):
-    room = "bench"
-    ready = asyncio.Semaphore(0)
-    handshakes = asyncio.Semaphore(10)
-    done = []
-    tasks = []
-    for i in range(receivers):
-        url = server.ws_base + "/ws?ticket=" + server.ticket(f"r{i}")
-        tasks.append(asyncio.create_task(_receiver(url, room, messages, ready, done, handshakes)))
-    for _ in range(receivers):
-        await asyncio.wait_for(ready.acquire(), DEADLINE)
-    rss_before = rss_kib(server.proc.pid)
-    url = server.ws_base + "/ws?ticket=" + server.ticket("sender")
-    async with connect(url, ssl=support.client_tls(), ping_interval=None) as ws:
-        await ws.recv()
-        await ws.send(json.dumps({"type": "ENTER", "room": room, "ref": "e"}))
-        while json.loads(await ws.recv()).get("ref") != "e":
-            pass
-        text = "x" * 100
-        started = time.perf_counter()
-        for n in range(messages):
-            await ws.send(json.dumps({"type": "TALK", "room": room, "message": text}))
-        await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE)
-    elapsed = max(done) - started
-    rss_after = rss_kib(server.proc.pid)
-    return receivers * messages / elapsed, rss_before, rss_after
-
-
-def bench(label, server, args):
-    rates, rss = [], []
-    for _ in range(args.runs):
-        rate, before, after = asyncio.run(one_run(server, args.receivers, args.messages))
-        rates.append(rate)
-        rss.append((before, after))
-    median = statistics.median(rates)
-    print(
-        f"{label:10s} deliveries/s median {median:9.0f}  (runs: {', '.join(f'{r:.0f}' for r in rates)}); "
-        f"server RSS {rss[-1][0] / 1024:.1f} -> {rss[-1][1] / 1024:.1f} MiB with {args.receivers} receivers"
-    )
-    return median
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--receivers", type=int, default=200)
-    parser.add_argument("--messages", type=int, default=200)
-    parser.add_argument("--runs", type=int, default=3)
-    args = parser.parse_args()
-
-    workdir = tempfile.mkdtemp(prefix="chatd-bench-")
-    secret = support.make_dev_files(workdir)
-    limits = dict(
-        limits__rate="100000", limits__burst="100000",
-        limits__max_connections_per_ip="100000", server__access_log="off",
-    )
-    results = {}
-    server = support.Chatd(workdir, workdir, secret, name="embedded", **limits)
-    try:
-        server.start()
-        results["embedded"] = bench("embedded", server, args)
-    finally:
-        server.stop()
-    redis = None
-    try:
-        redis = support.Redis(workdir).start()
-    except AssertionError as e:
-        print(f"redis: skipped ({e})")
-    if redis is not None:
-        server = support.Chatd(workdir, workdir, secret, name="redis", redis__url=redis.url, **limits)
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for name in ("twisted", "autobahn", "picows", "uvloop", "pyOpenSSL", "cryptography"):
         try:
-            server.start()  # inside the try: a chatd that fails to start must not leak redis
-            results["redis"] = bench("redis", server, args)
+            from importlib.metadata import version
+
+            versions[name] = version(name)
+        except Exception:  # noqa: BLE001 - a missing package is reported as such
+            versions[name] = None
+    from OpenSSL import SSL
+
+    return {
+        "nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+        "openssl": SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode(), **versions,
+    }
+
+
+# -- processes --
+
+
+def pin(pid, cpu):
+    """Pin every thread of C{pid} (and so the threads it starts later) to C{cpu}."""
+    subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], check=True, capture_output=True)
+
+
+class Reference:
+    """bench/reference.py as a process (the same interface as support.Chatd here)."""
+
+    def __init__(self, workdir, dev_dir):
+        self.workdir, self.dev_dir = workdir, dev_dir
+        self.port = support.free_port()
+        self.proc = None
+
+    def start(self):
+        self.log = open(os.path.join(self.workdir, "reference.log"), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, REFERENCE, "--port", str(self.port),
+             "--certificate", os.path.join(self.dev_dir, "fullchain.pem"),
+             "--private-key", os.path.join(self.dev_dir, "privkey.pem")],
+            stdout=subprocess.PIPE, stderr=self.log,
+        )
+        line = self.proc.stdout.readline()  # "ready", or EOF when it failed
+        if line.strip() != b"ready":
+            self.stop()
+            raise RuntimeError(f"the reference server did not start (see {self.log.name})")
+        return self
+
+    def stop(self):
+        if self.proc is not None:
+            support.stop_pid(self.proc)
+            self.proc.stdout.close()
+            self.log.close()
+            self.proc = None
+
+
+class Setup:
+    """The servers of one run: started, pinned, and stopped by PID whatever happens."""
+
+    def __init__(self, bench, kind, instances=1):
+        self.bench, self.kind, self.instances = bench, kind, instances
+        self.servers = []
+        self.watched = []  # processes whose CPU and memory count as the server's
+
+    def __enter__(self):
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self):
+        b = self.bench
+        if self.kind == "reference":
+            server = Reference(b.workdir, b.workdir)
+            self.servers.append(server)
+            server.start()
+            self.targets = [dict(host="127.0.0.1", port=server.port, ticket=False)]
+        else:
+            overrides = dict(CHATD_OVERRIDES)
+            if self.instances > 1:
+                redis = support.Redis(b.workdir)
+                self.servers.append(redis)
+                redis.start()
+                pin(redis.proc.pid, b.args.server_cpu)
+                self.watched.append(redis.proc.pid)
+                overrides["redis__url"] = redis.url
+            self.targets = []
+            for i in range(self.instances):
+                server = support.Chatd(b.workdir, b.workdir, b.secret, name=f"chatd{i}", **overrides)
+                self.servers.append(server)
+                server.start()
+                self.targets.append(dict(host="127.0.0.1", port=server.port, ticket=True))
+        for server in self.servers:
+            if server.proc.pid not in self.watched:
+                pin(server.proc.pid, b.args.server_cpu)
+                self.watched.append(server.proc.pid)
+        # The process to profile: the (first) chatd, or the reference.
+        self.main_pid = next(s.proc.pid for s in self.servers if not isinstance(s, support.Redis))
+
+    def __exit__(self, *exc):
+        for server in reversed(self.servers):
+            try:
+                server.stop()
+            except Exception as e:  # noqa: BLE001 - stop the others all the same
+                log(f"stopping {server!r}: {e}")
+        self.servers = []
+
+
+# -- scenarios --
+
+Scenario = collections.namedtuple("Scenario", "number name method variants spec headline")
+
+
+def _fanout_spec(a):
+    return dict(members=a.members, messages=a.messages, in_flight=a.in_flight, message_bytes=a.message_bytes)
+
+
+SCENARIOS = {
+    1: Scenario(1, "fan-out", "fanout", [("reference", 1), ("chatd", 1)], _fanout_spec,
+                ["deliveries_per_s", "server_cpu_us_per_delivery", "p50_ms", "p99_ms", "lost"]),
+    2: Scenario(2, "idle connections", "idle", [("reference", 1), ("chatd", 1)],
+                lambda a: dict(connections=a.connections),
+                ["kib_per_connection", "cpu_ms_per_connection", "connections_per_s"]),
+    3: Scenario(3, "small rooms", "rooms", [("reference", 1), ("chatd", 1)],
+                lambda a: dict(rooms=a.rooms, rate=a.rate, duration=a.duration, message_bytes=a.message_bytes),
+                ["server_cpu_ms_per_1000", "p50_ms", "p99_ms", "lost"]),
+    # Scenario 4's yardstick is scenario 1 on one chatd (target: at least 0.9x),
+    # so it alternates with that instead of with the reference.
+    4: Scenario(4, "fan-out, 2 chatd + Redis", "fanout", [("chatd", 1), ("chatd", 2)], _fanout_spec,
+                ["deliveries_per_s", "server_cpu_us_per_delivery", "p50_ms", "p99_ms", "lost"]),
+    # Scenario 5 (issue 10): scenario 1 with STOMP clients, once chatd speaks
+    # STOMP.  The hook: a "stomp" flag in the spec, honoured by a STOMP
+    # Member in bench/loadgen.py (CONNECT/SUBSCRIBE/SEND framing instead of
+    # chatd.v1 JSON), then an entry here like 1's with that flag set.
+    5: None,
+}
+
+
+def variant_label(kind, instances):
+    return kind if instances == 1 else f"{kind} x{instances}"
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.workdir = tempfile.mkdtemp(prefix="chatd-bench-")
+        self.secret = support.make_dev_files(self.workdir)
+        self.results = []
+        self.gen = None
+
+    def run_generator(self, setup, scenario, spec_fields, profile_to=None):
+        a = self.args
+        spec = dict(
+            scenario=scenario.method, targets=setup.targets, secret=self.secret.decode(),
+            server_pids=setup.watched, concurrency=a.concurrency, timeout=a.timeout, **spec_fields,
+        )
+        path = os.path.join(self.workdir, "spec.json")
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        profiler = None
+        self.gen = subprocess.Popen(
+            ["taskset", "-c", str(a.gen_cpu), sys.executable, LOADGEN, path], stdout=subprocess.PIPE,
+        )
+        result = None
+        machine0 = machine1 = cpu_times()
+        try:
+            for line in self.gen.stdout:
+                message = json.loads(line)
+                name = message.pop("event")
+                if name == "measuring":
+                    machine0 = cpu_times()
+                    if profile_to:
+                        profiler = self.start_profiler(setup.main_pid, profile_to)
+                elif name == "measured":
+                    machine1 = cpu_times()
+                    if profiler is not None:
+                        self.stop_profiler(profiler)
+                        profiler = None
+                elif name == "result":
+                    result = message
+                    if machine1 is machine0:
+                        machine1 = cpu_times()
+            self.gen.wait(30)
         finally:
-            server.stop()
-            redis.stop()
-        print(f"redis/embedded throughput ratio: {results['redis'] / results['embedded']:.2f}")
+            if profiler is not None:
+                self.stop_profiler(profiler)
+            support.stop_pid(self.gen)
+            self.gen.stdout.close()
+            self.gen = None
+        if result is None:
+            raise RuntimeError("the load generator failed (its stderr is above)")
+        # What everything else on the machine used meanwhile, in cores.
+        busy = (machine1[0] - machine0[0]) / max(1, machine1[1] - machine0[1]) * os.cpu_count()
+        others = busy - (result["server_cpu_s"] + result["gen_cpu_s"]) / max(result["wall_s"], 1e-9)
+        result["others_cores"] = round(max(0.0, others), 2)
+        return result
+
+    def start_profiler(self, pid, out):
+        py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        log(f"py-spy record on PID {pid} -> {out}")
+        return subprocess.Popen(
+            ["taskset", "-c", str(self.args.gen_cpu), py_spy, "record", "--pid", str(pid), "--rate", "200",
+             "--format", "raw", "--output", out, "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def stop_profiler(self, proc):
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            support.stop_pid(proc)
+
+    def one_run(self, scenario, kind, instances, run, profile_to=None):
+        a = self.args
+        quiet = wait_quiet(a.quiet_threshold, a.quiet_wait)
+        with Setup(self, kind, instances) as setup:
+            result = self.run_generator(setup, scenario, scenario.spec(a), profile_to)
+        record = dict(
+            scenario=scenario.number, name=scenario.name, server=variant_label(kind, instances), run=run,
+            **quiet, **result,
+        )
+        if profile_to:
+            record["profile"] = profile_to
+        else:
+            self.results.append(record)
+        print(json.dumps(record), flush=True)
+        return record
+
+    def scenario(self, number):
+        scenario = SCENARIOS[number]
+        for run in range(1, self.args.runs + 1):
+            # Alternate which server goes first, so a drift in the machine's
+            # load does not always favour the same one.
+            variants = scenario.variants if run % 2 else list(reversed(scenario.variants))
+            for kind, instances in variants:
+                log(f"scenario {number} ({scenario.name}), {variant_label(kind, instances)}, run {run}")
+                self.one_run(scenario, kind, instances, run)
+
+    def profile(self):
+        out = os.path.abspath(self.args.profile)
+        log(f"scenario 1 on chatd under py-spy (not counted in the figures)")
+        self.one_run(SCENARIOS[1], "chatd", 1, 0, profile_to=out)
+        print_profile(out, self.args.profile_top)
+
+    def summary(self):
+        rows = []
+        for number in sorted({r["scenario"] for r in self.results}):
+            scenario = SCENARIOS[number]
+            by_server = collections.defaultdict(list)
+            for r in self.results:
+                if r["scenario"] == number:
+                    by_server[r["server"]].append(r)
+            labels = [variant_label(*v) for v in scenario.variants]
+            for key in scenario.headline + ["server_cpu_pct", "gen_cpu_pct", "others_cores"]:
+                summary = {"summary": True, "scenario": number, "name": scenario.name, "figure": key}
+                for label in labels:
+                    values = [r[key] for r in by_server[label] if r.get(key) is not None]
+                    if values:
+                        summary[label] = {
+                            "median": statistics.median(values), "min": min(values), "max": max(values),
+                            "runs": len(values),
+                        }
+                base, other = labels
+                if base in summary and other in summary and summary[base]["median"]:
+                    summary["ratio"] = round(summary[other]["median"] / summary[base]["median"], 2)
+                print(json.dumps(summary), flush=True)
+                rows.append((number, scenario.name, key, labels, summary))
+        print_table(rows)
+
+
+def fmt(cell):
+    if cell is None:
+        return "-"
+    def num(x):
+        return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+    return f"{num(cell['median'])} ({num(cell['min'])}-{num(cell['max'])})"
+
+
+def print_table(rows):
+    header = ["scenario", "figure", "A", "B", "B/A"]
+    lines = []
+    for number, name, key, labels, summary in rows:
+        lines.append([
+            f"{number} {name}", key,
+            f"{labels[0]}: {fmt(summary.get(labels[0]))}", f"{labels[1]}: {fmt(summary.get(labels[1]))}",
+            str(summary.get("ratio", "-")),
+        ])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    print()
+    print("median (min-max) of the runs; B/A = ratio of the medians")
+    for line in [header] + lines:
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+
+
+def print_profile(path, top):
+    """The top frames of a py-spy raw (collapsed) profile: own time and total time."""
+    own, total, samples = collections.Counter(), collections.Counter(), 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack:
+                continue
+            count = int(count)
+            samples += count
+            # "func (file:line)" -> "func (file)": time per function, not per line.
+            frames = [re.sub(r":\d+\)$", ")", frame) for frame in stack.split(";")]
+            own[frames[-1]] += count
+            for frame in set(frames):
+                total[frame] += count
+    print(f"\npy-spy: {samples} samples of chatd under scenario 1 ({path})")
+    for title, counter in (("own time", own), ("total time (incl. callees)", total)):
+        print(f"top {top} by {title}:")
+        for frame, count in counter.most_common(top):
+            print(f"  {100 * count / max(1, samples):5.1f}%  {frame}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("scenarios", nargs="*", type=int, default=[1, 2, 3, 4], help="scenario numbers")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each server per scenario")
+    parser.add_argument("--members", type=int, default=1000, help="1, 4: room members (the sender is one)")
+    parser.add_argument("--messages", type=int, default=2000, help="1, 4: messages sent")
+    parser.add_argument("--in-flight", type=int, default=20, help="1, 4: messages not yet delivered to all")
+    parser.add_argument("--message-bytes", type=int, default=100, help="TALK text length")
+    parser.add_argument("--connections", type=int, default=5000, help="2: idle connections")
+    parser.add_argument("--rooms", type=int, default=500, help="3: rooms of two members")
+    parser.add_argument("--rate", type=float, default=2000, help="3: messages per second, all rooms")
+    parser.add_argument("--duration", type=float, default=10, help="3: seconds of sending")
+    parser.add_argument("--concurrency", type=int, default=20, help="connections opened at once")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds a phase may take")
+    parser.add_argument("--server-cpu", type=int, default=0, help="core for the servers")
+    parser.add_argument("--gen-cpu", type=int, default=1, help="core for the load generator")
+    parser.add_argument("--quiet-threshold", type=float, default=0.2, help="machine busy fraction deemed quiet")
+    parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for quiet before a run")
+    parser.add_argument("--profile", metavar="FILE", help="also run scenario 1 on chatd under py-spy into FILE")
+    parser.add_argument("--profile-top", type=int, default=25)
+    args = parser.parse_args(argv)
+    for number in args.scenarios:
+        if number not in SCENARIOS:
+            parser.error(f"no scenario {number}: there are {sorted(SCENARIOS)}")
+        if SCENARIOS[number] is None:
+            parser.error(f"scenario {number} (STOMP) does not exist yet: see the hook in bench/run.py")
+    if os.cpu_count() < 2:
+        log("one core: server and generator share it, the figures measure both")
+        args.server_cpu = args.gen_cpu = 0
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # 5000 connections on each side; children inherit the limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop what was started
+    bench = Bench(args)
+    print(json.dumps({"machine": machine()}), flush=True)
+    try:
+        for number in args.scenarios:
+            bench.scenario(number)
+        if args.profile:
+            bench.profile()
+    except KeyboardInterrupt:
+        log("interrupted: every process stopped; the figures so far:")
+    finally:
+        if bench.gen is not None:
+            support.stop_pid(bench.gen)
+        bench.summary()
+        shutil.rmtree(bench.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,81 @@
+"""
+The benchmark (bench/): its summary and profile arithmetic, and one tiny
+real run of scenarios 1 and 3 (both servers, real TLS, tickets, processes
+stopped by PID).  Figures are never asserted: only that the bench runs,
+reports one JSON line per run, and loses nothing.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "bench", "run.py")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_percentile_picks_nearest_rank():
+    """p50 and p99 of a known list; None for no samples."""
+    loadgen = _load("loadgen")
+    values = list(range(1, 101))
+    assert loadgen.percentile(values, 0.5) in (50, 51)
+    assert loadgen.percentile(values, 0.99) == 99
+    assert loadgen.percentile([], 0.99) is None
+
+
+def test_profile_summary_per_function(tmp_path, capsys):
+    """py-spy's raw stacks are summed per function (line numbers dropped), own and total."""
+    run = _load("run")
+    raw = tmp_path / "profile.txt"
+    raw.write_text(
+        "main (app.py:1);send (ws.py:10) 3\n"
+        "main (app.py:1);send (ws.py:11) 2\n"
+        "main (app.py:1);parse (ws.py:20) 5\n"
+    )
+    run.print_profile(str(raw), 5)
+    out = capsys.readouterr().out
+    assert "10 samples" in out
+    own = out.split("by own time:")[1].split("top")[0]
+    assert " 50.0%  send (ws.py)" in own and " 50.0%  parse (ws.py)" in own
+    assert "100.0%  main (app.py)" in out.split("by total time")[1]
+
+
+def test_scenario_5_is_a_clear_hook(capsys):
+    """Asking for the STOMP scenario names it as not there yet, with exit status 2."""
+    run = _load("run")
+    with pytest.raises(SystemExit) as exit_info:
+        run.parse_args(["5"])
+    assert exit_info.value.code == 2
+    assert "STOMP" in capsys.readouterr().err
+
+
+def test_tiny_run_of_scenarios_1_and_3():
+    """Both servers serve scenario 1 and 3 end to end; every message reaches every member."""
+    pytest.importorskip("picows", reason="the bench extra: pip install -e '.[bench]'")
+    pytest.importorskip("uvloop", reason="the bench extra: pip install -e '.[bench]'")
+    done = subprocess.run(
+        [sys.executable, RUN, "1", "3", "--runs", "1", "--members", "5", "--messages", "10",
+         "--rooms", "3", "--rate", "60", "--duration", "0.5", "--quiet-wait", "0", "--timeout", "20"],
+        capture_output=True, text=True, timeout=100, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    runs = [line for line in lines if "run" in line]
+    assert sorted((r["scenario"], r["server"]) for r in runs) == [
+        (1, "chatd"), (1, "reference"), (3, "chatd"), (3, "reference"),
+    ]
+    for r in runs:
+        assert r["lost"] == 0 and r["errors"] == 0, r
+        assert r["delivered"] == (5 * 10 if r["scenario"] == 1 else 2 * 30), r
+    assert any(line.get("summary") and line["figure"] == "deliveries_per_s" for line in lines)
+    assert "ratio of the medians" in done.stdout
