@@ -96,12 +96,12 @@ def wheel(tmp_path_factory):
 
 
 def test_wheel_contents(wheel):
-    """The wheel has the dropin, the page and both packages, and no twisted __init__.py."""
+    """The wheel has the dropin, the page and every package, and no twisted __init__.py."""
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
     for needed in ("twisted/plugins/chatd_plugin.py", "chatd/static/index.html",
                    "chatd/__init__.py", "chatd/tap.py", "chatd/broker/__init__.py",
-                   "chatd/broker/memory.py"):
+                   "chatd/broker/memory.py", "chatd/stomp/__init__.py", "chatd/stomp/frames.py"):
         assert needed in names, needed
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
