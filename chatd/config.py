@@ -155,6 +155,37 @@ def _redis_url(value):
     return value
 
 
+# Top-level paths chatd serves itself; [stomp] sockjs_path may not take one.
+RESERVED_PATHS = frozenset({"", "ws", "auth", "rooms", "healthz", "echo", "api"})
+_SEGMENT = re.compile(r"[A-Za-z0-9._~-]+\Z")
+_DESTINATION = re.compile(r"/[\x21-\x7e]*\Z")  # printable ASCII, no spaces
+
+
+def _sockjs_path(value):
+    value = value.strip()
+    segment = value[1:]
+    if not value.startswith("/") or not _SEGMENT.match(segment):
+        raise _Invalid(f"expected one path segment like /ws-stomp, got {value!r}")
+    if segment in RESERVED_PATHS:
+        raise _Invalid(f"{value} is already served by chatd")
+    return value
+
+
+def _destination(value):
+    value = value.strip()
+    if not _DESTINATION.match(value):
+        raise _Invalid(f"expected a destination like /pub/chat/message, got {value!r}")
+    return value
+
+
+def _prefixes(value):
+    prefixes = _words(value)
+    for prefix in prefixes:
+        if not _DESTINATION.match(prefix) or not prefix.endswith("/"):
+            raise _Invalid(f"expected prefixes like /topic/ (starting and ending in /), got {prefix!r}")
+    return prefixes
+
+
 @dataclasses.dataclass(frozen=True)
 class _Key:
     parse: Callable[[str], Any]
@@ -213,6 +244,14 @@ SCHEMA = {
     "conformance": {
         "echo": _Key(_flag, "off", "also serve /echo for the Autobahn Testsuite"),
     },
+    "stomp": {
+        "enabled": _Key(_flag, "on", "STOMP on /ws (v1x.stomp) and at sockjs_path"),
+        "sockjs_path": _Key(_sockjs_path, "/ws-stomp", "SockJS (WebSocket only) and plain STOMP endpoint"),
+        "connect_auth": _Key(_flag, "off", "also accept a JWT in CONNECT instead of a ticket"),
+        "subscribe_prefixes": _Key(_prefixes, "/sub/chat/room/ /topic/", "SUBSCRIBE <prefix><room> = ENTER"),
+        "app_prefixes": _Key(_prefixes, "/app/chat/ /pub/chat/room/", "SEND <prefix><room> = TALK"),
+        "send_destination": _Key(_destination, "/pub/chat/message", "SEND of JSON {type, roomId, message}"),
+    },
 }
 
 
@@ -237,6 +276,7 @@ class Settings:
     limits: Any
     websocket: Any
     conformance: Any
+    stomp: Any
     jwt_key: Any = dataclasses.field(repr=False, default=None)
     redis_password: Optional[str] = dataclasses.field(repr=False, default=None)
 
@@ -310,6 +350,28 @@ def _from_parser(path, parser):
     return _check_together(settings)
 
 
+def _check_stomp(path, stomp):
+    """Every STOMP destination has one meaning: topics, app rooms and sends never overlap."""
+    from chatd.stomp.mapping import AUTH_DESTINATION
+
+    if not stomp.subscribe_prefixes:
+        raise ConfigError(path, "stomp", "subscribe_prefixes", "name at least one prefix, like /topic/")
+    for key in ("subscribe_prefixes", "app_prefixes"):
+        for prefix in getattr(stomp, key):
+            if AUTH_DESTINATION.startswith(prefix):
+                raise ConfigError(path, "stomp", key, f"{prefix} would take {AUTH_DESTINATION} (AUTH renewal)")
+    for app in stomp.app_prefixes:
+        for topic in stomp.subscribe_prefixes:
+            if app.startswith(topic) or topic.startswith(app):
+                raise ConfigError(path, "stomp", "app_prefixes", f"{app} overlaps subscribe prefix {topic}")
+    send = stomp.send_destination
+    if send == AUTH_DESTINATION:
+        raise ConfigError(path, "stomp", "send_destination", f"{send} is the AUTH renewal destination")
+    for topic in stomp.subscribe_prefixes:
+        if send.startswith(topic):
+            raise ConfigError(path, "stomp", "send_destination", f"{send} is under subscribe prefix {topic}")
+
+
 def _read_file(settings, section, key, what):
     filename = getattr(getattr(settings, section), key)
     if not filename:
@@ -331,6 +393,7 @@ def _check_together(settings):
         _read_file(settings, "tls", "private_key", "tls = on")
     if not settings.server.allowed_origins:
         raise ConfigError(path, "server", "allowed_origins", "name at least one origin, or *")
+    _check_stomp(path, settings.stomp)
 
     algorithms = settings.auth.algorithms
     if algorithms[0] in HS_ALGORITHMS:

@@ -576,3 +576,56 @@ def test_replace_unknown_key():
     """replace() refuses a key the section does not have."""
     with pytest.raises(TypeError):
         config.replace(config.defaults(), limits__bogus=1)
+
+
+# --- [stomp] ---------------------------------------------------------------------
+
+
+def test_stomp_defaults(ini):
+    """[stomp] is on by default, with the Spring seed clients' destinations."""
+    stomp = config.load(ini()).stomp
+    assert stomp.enabled is True and stomp.connect_auth is False
+    assert stomp.sockjs_path == "/ws-stomp"
+    assert stomp.subscribe_prefixes == ("/sub/chat/room/", "/topic/")
+    assert stomp.app_prefixes == ("/app/chat/", "/pub/chat/room/")
+    assert stomp.send_destination == "/pub/chat/message"
+
+
+def test_stomp_settings(ini):
+    """Every [stomp] key is read; app_prefixes may be empty."""
+    stomp = config.load(
+        ini(stomp__enabled="off", stomp__sockjs_path="/chat-stomp", stomp__connect_auth="on",
+            stomp__subscribe_prefixes="/exchange/rooms/", stomp__app_prefixes="",
+            stomp__send_destination="/queue/talk")
+    ).stomp
+    assert (stomp.enabled, stomp.sockjs_path, stomp.connect_auth) == (False, "/chat-stomp", True)
+    assert stomp.subscribe_prefixes == ("/exchange/rooms/",) and stomp.app_prefixes == ()
+    assert stomp.send_destination == "/queue/talk"
+
+
+@pytest.mark.parametrize(
+    "change,key,why_part",
+    [
+        ({"stomp__enabled": "sometimes"}, "enabled", "expected on or off"),
+        ({"stomp__sockjs_path": "ws-stomp"}, "sockjs_path", "one path segment like /ws-stomp"),
+        ({"stomp__sockjs_path": "/a/b"}, "sockjs_path", "one path segment"),
+        ({"stomp__sockjs_path": "/"}, "sockjs_path", "one path segment"),
+        ({"stomp__sockjs_path": "/ws"}, "sockjs_path", "/ws is already served by chatd"),
+        ({"stomp__sockjs_path": "/auth"}, "sockjs_path", "already served"),
+        ({"stomp__subscribe_prefixes": "/topic"}, "subscribe_prefixes", "starting and ending in /"),
+        ({"stomp__subscribe_prefixes": ""}, "subscribe_prefixes", "name at least one prefix"),
+        ({"stomp__app_prefixes": "app/"}, "app_prefixes", "starting and ending in /"),
+        ({"stomp__app_prefixes": "/topic/x/"}, "app_prefixes", "/topic/x/ overlaps subscribe prefix /topic/"),
+        ({"stomp__app_prefixes": "/sub/"}, "app_prefixes", "/sub/ overlaps subscribe prefix /sub/chat/room/"),
+        ({"stomp__app_prefixes": "/app/"}, "app_prefixes", "/app/ would take /app/auth"),
+        ({"stomp__subscribe_prefixes": "/"}, "subscribe_prefixes", "would take /app/auth"),
+        ({"stomp__send_destination": "pub"}, "send_destination", "like /pub/chat/message"),
+        ({"stomp__send_destination": "/a b"}, "send_destination", "like /pub/chat/message"),
+        ({"stomp__send_destination": "/topic/x"}, "send_destination", "under subscribe prefix /topic/"),
+        ({"stomp__send_destination": "/app/auth"}, "send_destination", "AUTH renewal"),
+    ],
+)
+def test_stomp_errors(ini, change, key, why_part):
+    """A bad [stomp] value, or destinations that would mean two things, name the key."""
+    path = ini(**change)
+    assert_names(failure(path), path, "stomp", key, why_part)
