@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 CONFIG ?= etc/chatd.ini
 PYTEST_ARGS ?=
 
-.PHONY: run test conformance conformance-full bench venv sslyze dev-files system-deps clean
+.PHONY: run test conformance conformance-full bench venv sslyze node-deps dev-files system-deps clean
 
 run: venv dev-files  ## set up and run the server on the embedded broker
 	$(VENV)/bin/twistd -n --pidfile= chatd --config $(CONFIG)
 
-test: venv sslyze system-deps  ## set up and run the default test suite (incl. conformance cases 1-10)
+test: venv sslyze system-deps node-deps  ## set up and run the default test suite (incl. conformance cases 1-10)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 conformance: venv  ## Autobahn Testsuite, cases 1-10
@@ -48,18 +48,29 @@ $(SSLYZE_VENV)/.installed: tests/sslyze-requirements.txt
 	$(SSLYZE_VENV)/bin/python -m pip install -q -r tests/sslyze-requirements.txt
 	touch $@
 
+# The real STOMP clients (@stomp/stompjs, stompjs + sockjs-client) for the
+# STOMP tests, pinned by package-lock.json; install scripts are not needed
+# (they only build optional native speed-ups).
+STOMP_CLIENTS := tests/stomp-clients
+node-deps: $(STOMP_CLIENTS)/node_modules/.installed  ## Node packages for the STOMP client tests
+
+$(STOMP_CLIENTS)/node_modules/.installed: $(STOMP_CLIENTS)/package-lock.json | system-deps
+	cd $(STOMP_CLIENTS) && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
 dev-files: venv
 	test -f etc/dev/fullchain.pem -a -f etc/dev/privkey.pem || $(PY) -m chatd devcert etc/dev
 	test -f etc/dev/jwt.secret || $(PY) -m chatd devsecret etc/dev/jwt.secret
 
-system-deps:  ## redis-server and Chromium from Debian, when missing (the page test drives Chromium over CDP)
+system-deps:  ## redis-server, Chromium and Node from Debian, when missing (the page test drives Chromium over CDP)
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
 clean:
-	rm -rf $(VENV) .venv-wstest $(SSLYZE_VENV) .venv-sslyze.lock build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-wstest $(SSLYZE_VENV) .venv-sslyze.lock build *.egg-info .pytest_cache .hypothesis $(STOMP_CLIENTS)/node_modules
