@@ -7,10 +7,11 @@ and P-384 only, the chain served as given.  tests/test_tls.py checks the
 result with sslyze's Mozilla checker.
 """
 
-import re
-
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.logger import Logger
 
@@ -29,11 +30,6 @@ INTERMEDIATE_CIPHERS = ":".join([
 INTERMEDIATE_GROUPS = b"X25519:P-256:P-384"
 
 log = Logger()
-
-_PEM_CERT = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL
-)
-
 
 def limit_groups(context):
     """
@@ -79,31 +75,31 @@ class _IntermediateOptions(ssl.CertificateOptions):
         return context
 
 
-def _no_passphrase(*args):
-    raise crypto.Error([("chatd", "load_privatekey", "encrypted keys are not supported")])
-
-
 def certificate_options(settings):
     """
+    The listener's TLS options from C{[tls] certificate} (a PEM chain, leaf
+    first) and C{private_key}, as cryptography objects: Twisted passes them
+    to pyOpenSSL, which takes them in place of its deprecated X509/PKey.
+
     @raise ConfigError: naming [tls] certificate or private_key when the
         files do not hold a usable chain and matching key.
     """
     path = settings.path
     with open(settings.tls.certificate, "rb") as f:
-        chain = _PEM_CERT.findall(f.read())
-    if not chain:
+        chain_pem = f.read()
+    if b"-----BEGIN CERTIFICATE-----" not in chain_pem:
         raise ConfigError(path, "tls", "certificate", "no PEM certificate in the file")
     try:
-        certs = [crypto.load_certificate(crypto.FILETYPE_PEM, pem) for pem in chain]
-    except crypto.Error:
+        certs = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError:
         raise ConfigError(path, "tls", "certificate", "not a valid PEM certificate") from None
     with open(settings.tls.private_key, "rb") as f:
         key_pem = f.read()
     try:
-        # A passphrase callback that gives none: an encrypted key is refused
-        # here instead of OpenSSL prompting on the terminal (or hanging).
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem, passphrase=_no_passphrase)
-    except crypto.Error:
+        # No password: an encrypted key is refused here (TypeError) instead
+        # of OpenSSL prompting on the terminal (or hanging).
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise ConfigError(path, "tls", "private_key", "not a valid, unencrypted PEM private key") from None
     options = _IntermediateOptions(
         privateKey=key,

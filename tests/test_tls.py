@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 from cryptography import x509
@@ -143,6 +144,26 @@ def test_groups_are_limited_to_the_profile(tmp_path):
     _, chain, key = make_pki(str(tmp_path))
     settings = config.replace(config.defaults(), tls__certificate=chain, tls__private_key=key)
     assert tls.certificate_options(settings).groups == "X25519:P-256:P-384"
+
+
+def test_chain_and_key_as_cryptography_objects(tmp_path):
+    """
+    Every certificate in the PEM file is served (leaf first, then the rest),
+    loaded as cryptography objects: building the context raises none of
+    pyOpenSSL's deprecation warnings for X509/PKey objects.
+    """
+    ca, chain, key = make_pki(str(tmp_path))
+    with open(chain, "ab") as f, open(ca, "rb") as extra:
+        f.write(b"\n" + extra.read())
+    settings = config.replace(config.defaults(), tls__certificate=chain, tls__private_key=key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        options = tls.certificate_options(settings)
+        options.getContext()
+    assert isinstance(options.certificate, x509.Certificate)
+    assert options.certificate.subject == _name("localhost")
+    assert [c.subject for c in options.extraCertChain] == [_name("chatd test CA")]
+    assert isinstance(options.privateKey, ec.EllipticCurvePrivateKey)
 
 
 def test_sslyze_mozilla_intermediate(start_chatd, tmp_path):
