@@ -1,8 +1,54 @@
 """Fixtures shared by every test module; the machinery is in tests/support.py."""
 
 import pytest
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from tests import support
+
+
+class LoggedFailures:
+    """What was logged at error level or with a failure; C{expect} excuses a message."""
+
+    def __init__(self):
+        self.events = []
+        self._expected = []
+
+    def expect(self, text):
+        """Excuse logged errors whose text (traceback included) contains C{text}."""
+        self._expected.append(text)
+
+    def __call__(self, event):
+        if event.get("log_failure") is not None or event.get("log_level") in (
+            LogLevel.error, LogLevel.critical
+        ):
+            self.events.append(event)
+
+    def unexpected(self):
+        """The logged errors no C{expect} excused, as text."""
+        texts = [
+            formatEvent(e) + (e["log_failure"].getTraceback() if e.get("log_failure") else "")
+            for e in self.events
+        ]
+        return [t for t in texts if not any(x in t for x in self._expected)]
+
+
+@pytest.fixture(autouse=True)
+def logged_failures():
+    """
+    Like trial (and magic-wormhole's C{observe_errors}): every test fails
+    when anything in this process logged a failure or an error (an
+    unhandled exception in a Deferred, a log.failure, log.error) that it did
+    not C{expect}.  Warnings are how expected trouble (a Redis outage) shows.
+    Processes a test starts log to their own files; tests read those.
+    """
+    observer = LoggedFailures()
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield observer
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    unexpected = observer.unexpected()
+    assert not unexpected, "logged during the test:\n" + "\n".join(unexpected)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from twisted.internet import defer, task
 from chatd.broker.memory import MemoryBroker
 from chatd.broker.redis import RedisBroker
 from tests.broker_contract import BrokerContract, Rig
-from tests.test_broker_redis import logged_failures  # noqa: F401 (autouse fixture)
 
 START_TIMEOUT = 10.0
 

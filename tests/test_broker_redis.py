@@ -16,7 +16,6 @@ import socket
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from chatd.auth import Principal
 from chatd.broker.interfaces import Member
@@ -26,44 +25,6 @@ from chatd.messages import event_id_key
 from tests.support import free_port
 
 TIMEOUT = 10.0
-
-
-class LoggedFailures:
-    """What was logged at error level or with a failure; C{expect} excuses a message."""
-
-    def __init__(self):
-        self.events = []
-        self._expected = []
-
-    def expect(self, text):
-        self._expected.append(text)
-
-    def __call__(self, event):
-        if event.get("log_failure") is not None or event.get("log_level") in (
-            LogLevel.error, LogLevel.critical
-        ):
-            self.events.append(event)
-
-    def unexpected(self):
-        texts = [
-            formatEvent(e) + (e["log_failure"].getTraceback() if e.get("log_failure") else "")
-            for e in self.events
-        ]
-        return [t for t in texts if not any(x in t for x in self._expected)]
-
-
-@pytest.fixture(autouse=True)
-def logged_failures():
-    """
-    Like trial: a test fails when anything logged a failure or an error
-    (an unhandled exception in a Deferred, a log.failure, log.error) that
-    it did not expect.  Warnings are how Redis outages are meant to show.
-    """
-    observer = LoggedFailures()
-    globalLogPublisher.addObserver(observer)
-    yield observer
-    globalLogPublisher.removeObserver(observer)
-    assert not observer.unexpected()
 
 
 def _read_doc(name):

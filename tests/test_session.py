@@ -202,8 +202,9 @@ def test_closed_cancels_expiry_and_leaves_rooms():
     assert connection.closes == [] and connection.take() == []
 
 
-def test_unexpected_error_is_unavailable():
-    """An unexpected error handling a command becomes ERROR unavailable with the ref."""
+def test_unexpected_error_is_unavailable(logged_failures):
+    """An unexpected error handling a command becomes ERROR unavailable with the ref, and is logged."""
+    logged_failures.expect("boom")
     class BrokenHub(Hub):
         async def talk(self, *args, **kwargs):
             raise RuntimeError("boom")
@@ -216,6 +217,7 @@ def test_unexpected_error_is_unavailable():
     assert not isinstance(results[0], defer.Failure)
     (error,) = connection.take()
     assert (error["code"], error["ref"]) == (errors.UNAVAILABLE, "r")
+    assert logged_failures.events
 
 
 @pytest.mark.parametrize("exp_offset", [0, -50])
