@@ -32,7 +32,7 @@ live connections.
 """
 
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFactory
 
 from chatd.limits import CapReached, ConnectionCaps, TokenBucket
 
@@ -75,31 +75,33 @@ class _LogBudget:
         return count
 
 
-class _GuardedConnection(ProtocolWrapper):
-    """One accepted connection: its deadline and whether it is a WebSocket yet."""
+class _GuardedConnection(ProtocolWrapper, TimeoutMixin):
+    """
+    One accepted connection: its deadline and whether it is a WebSocket yet.
 
-    _deadline = None
+    The deadline is L{TimeoutMixin}'s timeout, on the guard's clock.  It is
+    set on accept and again after each finished HTTP request, and never
+    reset by incoming bytes (no C{resetTimeout}): a client dribbling its
+    headers a byte at a time must not keep its slot.
+    """
+
     upgraded = False
+
+    def __init__(self, factory, wrappedProtocol, clock):
+        super().__init__(factory, wrappedProtocol)
+        self.callLater = clock.callLater  # TimeoutMixin's hook for the clock
 
     def makeConnection(self, transport):
         super().makeConnection(transport)
         self.factory._connected(self)
 
     def connectionLost(self, reason):
+        self.setTimeout(None)
         self.factory._disconnected(self)
         super().connectionLost(reason)
 
-    def arm(self, timeout, clock):
-        self.disarm()
-        self._deadline = clock.callLater(timeout, self._expired)
-
-    def disarm(self):
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
-
-    def _expired(self):
-        self._deadline = None
+    def timeoutConnection(self):
+        """TimeoutMixin API: the deadline passed; abort, TLS alert or not."""
         self.factory._expired(self)
         self.transport.abortConnection()
 
@@ -146,7 +148,7 @@ class ConnectionGuard(WrappingFactory):
                 peer=_host(addr), reason=refused.reason, count=self.pending.count(_host(addr)),
             )
             return None
-        return super().buildProtocol(addr)
+        return self.protocol(self, self.wrappedFactory.buildProtocol(addr), self._clock)
 
     # --- what the WebSocket side and the requests report ----------------------
 
@@ -160,14 +162,14 @@ class ConnectionGuard(WrappingFactory):
         if connection is None or connection.upgraded:
             return
         connection.upgraded = True
-        connection.disarm()
+        connection.setTimeout(None)
         self.pending.release(connection)
 
     def request_done(self, address):
         """An HTTP request on the connection from C{address} finished: re-arm."""
         connection = self._by_peer.get(_peer_key(address))
         if connection is not None and not connection.upgraded:
-            connection.arm(self.timeout, self._clock)
+            connection.setTimeout(self.timeout)
 
     def guard_requests(self, request_factory):
         """
@@ -234,10 +236,9 @@ class ConnectionGuard(WrappingFactory):
             # cancel its deadline, so it gets none (docs/security.md).
             return
         self._by_peer[key] = connection
-        connection.arm(self.timeout, self._clock)
+        connection.setTimeout(self.timeout)
 
     def _disconnected(self, connection):
-        connection.disarm()
         self.pending.release(connection)
         key = _peer_key(connection.getPeer())
         if self._by_peer.get(key) is connection:

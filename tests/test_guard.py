@@ -179,6 +179,18 @@ def test_silent_connection_is_aborted_at_the_deadline():
     assert len(guard.pending) == 0
 
 
+def test_bytes_do_not_extend_the_deadline():
+    """A client dribbling bytes (slowloris) is aborted at the same deadline as a silent one."""
+    guard, clock = make_guard(timeout=10)
+    protocol, transport = connect(guard)
+    for _ in range(99):
+        clock.advance(0.1)
+        protocol.dataReceived(b"x")
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting and len(guard.pending) == 0
+
+
 def test_upgraded_connection_has_no_deadline():
     """Once its WebSocket opens, the guard leaves the connection alone."""
     guard, clock = make_guard(timeout=10)
