@@ -22,6 +22,9 @@ from twisted.plugin import getPlugins
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIP_TIMEOUT = 180  # the first build may fetch setuptools for build isolation
 RUN_TIMEOUT = 60
+# The wheel (built once, in the first test that needs it) and an install,
+# each allowed PIP_TIMEOUT, and the probe: above pytest.ini's 120 s cap.
+WHEEL_TEST_TIMEOUT = 2 * PIP_TIMEOUT + RUN_TIMEOUT + 30
 
 # Runs in a bare interpreter (-S: no site, so no editable .pth) that sees
 # only the installed wheel and the venv's dependencies.
@@ -95,6 +98,7 @@ def wheel(tmp_path_factory):
     return built
 
 
+@pytest.mark.timeout(WHEEL_TEST_TIMEOUT)
 def test_wheel_contents(wheel):
     """The wheel has the dropin, the page and every package, and no twisted __init__.py."""
     with zipfile.ZipFile(wheel) as z:
@@ -110,6 +114,7 @@ def test_wheel_contents(wheel):
     assert {n.split("/")[0] for n in names if not n.startswith("chatd-")} == {"chatd", "twisted"}
 
 
+@pytest.mark.timeout(WHEEL_TEST_TIMEOUT)
 def test_plugin_found_after_plain_install(wheel, tmp_path):
     """After `pip install --target` of the wheel, a fresh interpreter lists the chatd plugin from there."""
     target = tmp_path / "site"
