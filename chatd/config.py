@@ -222,12 +222,15 @@ SCHEMA = {
     },
     "history": {
         "size": _Key(_integer(0, 100000), "500", "TALK events kept per room for replay"),
+        "max_bytes": _Key(_integer(1024), "1048576", "bytes of TALK text kept per room for replay"),
+        "ttl": _Key(_integer(1), "86400", "seconds an empty room is kept after its last event"),
     },
     "limits": {
         "max_message_bytes": _Key(_integer(128), "65536", "WebSocket message limit (close 1009)"),
         "max_talk_chars": _Key(_integer(1), "4000", "TALK text limit (ERROR too_large)"),
         "max_rooms_per_connection": _Key(_integer(1), "50", "rooms one connection may be in"),
         "max_rooms": _Key(_integer(1), "10000", "rooms the registry may hold; a new one beyond: ERROR forbidden"),
+        "max_new_rooms_per_user": _Key(_integer(1), "100", "rooms held that one user made; a new one beyond: ERROR forbidden"),
         "rate": _Key(_number(0.1), "20", "messages per second a connection may send"),
         "burst": _Key(_integer(1), "40", "messages a connection may send at once"),
         "abuse_strikes": _Key(_integer(1), "50", "rate_limited errors before close 1008"),

@@ -101,6 +101,18 @@ class RoomLimitReached(ChatError):
     """
 
 
+class TooManyNewRooms(ChatError):
+    """
+    Entering would make a new room while this user made C{[limits]
+    max_new_rooms_per_user} of the rooms the registry still holds: no single
+    user can take the whole registry.  Answered with ERROR forbidden.
+    """
+
+    def __init__(self, limit):
+        super().__init__(limit)
+        self.limit = limit
+
+
 class BrokerUnavailable(ChatError):
     """
     The broker could not store or deliver something (Redis down, timed out).
@@ -114,6 +126,7 @@ _HTTP_TABLE = (
     (Forbidden, HTTP_FORBIDDEN, FORBIDDEN, "your token does not allow {room}"),
     (RoomLimitReached, HTTP_FORBIDDEN, FORBIDDEN, "no new rooms: this server holds its maximum"),
     (TooManyRooms, HTTP_FORBIDDEN, FORBIDDEN, "at most {limit} rooms per connection"),
+    (TooManyNewRooms, HTTP_FORBIDDEN, FORBIDDEN, "you made {limit} rooms that still exist; use one of those"),
     (NotMember, HTTP_NOT_FOUND, NOT_MEMBER, "not in {room}"),
     (AlreadyInRoom, HTTP_CONFLICT, BAD_REQUEST, "already in {room}"),
 )

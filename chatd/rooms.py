@@ -9,9 +9,16 @@ import collections
 import itertools
 
 from chatd import messages
+from chatd.broker.interfaces import DEDUP_MAX, DEDUP_WINDOW
 from chatd.messages import RoomEvent, event_id_key
 
-DEDUP_WINDOW = 10 * 60.0  # seconds a (sub, cid) pair is remembered
+DEFAULT_MAX_BYTES = 1024 * 1024  # [history] max_bytes
+DEFAULT_TTL = 24 * 3600.0  # [history] ttl
+
+
+def text_bytes(text):
+    """What a TALK costs the history's byte budget: its text, UTF-8."""
+    return len(text.encode("utf-8"))
 
 
 class Room:
@@ -19,17 +26,27 @@ class Room:
     One room.  Ids come from a counter shared by all rooms of a broker and
     are prefixed with the broker's epoch, so they increase within a room
     even when the room is forgotten and made again, and across restarts.
+
+    History is bounded twice: at most C{history_size} TALKs and at most
+    C{max_bytes} of their text, the oldest dropped first.  Deduplication
+    keeps only the id and time of each (sub, cid), for L{DEDUP_WINDOW}, at
+    most L{DEDUP_MAX} per user.
     """
 
-    def __init__(self, name, epoch, counter, history_size):
+    def __init__(self, name, epoch, counter, history_size, max_bytes=DEFAULT_MAX_BYTES):
         self.name = name
         self._epoch = epoch
         self._counter = counter
         self.members = {}  # connection_id -> Member
-        self.history = collections.deque(maxlen=history_size or None)
+        self.history = collections.deque()
+        self._sizes = collections.deque()  # text_bytes of each history event
+        self.history_bytes = 0
         self._history_size = history_size
-        self._max_dropped = None  # key of the newest TALK evicted from history
-        self._by_cid = {}  # (sub, cid) -> (accepted_at, event)
+        self._max_bytes = max_bytes
+        self._max_dropped = None  # key of the newest TALK dropped from history
+        self._born = None  # key of this room's first event: older ids are another room's
+        self.last_event_at = None
+        self._cids = {}  # sub -> {cid: (accepted_at, event id)}, in acceptance order
 
     @property
     def users(self):
@@ -40,8 +57,12 @@ class Room:
         """Nothing worth keeping: no members, no history, nothing dropped."""
         return not self.members and not self.history and self._max_dropped is None
 
+    def expired(self, now, ttl):
+        """No members and no event for C{ttl} seconds: forget it, history and all."""
+        return not self.members and self.last_event_at is not None and now - self.last_event_at >= ttl
+
     def _event(self, kind, member, text, now):
-        return RoomEvent(
+        event = RoomEvent(
             type=kind,
             id=f"{self._epoch}-{next(self._counter)}",
             room=self.name,
@@ -50,6 +71,10 @@ class Room:
             user_count=len(self.members),
             ts=int(now * 1000),
         )
+        if self._born is None:
+            self._born = event_id_key(event.id)
+        self.last_event_at = now
+        return event
 
     def enter(self, member, since, now):
         """@return: (ENTER event, replay events, complete)."""
@@ -67,39 +92,84 @@ class Room:
             # An id from another life of this broker: what happened between
             # then and now is gone with that process.
             return replay, False
+        if self._born is not None and since_key < self._born:
+            # From before this room was made (again): an expired room's
+            # history went with it.
+            return replay, False
         if self._max_dropped is not None and since_key < self._max_dropped:
             return replay, False
         return replay, True
 
     def talk(self, member, text, cid, now):
-        """@return: (event, duplicate)."""
-        self._expire_cids(now)
+        """
+        @return: (event, duplicate).  For a duplicate the event is the
+            original when history still has it; otherwise it carries the
+            original's id and time with this resend's text.
+        """
         if cid is not None:
-            seen = self._by_cid.get((member.sub, cid))
+            seen = self._cids_of(member.sub, now).get(cid)
             if seen is not None:
-                return seen[1], True
+                return self._original(member, text, *seen), True
         event = self._event(messages.TALK, member, text, now)
-        if self._history_size == 0:
-            self._max_dropped = event_id_key(event.id)
-        else:
-            if len(self.history) == self.history.maxlen:
-                self._max_dropped = event_id_key(self.history[0].id)
-            self.history.append(event)
+        self._keep(event)
         if cid is not None:
-            self._by_cid[(member.sub, cid)] = (now, event)
+            cids = self._cids.setdefault(member.sub, {})
+            cids[cid] = (now, event.id)
+            if len(cids) > DEDUP_MAX:
+                del cids[next(iter(cids))]  # the oldest
         return event, False
+
+    def _keep(self, event):
+        size = text_bytes(event.message)
+        key = event_id_key(event.id)
+        if self._history_size == 0 or size > self._max_bytes:
+            self._max_dropped = key
+            return
+        self.history.append(event)
+        self._sizes.append(size)
+        self.history_bytes += size
+        while len(self.history) > self._history_size or self.history_bytes > self._max_bytes:
+            dropped = self.history.popleft()
+            self.history_bytes -= self._sizes.popleft()
+            self._max_dropped = event_id_key(dropped.id)
+
+    def _original(self, member, text, accepted_at, event_id):
+        key = event_id_key(event_id)
+        for event in reversed(self.history):
+            if event.id == event_id:
+                return event
+            if event_id_key(event.id) < key:
+                break
+        return RoomEvent(
+            type=messages.TALK, id=event_id, room=self.name, sender=member.name,
+            message=text, user_count=len(self.members), ts=int(accepted_at * 1000),
+        )
 
     def quit(self, member, now):
         self.members.pop(member.connection_id, None)
         return self._event(messages.QUIT, member, messages.left_text(member.name), now)
 
-    def _expire_cids(self, now):
+    def _cids_of(self, sub, now):
+        cids = self._cids.get(sub, {})
         # Insertion order is acceptance order, so the stale ones lead.
-        while self._by_cid:
-            key, (accepted_at, _) = next(iter(self._by_cid.items()))
+        while cids:
+            accepted_at, _ = cids[next(iter(cids))]
             if now - accepted_at < DEDUP_WINDOW:
                 break
-            del self._by_cid[key]
+            del cids[next(iter(cids))]
+        if not cids:
+            self._cids.pop(sub, None)
+        return cids
+
+    def expire_cids(self, now):
+        """Forget every (sub, cid) older than L{DEDUP_WINDOW} (the broker's timer calls this)."""
+        for sub in list(self._cids):
+            self._cids_of(sub, now)
+
+    @property
+    def cids(self):
+        """How many (sub, cid) pairs are remembered."""
+        return sum(len(c) for c in self._cids.values())
 
 
 def id_counter():

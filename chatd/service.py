@@ -34,7 +34,11 @@ def make_broker(settings, reactor):
         return RedisBroker.from_settings(settings, reactor)
     from chatd.broker.memory import MemoryBroker
 
-    return MemoryBroker(reactor, settings.history.size, max_rooms=settings.limits.max_rooms)
+    return MemoryBroker(
+        reactor, settings.history.size, max_rooms=settings.limits.max_rooms,
+        max_bytes=settings.history.max_bytes, ttl=settings.history.ttl,
+        max_new_rooms_per_user=settings.limits.max_new_rooms_per_user,
+    )
 
 
 class ClientsService(Service):

@@ -16,7 +16,7 @@ from chatd.auth import InvalidToken
 from chatd.broker.interfaces import Member
 from chatd.errors import (
     AlreadyInRoom, BrokerUnavailable, Forbidden, NotMember, ProtocolError, RoomLimitReached,
-    TooManyRooms,
+    TooManyNewRooms, TooManyRooms,
 )
 from chatd.limits import TokenBucket
 from chatd.logs import printable
@@ -37,6 +37,7 @@ ERROR_TABLE = (
     (Forbidden, errors.FORBIDDEN, "your token does not allow {room}"),
     (TooManyRooms, errors.FORBIDDEN, "at most {limit} rooms per connection"),
     (RoomLimitReached, errors.FORBIDDEN, "no new rooms: this server holds its maximum"),
+    (TooManyNewRooms, errors.FORBIDDEN, "you made {limit} rooms that still exist; use one of those"),
     (BrokerUnavailable, errors.UNAVAILABLE, "chat is unavailable, try again"),
 )
 

@@ -4,7 +4,8 @@ The IBroker contract as tests, written once and run against every broker
 with a real redis-server).
 
 A subclass provides the C{make_rig} fixture: an async factory
-C{await make_rig(history_size=N)} returning a L{Rig} around a started
+C{await make_rig(history_size=N, max_rooms=N, max_bytes=N, ttl=S,
+max_new_rooms_per_user=N)} (any subset) returning a L{Rig} around a started
 broker.  Everything is awaited on events (the feed, Deferreds), each wait
 with a deadline.
 """
@@ -15,7 +16,7 @@ from zope.interface.verify import verifyObject
 
 from chatd.auth import Principal
 from chatd.broker.interfaces import IBroker, Member
-from chatd.errors import RoomLimitReached
+from chatd.errors import RoomLimitReached, TooManyNewRooms
 from chatd.messages import event_id_key
 
 FEED_TIMEOUT = 5.0
@@ -228,4 +229,80 @@ class BrokerContract:
             raise AssertionError("a third room was made")
         assert sorted(await rig.broker.list_rooms()) == [("one", 1), ("two", 1)]
         entered = await rig.broker.enter("two", bob)
+        assert entered.event.user_count == 2
+
+    @pytest_twisted.ensureDeferred
+    async def test_duplicate_after_history_moved_on(self, make_rig):
+        """
+        A resend whose original left history is still a duplicate: the
+        original's id and time, the resend's text, nothing stored or
+        published (brokers keep the cid's id, not the event).
+        """
+        rig = await make_rig(history_size=1)
+        alice = rig.member(1)
+        await rig.broker.subscribe("lobby")
+        await rig.broker.enter("lobby", alice)
+        original = await rig.broker.talk("lobby", alice, "first", cid="c-1")
+        newer = await rig.broker.talk("lobby", alice, "second")
+        retry = await rig.broker.talk("lobby", alice, "first", cid="c-1", ref="again")
+        assert retry.duplicate is True
+        assert (retry.event.id, retry.event.ts, retry.event.type) == (original.event.id, original.event.ts, "TALK")
+        assert (retry.event.message, retry.event.sender, retry.event.room) == ("first", "User1", "lobby")
+        marker = await rig.broker.talk("lobby", alice, "marker")
+        await rig.fed(4)
+        assert [d.event for d in rig.feed[1:]] == [original.event, newer.event, marker.event]
+        late = await rig.broker.enter("lobby", rig.member(2), since=original.event.id)
+        assert late.replay == (marker.event,)
+
+    @pytest_twisted.ensureDeferred
+    async def test_history_byte_budget(self, make_rig):
+        """History keeps at most max_bytes of TALK text (UTF-8), the oldest dropped first."""
+        rig = await make_rig(max_bytes=1024)
+        alice = rig.member(1)
+        first = await rig.broker.enter("lobby", alice)
+        said = [(await rig.broker.talk("lobby", alice, "\u00e9" * 150)).event for _ in range(5)]  # 300 bytes each
+        back = await rig.broker.enter("lobby", rig.member(2), since=first.event.id)
+        assert back.replay == tuple(said[2:]) and back.complete is False
+        recent = await rig.broker.enter("lobby", rig.member(3), since=said[1].id)
+        assert recent.replay == tuple(said[2:]) and recent.complete is True
+        huge = await rig.broker.talk("lobby", alice, "x" * 1025)
+        assert not huge.duplicate
+        after = await rig.broker.enter("lobby", rig.member(4), since=said[-1].id)
+        assert after.replay == () and after.complete is False
+
+    @pytest_twisted.ensureDeferred
+    async def test_empty_room_expires_after_ttl(self, make_rig):
+        """A room with no members is forgotten, history and all, ttl after its last event."""
+        rig = await make_rig(ttl=1, max_rooms=2)
+        alice, bob = rig.member(1), rig.member(2)
+        await rig.broker.enter("kept", bob)
+        first = await rig.broker.enter("lobby", alice)
+        said = await rig.broker.talk("lobby", alice, "soon gone")
+        await rig.broker.quit("lobby", alice)
+        assert ("lobby", 0) in await rig.broker.list_rooms()
+        await rig.elapse(1.5)
+        assert await rig.broker.list_rooms() == [("kept", 1)]
+        # Its slot is free again, and nothing of it is replayed.
+        await rig.broker.enter("other", alice)
+        await rig.broker.quit("other", alice)
+        back = await rig.broker.enter("lobby", alice, since=first.event.id)
+        assert back.replay == () and back.complete is False
+        assert event_id_key(back.event.id) > event_id_key(said.event.id)
+
+    @pytest_twisted.ensureDeferred
+    async def test_new_rooms_per_user(self, make_rig):
+        """One user makes at most max_new_rooms_per_user of the rooms held; others still can."""
+        rig = await make_rig(max_new_rooms_per_user=2)
+        alice, alice_again, bob = rig.member(1), rig.member(2, sub="user1"), rig.member(3)
+        await rig.broker.enter("one", alice)
+        await rig.broker.enter("two", alice_again)
+        try:
+            await rig.broker.enter("three", alice)
+        except TooManyNewRooms as refused:
+            assert refused.limit == 2
+        else:
+            raise AssertionError("a third room was made by one user")
+        assert sorted(name for name, _ in await rig.broker.list_rooms()) == ["one", "two"]
+        await rig.broker.enter("three", bob)
+        entered = await rig.broker.enter("three", alice)
         assert entered.event.user_count == 2

@@ -3,6 +3,7 @@ The IBroker contract (tests/broker_contract.py) run against both brokers:
 the embedded MemoryBroker and the RedisBroker on a real redis-server.
 """
 
+import inspect
 import time
 
 import pytest
@@ -26,8 +27,8 @@ class TestMemoryBroker(BrokerContract):
             clock.advance(seconds)
             return defer.succeed(None)
 
-        async def make(history_size=500, max_rooms=10000):
-            return Rig(MemoryBroker(clock, history_size, max_rooms=max_rooms), _reactor(), elapse)
+        async def make(history_size=500, **kwargs):
+            return Rig(MemoryBroker(clock, history_size, **kwargs), _reactor(), elapse)
 
         return make
 
@@ -43,10 +44,14 @@ class TestRedisBroker(BrokerContract):
             # Redis expires keys by its own clock: real time has to pass.
             return task.deferLater(reactor, seconds, lambda: None)
 
-        async def make(history_size=500, max_rooms=10000):
+        async def make(history_size=500, **kwargs):
+            unknown = set(kwargs) - set(inspect.signature(RedisBroker).parameters)
+            if unknown:
+                # The contract is ahead of the Redis broker (issue 8 items 6, 7).
+                pytest.xfail(f"RedisBroker has no {', '.join(sorted(unknown))} yet")
             broker = RedisBroker(
                 reactor, "127.0.0.1", redis.port, timeout=2.0, presence_ttl=3.0,
-                history_size=history_size, max_rooms=max_rooms,
+                history_size=history_size, **kwargs,
             )
             brokers.append(broker)
             broker.startService()

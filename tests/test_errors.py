@@ -9,13 +9,13 @@ import pytest
 from chatd import errors
 from chatd.errors import (
     AlreadyInRoom, BrokerUnavailable, ChatError, Forbidden, NotMember, RoomLimitReached,
-    TooManyRooms,
+    TooManyNewRooms, TooManyRooms,
 )
 from chatd.session import ERROR_TABLE, protocol_error
 
 EXAMPLES = [
     NotMember("lobby"), AlreadyInRoom("lobby"), Forbidden("lobby"), TooManyRooms(3),
-    RoomLimitReached("lobby"), BrokerUnavailable("redis down"),
+    RoomLimitReached("lobby"), TooManyNewRooms(5), BrokerUnavailable("redis down"),
 ]
 
 
@@ -42,7 +42,8 @@ def test_protocol_error_codes():
     assert codes == {
         "NotMember": errors.NOT_MEMBER, "AlreadyInRoom": errors.BAD_REQUEST,
         "Forbidden": errors.FORBIDDEN, "TooManyRooms": errors.FORBIDDEN,
-        "RoomLimitReached": errors.FORBIDDEN, "BrokerUnavailable": errors.UNAVAILABLE,
+        "RoomLimitReached": errors.FORBIDDEN, "TooManyNewRooms": errors.FORBIDDEN,
+        "BrokerUnavailable": errors.UNAVAILABLE,
     }
 
 

@@ -9,7 +9,7 @@ import pytest
 from chatd import messages
 from chatd.broker.interfaces import Member
 from chatd.messages import event_id_key
-from chatd.rooms import DEDUP_WINDOW, Room, id_counter
+from chatd.rooms import DEDUP_MAX, DEDUP_WINDOW, Room, id_counter
 
 EPOCH = 1700000000000
 ALICE = Member("i:1", "alice", "Alice")
@@ -212,3 +212,77 @@ def test_forgettable_history_zero():
     r = room(history_size=0)
     talks(r, 1)
     assert not r.forgettable
+
+
+def test_history_byte_budget():
+    """History keeps at most max_bytes of TALK text (UTF-8); older since ids are incomplete."""
+    r = Room("lobby", EPOCH, id_counter(), 500, max_bytes=1000)
+    said = [r.talk(ALICE, "\u00e9" * 150, None, 0)[0] for _ in range(4)]  # 300 bytes each
+    assert list(r.history) == said[1:] and r.history_bytes == 900
+    assert r.replay_since(said[0].id) == (tuple(said[1:]), True)
+    assert r.replay_since(f"{EPOCH}-0") == (tuple(said[1:]), False)
+
+
+def test_text_over_the_budget_is_not_kept():
+    """A TALK longer than max_bytes is numbered and returned but not kept; replay says so."""
+    r = Room("lobby", EPOCH, id_counter(), 500, max_bytes=1024)
+    small = r.talk(ALICE, "small", None, 0)[0]
+    huge, duplicate = r.talk(ALICE, "x" * 1025, None, 0)
+    assert not duplicate and huge.message == "x" * 1025
+    assert list(r.history) == [small]
+    assert r.replay_since(small.id) == ((), False)
+
+
+def test_duplicate_after_eviction_answers_with_the_id():
+    """The cid keeps only id and time: once the original left history, the answer has the resend's text."""
+    r = room(history_size=1)
+    first = r.talk(ALICE, "original", "c1", 5.0)[0]
+    r.talk(ALICE, "pushes it out", None, 6.0)
+    again, duplicate = r.talk(ALICE2, "resent", "c1", 7.0)
+    assert duplicate is True
+    assert (again.id, again.ts, again.message, again.sender) == (first.id, 5000, "resent", "Alice")
+    assert [e.message for e in r.history] == ["pushes it out"]
+
+
+def test_cid_bound_per_user():
+    """At most DEDUP_MAX cids per user and room; the oldest is forgotten first, other users unaffected."""
+    r = room(history_size=0)
+    bobs = r.talk(BOB, "b", "bob-1", 0)[0]
+    for i in range(DEDUP_MAX + 1):
+        r.talk(ALICE, "a", f"c{i}", 0)
+    assert r.cids == DEDUP_MAX + 1  # Alice's DEDUP_MAX and Bob's one
+    assert r.talk(ALICE, "a", "c0", 1)[1] is False  # forgotten: stored again
+    assert r.talk(ALICE, "a", "c2", 1)[1] is True
+    assert r.talk(BOB, "b", "bob-1", 1)[0].id == bobs.id
+
+
+def test_expire_cids_without_a_talk():
+    """expire_cids (the broker's timer) forgets stale cids with no TALK needed."""
+    r = room()
+    for i in range(3):
+        r.talk(ALICE, "a", f"c{i}", 0)
+    r.talk(BOB, "b", "late", 300)
+    r.expire_cids(DEDUP_WINDOW + 1)
+    assert r.cids == 1
+    r.expire_cids(DEDUP_WINDOW + 301)
+    assert r.cids == 0
+
+
+def test_expired():
+    """Only a room with no members and no event for ttl seconds is expired."""
+    r = room()
+    assert not r.expired(10**9, 60)  # never used: nothing to time
+    r.enter(ALICE, None, 100)
+    assert not r.expired(1000, 60)  # a member is in
+    r.quit(ALICE, 200)
+    assert not r.expired(259.9, 60) and r.expired(260, 60)
+
+
+def test_since_from_before_the_room_was_made_again():
+    """A room made again (after it expired) cannot vouch for ids of its earlier life."""
+    counter = id_counter()
+    old = room(counter=counter)
+    said = old.talk(ALICE, "gone with the room", None, 0)[0]
+    new = room(counter=counter)
+    new.enter(ALICE, None, 1)
+    assert new.replay_since(said.id) == ((), False)

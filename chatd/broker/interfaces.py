@@ -16,6 +16,12 @@ from zope.interface import Attribute, Interface
 
 from chatd.messages import RoomEvent
 
+# Deduplication of TALKs by (member.sub, cid), per room, in every broker:
+# a cid is remembered this long, and at most this many per user and room
+# (the oldest forgotten first), as its event's id and time only.
+DEDUP_WINDOW = 10 * 60.0
+DEDUP_MAX = 1000
+
 
 @dataclasses.dataclass(frozen=True)
 class Member:
@@ -56,8 +62,12 @@ class Entered:
 class Talked:
     """
     What a TALK produced.  C{duplicate} is true when the (sub, cid) pair was
-    already accepted: then C{event} is the original and nothing was stored or
-    published again.
+    already accepted in this room: nothing was stored or published again,
+    and C{event} stands for the original.  Its C{id} and C{ts} are always
+    the original's; while the original is still in history, C{event} is the
+    original itself, otherwise (brokers keep only the id and time of each
+    cid, not the event) its text is this resend's and its count the room's
+    now.
     """
 
     event: RoomEvent
@@ -98,16 +108,27 @@ class IBroker(Interface):
     def enter(room, member, since=None, ref=None):
         """
         Add C{member} to the room's presence, store and publish its ENTER
-        event (C{userCount} counting it), and fire with L{Entered}.  Fail
-        with L{chatd.errors.RoomLimitReached}, changing nothing, when the
-        room is new and the registry already holds its maximum of rooms.
+        event (C{userCount} counting it), and fire with L{Entered}.
+
+        A room is new when the registry does not hold it: never made, or
+        forgotten (no members and no event for C{[history] ttl} seconds; its
+        history goes with it, so a C{since} from before is incomplete).
+        Making a new room fails, changing nothing, with
+        L{chatd.errors.RoomLimitReached} when the registry holds
+        C{[limits] max_rooms}, and with L{chatd.errors.TooManyNewRooms} when
+        C{member.sub} made C{[limits] max_new_rooms_per_user} of the rooms
+        the registry still holds.
         """
 
     def talk(room, member, text, cid=None, ref=None):
         """
         Store the TALK in the room's history and publish it, in one atomic
-        step; fire with L{Talked}.  A (member.sub, cid) seen in the last ten
-        minutes is a duplicate: fire with the original event, publish nothing.
+        step; fire with L{Talked}.  History keeps at most C{[history] size}
+        TALKs and C{[history] max_bytes} of their text (UTF-8), dropping the
+        oldest first; a text longer than C{max_bytes} is published but not
+        kept.  A (member.sub, cid) accepted in this room within
+        L{DEDUP_WINDOW} (and among the user's last L{DEDUP_MAX} there) is a
+        duplicate: fire with L{Talked} C{duplicate=True}, publish nothing.
         """
 
     def quit(room, member, ref=None):

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_broker_contract -*-
+# -*- test-case-name: tests.test_broker_contract,tests.test_broker_memory -*-
 """
 The embedded broker: one instance's rooms and tickets in this process.
 
@@ -19,8 +19,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from chatd.broker.interfaces import Delivery, Entered, IBroker, Talked
-from chatd.errors import RoomLimitReached
-from chatd.rooms import Room, id_counter
+from chatd.errors import RoomLimitReached, TooManyNewRooms
+from chatd.rooms import DEFAULT_MAX_BYTES, DEFAULT_TTL, Room, id_counter
 from chatd.tickets import TicketBook
 
 SWEEP_INTERVAL = 60.0
@@ -36,31 +36,82 @@ class MemoryBroker(MultiService):
     @param history_size: C{[history] size}, TALK events kept per room.
     @param instance_id: this instance's id (random when not given).
     @param max_rooms: C{[limits] max_rooms}, rooms the registry holds.
+    @param max_bytes: C{[history] max_bytes}, TALK text kept per room.
+    @param ttl: C{[history] ttl}, seconds an empty, quiet room is kept.
+    @param max_new_rooms_per_user: C{[limits] max_new_rooms_per_user}.
     """
 
     log = Logger()
 
-    def __init__(self, clock, history_size=500, instance_id=None, max_rooms=10000):
+    def __init__(
+        self, clock, history_size=500, instance_id=None, max_rooms=10000,
+        max_bytes=DEFAULT_MAX_BYTES, ttl=DEFAULT_TTL, max_new_rooms_per_user=100,
+    ):
         super().__init__()
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self._clock = clock
         self._history_size = history_size
         self._max_rooms = max_rooms
+        self._max_bytes = max_bytes
+        self._ttl = ttl
+        self._max_new_rooms_per_user = max_new_rooms_per_user
         self._epoch = int(clock.seconds() * 1000)
         self._counter = id_counter()
         self._rooms = {}
+        self._made_by = {}  # room name -> sub of the member whose ENTER made it
+        self._made = {}  # sub -> names of the rooms it made that are still held
         self._subscribed = set()
         self._tickets = TicketBook(clock)
         self._deliver = None
-        sweeper = TimerService(SWEEP_INTERVAL, self._tickets.sweep)
+        sweeper = TimerService(SWEEP_INTERVAL, self.sweep)
         sweeper.clock = clock
         sweeper.setServiceParent(self)
 
-    def _room(self, name):
+    def sweep(self):
+        """
+        The timer's work: forget used tickets, cids past their window, and
+        rooms empty and quiet for C{ttl} (with their history).
+        """
+        now = self._clock.seconds()
+        self._tickets.sweep()
+        for name, room in list(self._rooms.items()):
+            room.expire_cids(now)
+            if room.expired(now, self._ttl):
+                self._forget(name)
+
+    def _held(self, name):
+        """The room if the registry holds it (an expired one is forgotten first)."""
         room = self._rooms.get(name)
-        if room is None:
-            room = self._rooms[name] = Room(name, self._epoch, self._counter, self._history_size)
+        if room is not None and room.expired(self._clock.seconds(), self._ttl):
+            self._forget(name)
+            room = None
         return room
+
+    def _room(self, name, maker=None):
+        room = self._held(name)
+        if room is None:
+            if maker is not None:
+                if len(self._rooms) >= self._max_rooms:
+                    self.sweep()  # expired rooms make space
+                if len(self._rooms) >= self._max_rooms:
+                    raise RoomLimitReached(name)
+                if len(self._made.get(maker, ())) >= self._max_new_rooms_per_user:
+                    raise TooManyNewRooms(self._max_new_rooms_per_user)
+                self._made_by[name] = maker
+                self._made.setdefault(maker, set()).add(name)
+            room = self._rooms[name] = Room(
+                name, self._epoch, self._counter, self._history_size, self._max_bytes
+            )
+        return room
+
+    def _forget(self, name):
+        del self._rooms[name]
+        maker = self._made_by.pop(name, None)
+        if maker is not None:
+            made = self._made[maker]
+            made.discard(name)
+            if not made:
+                del self._made[maker]
 
     def _publish(self, event, origin, ref):
         if event.room in self._subscribed and self._deliver is not None:
@@ -85,9 +136,11 @@ class MemoryBroker(MultiService):
         return defer.succeed(self._tickets.redeem(ticket))
 
     def enter(self, room, member, since=None, ref=None):
-        if room not in self._rooms and len(self._rooms) >= self._max_rooms:
-            return defer.fail(RoomLimitReached(room))
-        event, replay, complete = self._room(room).enter(member, since, self._clock.seconds())
+        try:
+            state = self._room(room, maker=member.sub)
+        except (RoomLimitReached, TooManyNewRooms) as refused:
+            return defer.fail(refused)
+        event, replay, complete = state.enter(member, since, self._clock.seconds())
         self._publish(event, member.connection_id, ref)
         return defer.succeed(Entered(event, replay, complete))
 
@@ -101,11 +154,13 @@ class MemoryBroker(MultiService):
         state = self._room(room)
         event = state.quit(member, self._clock.seconds())
         if state.forgettable:
-            del self._rooms[room]
+            self._forget(room)
         self._publish(event, member.connection_id, ref)
         return defer.succeed(event)
 
     def list_rooms(self):
+        for name in list(self._rooms):
+            self._held(name)
         return defer.succeed(sorted((name, room.users) for name, room in self._rooms.items()))
 
     def is_available(self):
