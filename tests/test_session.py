@@ -9,7 +9,6 @@ import json
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from chatd import config, errors
 from chatd.auth import Principal
@@ -242,20 +241,6 @@ def join(session, principal, connection_id):
     return connection, other
 
 
-@pytest.fixture
-def logged_failures():
-    """The failures logged while the test runs."""
-    failures = []
-
-    def observe(event):
-        if "log_failure" in event:
-            failures.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield failures
-    globalLogPublisher.removeObserver(observe)
-
-
 @pytest.mark.parametrize("step", ["enter", "subscribe"])
 def test_unexpected_enter_failure_leaves_no_seat(step, logged_failures):
     """
@@ -266,11 +251,12 @@ def test_unexpected_enter_failure_leaves_no_seat(step, logged_failures):
     _, connection, session = make(broker=RecordingBroker)
     broker = session._hub._broker
     broker.broken[step] = RuntimeError("boom")
+    logged_failures.expect("boom")
     connection.take()
     send(session, {"type": "ENTER", "room": "lobby", "ref": "e"})
     (error,) = connection.take()
     assert (error["type"], error["code"], error["ref"]) == ("ERROR", errors.UNAVAILABLE, "e")
-    assert len(logged_failures) == 1
+    assert len(logged_failures.events) == 1
     assert session._hub.rooms_of("i:1") == frozenset()
     send(session, {"type": "TALK", "room": "lobby", "message": "x", "ref": "t"})
     assert connection.take()[0]["code"] == errors.NOT_MEMBER
@@ -280,8 +266,9 @@ def test_unexpected_enter_failure_leaves_no_seat(step, logged_failures):
     assert (entered["type"], entered["ref"]) == ("ENTER", "again")
 
 
-def test_failed_enter_sends_no_quit_on_close():
+def test_failed_enter_sends_no_quit_on_close(logged_failures):
     """A connection whose ENTER failed unexpectedly closes without a QUIT reaching the room."""
+    logged_failures.expect("boom")
     _, connection, session = make(broker=RecordingBroker)
     bob, other = join(session, BOB, "i:2")
     send(other, {"type": "ENTER", "room": "lobby"})
