@@ -15,7 +15,7 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 from urllib.parse import urlsplit
 
 HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
@@ -23,6 +23,9 @@ PUBLIC_KEY_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 MIN_HS_SECRET_BYTES = 32
+MIN_API_KEY_CHARS = 32
+MIN_WEBHOOK_SECRET_BYTES = 32
+WEBHOOK_EVENTS = ("talk", "enter", "quit")
 
 
 class ConfigError(Exception):
@@ -186,6 +189,34 @@ def _prefixes(value):
     return prefixes
 
 
+def _webhook_url(value):
+    value = value.strip()
+    if not value:
+        return ""
+    # The URL may carry a token in its query: never repeat it in the error.
+    why = "expected https://HOST[:PORT]/PATH or http://HOST[:PORT]/PATH"
+    parts = _split_url(value, why)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+        raise _Invalid(why)
+    try:
+        parts.port
+    except ValueError:
+        raise _Invalid(why) from None
+    if parts.username or parts.password:
+        raise _Invalid("put no credentials in the URL; the body is signed with secret_file")
+    return value
+
+
+def _webhook_events(value):
+    events = _words(value.lower())
+    if not events:
+        raise _Invalid(f"name at least one of {' '.join(WEBHOOK_EVENTS)}")
+    for event in events:
+        if event not in WEBHOOK_EVENTS:
+            raise _Invalid(f"unknown event {event!r}; expected any of {' '.join(WEBHOOK_EVENTS)}")
+    return frozenset(events)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Key:
     parse: Callable[[str], Any]
@@ -255,6 +286,16 @@ SCHEMA = {
         "app_prefixes": _Key(_prefixes, "/app/chat/ /pub/chat/room/", "SEND <prefix><room> = TALK"),
         "send_destination": _Key(_destination, "/pub/chat/message", "SEND of JSON {type, roomId, message}"),
     },
+    "api": {
+        "key_file": _Key(_path, "", "file of server API keys, one per line; empty = /api/ off"),
+    },
+    "webhook": {
+        "url": _Key(_webhook_url, "", "where room events are POSTed; empty = off"),
+        "secret_file": _Key(_path, "", "file holding the HMAC-SHA256 signing secret"),
+        "events": _Key(_webhook_events, "talk", "which room events to send: talk enter quit"),
+        "timeout": _Key(_number(0.1), "10", "seconds one POST may take before it is retried"),
+        "max_queue": _Key(_integer(1), "10000", "events waiting to be sent; beyond: oldest batch dropped"),
+    },
 }
 
 
@@ -280,8 +321,12 @@ class Settings:
     websocket: Any
     conformance: Any
     stomp: Any
+    api: Any
+    webhook: Any
     jwt_key: Any = dataclasses.field(repr=False, default=None)
     redis_password: Optional[str] = dataclasses.field(repr=False, default=None)
+    api_keys: Tuple[str, ...] = dataclasses.field(repr=False, default=())
+    webhook_secret: bytes = dataclasses.field(repr=False, default=b"")
 
 
 def defaults(**overrides):
@@ -424,7 +469,53 @@ def _check_together(settings):
     if settings.redis.url and urlsplit(settings.redis.url).password:
         # Inline passwords end up in process listings and backups.
         raise ConfigError(path, "redis", "url", "put the password in password_file, not the URL")
-    return dataclasses.replace(settings, jwt_key=jwt_key, redis_password=redis_password)
+    return dataclasses.replace(
+        settings,
+        jwt_key=jwt_key,
+        redis_password=redis_password,
+        api_keys=_api_keys(settings),
+        webhook_secret=_webhook_secret(settings),
+    )
+
+
+def _api_keys(settings):
+    """
+    The server API keys, one per line (several allow rotation); blank lines
+    and C{#} comments are skipped.  A problem names the line, never the key.
+    """
+    if not settings.api.key_file:
+        return ()
+    raw = _read_file(settings, "api", "key_file", "the server API")
+    filename = settings.api.key_file
+    keys = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        line = line.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        try:
+            key = line.decode("ascii")
+        except UnicodeDecodeError:
+            key = None
+        if key is None or not key.isprintable() or " " in key or "\t" in key:
+            why = f"{filename} line {number}: a key is printable ASCII without spaces"
+            raise ConfigError(settings.path, "api", "key_file", why)
+        if len(key) < MIN_API_KEY_CHARS:
+            why = f"{filename} line {number}: key is {len(key)} characters; at least {MIN_API_KEY_CHARS}"
+            raise ConfigError(settings.path, "api", "key_file", why)
+        keys.append(key)
+    if not keys:
+        raise ConfigError(settings.path, "api", "key_file", f"{filename} holds no key")
+    return tuple(keys)
+
+
+def _webhook_secret(settings):
+    if not settings.webhook.url:
+        return b""
+    secret = _read_file(settings, "webhook", "secret_file", "a webhook url").strip()
+    if len(secret) < MIN_WEBHOOK_SECRET_BYTES:
+        why = f"secret is {len(secret)} bytes; at least {MIN_WEBHOOK_SECRET_BYTES}"
+        raise ConfigError(settings.path, "webhook", "secret_file", why)
+    return secret
 
 
 def _public_key(path, pem, algorithms):

@@ -629,3 +629,119 @@ def test_stomp_errors(ini, change, key, why_part):
     """A bad [stomp] value, or destinations that would mean two things, name the key."""
     path = ini(**change)
     assert_names(failure(path), path, "stomp", key, why_part)
+
+
+# --- [api] and [webhook] ------------------------------------------------------------
+
+KEY_A = "a" * 32
+KEY_B = "B-" + "7" * 40
+
+
+def test_api_off_by_default(ini):
+    """No [api] key_file: no keys, the API is off."""
+    settings = config.load(ini())
+    assert settings.api.key_file == "" and settings.api_keys == ()
+
+
+def test_api_keys_one_per_line(ini, tmp_path):
+    """Every non-blank, non-comment line is a key; surrounding whitespace is stripped."""
+    keys = tmp_path / "api.keys"
+    keys.write_text(f"# rotated 2026-12\n{KEY_A}\n\n  {KEY_B}  \n")
+    settings = config.load(ini(api__key_file=str(keys)))
+    assert settings.api_keys == (KEY_A, KEY_B)
+    assert KEY_A not in repr(settings)
+
+
+def test_short_api_key_names_file_and_line_not_key(ini, tmp_path):
+    """A key under 32 characters stops loading, naming the file and its line, never the key."""
+    keys = tmp_path / "api.keys"
+    keys.write_text(f"{KEY_A}\n# comment\nshort-key-{'x' * 20}\n")
+    path = ini(api__key_file=str(keys))
+    error = failure(path)
+    assert_names(error, path, "api", "key_file", f"{keys} line 3: key is 30 characters; at least 32")
+    assert "short-key" not in str(error)
+
+
+@pytest.mark.parametrize("content, why_part", [
+    ("\n# only a comment\n", "holds no key"),
+    ("a key with spaces in it, long enough to pass\n", "line 1: a key is printable ASCII"),
+    ("ключ" * 10 + "\n", "line 1: a key is printable ASCII"),
+])
+def test_bad_api_key_files(ini, tmp_path, content, why_part):
+    """An empty key file or a key with spaces or non-ASCII is refused, naming [api] key_file."""
+    keys = tmp_path / "api.keys"
+    keys.write_text(content)
+    path = ini(api__key_file=str(keys))
+    assert_names(failure(path), path, "api", "key_file", why_part)
+
+
+def test_api_key_file_missing(ini, tmp_path):
+    """A key_file that does not exist is named."""
+    path = ini(api__key_file=str(tmp_path / "nope"))
+    assert_names(failure(path), path, "api", "key_file", "no such file")
+
+
+def test_webhook_off_by_default(ini):
+    """No [webhook] url: no secret needed, the defaults are talk, 10 s, 10000 events."""
+    settings = config.load(ini())
+    assert settings.webhook.url == "" and settings.webhook_secret == b""
+    assert settings.webhook.events == frozenset({"talk"})
+    assert (settings.webhook.timeout, settings.webhook.max_queue) == (10.0, 10000)
+
+
+def test_webhook_loads_with_secret(ini, tmp_path):
+    """A url with a 32-byte secret and an event list loads; the secret stays out of repr."""
+    secret = tmp_path / "hook.secret"
+    secret.write_bytes(b"k" * 32 + b"\n")
+    settings = config.load(ini(
+        webhook__url="https://backend.example:8443/chat/hook?x=1",
+        webhook__secret_file=str(secret),
+        webhook__events="talk, ENTER quit",
+        webhook__timeout="2.5",
+        webhook__max_queue="5",
+    ))
+    assert settings.webhook.url == "https://backend.example:8443/chat/hook?x=1"
+    assert settings.webhook_secret == b"k" * 32
+    assert settings.webhook.events == frozenset({"talk", "enter", "quit"})
+    assert (settings.webhook.timeout, settings.webhook.max_queue) == (2.5, 5)
+    assert b"k" * 32 not in repr(settings).encode()
+
+
+def test_webhook_short_secret(ini, tmp_path):
+    """A webhook secret under 32 bytes is a config error naming [webhook] secret_file."""
+    secret = tmp_path / "hook.secret"
+    secret.write_bytes(b"k" * 31)
+    path = ini(webhook__url="https://h.example/", webhook__secret_file=str(secret))
+    assert_names(failure(path), path, "webhook", "secret_file", "secret is 31 bytes; at least 32")
+
+
+def test_webhook_url_needs_secret_file(ini):
+    """A url without secret_file is refused: every delivery is signed."""
+    path = ini(webhook__url="https://h.example/")
+    assert_names(failure(path), path, "webhook", "secret_file", "missing (required for a webhook url)")
+
+
+@pytest.mark.parametrize("url, why_part", [
+    ("ftp://h.example/", "expected https://HOST"),
+    ("https:///path", "expected https://HOST"),
+    ("https://h.example:99999/", "expected https://HOST"),
+    ("https://user:pw@h.example/", "no credentials"),
+])
+def test_bad_webhook_urls(ini, url, why_part):
+    """Webhook URLs must be http(s) with a host; credentials in them are refused and not echoed."""
+    path = ini(webhook__url=url)
+    error = failure(path)
+    assert_names(error, path, "webhook", "url", why_part)
+    assert "pw" not in str(error)
+
+
+@pytest.mark.parametrize("change, key, why_part", [
+    ({"webhook__events": "talk shout"}, "events", "unknown event 'shout'"),
+    ({"webhook__events": " , "}, "events", "name at least one of talk enter quit"),
+    ({"webhook__timeout": "0"}, "timeout", "at least 0.1"),
+    ({"webhook__max_queue": "0"}, "max_queue", "at least 1"),
+])
+def test_bad_webhook_values(ini, change, key, why_part):
+    """Each bad [webhook] value is named by its key."""
+    path = ini(**change)
+    assert_names(failure(path), path, "webhook", key, why_part)
