@@ -117,16 +117,26 @@ class TokenVerifier:
         return principal_from_claims(claims)
 
 
+def is_sub(value):
+    """A user id as tokens carry it: printable, 1-256 characters, no outer spaces."""
+    return isinstance(value, str) and _SUB.match(value) is not None and value == value.strip()
+
+
+def is_display_name(value):
+    """A display name: printable, 1-64 characters, no outer spaces."""
+    return isinstance(value, str) and _NAME.match(value) is not None and value == value.strip()
+
+
 def principal_from_claims(claims):
     """The checks PyJWT does not do: claim types and shapes."""
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not _SUB.match(sub) or sub != sub.strip():
+    if not is_sub(sub):
         raise InvalidToken("sub must be a printable string of 1-256 characters")
     if "name" not in claims:
         name = sub  # as checked above: the contract allows it up to 256 characters
     else:
         name = claims["name"]
-        if not isinstance(name, str) or not _NAME.match(name) or name != name.strip():
+        if not is_display_name(name):
             raise InvalidToken("name must be a printable string of 1-64 characters")
     exp = claims.get("exp")
     if isinstance(exp, bool) or not isinstance(exp, (int, float)):

@@ -163,7 +163,8 @@ class WebhookService(Service):
         @param events: which event types to send, lower case.
         @param timeout: seconds an attempt may take.
         @param max_queue: events held at most, the one in flight included.
-        @param backoff: C{attempts -> seconds} before a retry.
+        @param backoff: C{failures before this one -> seconds} before a retry
+            (Twisted's C{backoffPolicy}: 1 s, doubling up to 60 s, plus jitter).
         @param new_delivery_id: C{() -> str}, unique per batch.
         """
         self._url = url
@@ -284,7 +285,7 @@ class WebhookService(Service):
             self._sending = None
             self._next()
             return
-        delay = self._backoff(batch.attempts)
+        delay = self._backoff(batch.attempts - 1)
         log.warn(
             "webhook {url} delivery {delivery} attempt {attempts} failed ({why}); retry in {delay}s",
             url=redact_uri(self._url), delivery=batch.delivery_id, attempts=batch.attempts,

@@ -69,7 +69,7 @@ def logged():
 def make(client=None, clock=None, **kw):
     """A started service on a Clock, delivery ids d1, d2, ... and a 1 s, 2 s, 3 s backoff."""
     ids = iter(f"d{n}" for n in range(1, 10000))
-    kw.setdefault("backoff", lambda attempts: float(attempts))
+    kw.setdefault("backoff", lambda failures: failures + 1.0)
     service = WebhookService(
         URL, SECRET, clock or task.Clock(), client or FakeClient(), new_delivery_id=lambda: next(ids), **kw
     )
@@ -423,3 +423,17 @@ async def test_real_tls_verification_is_on(receiver_at, dev_dir, logged):
         assert any("certificate verify failed" in line for line in logged)
     finally:
         await service.stopService()
+
+
+def test_default_backoff_is_twisted_policy_from_one_second():
+    """Without an injected policy the first retry comes after 1 s plus under 1 s of jitter."""
+    clock = task.Clock()
+    client = FakeClient()
+    service = WebhookService(URL, SECRET, clock, client)
+    service.startService()
+    service.accepted(talk(1), "a")
+    client.answer(500)
+    clock.advance(0.999)
+    assert len(client.posts) == 1
+    clock.advance(1.0)
+    assert len(client.posts) == 2
