@@ -369,8 +369,9 @@ def test_room_limit_is_403():
     assert (status, answer["error"]) == (403, "forbidden")
 
 
-def test_unexpected_error_is_500_and_logged_once(logged):
+def test_unexpected_error_is_500_and_logged_once(logged, logged_failures):
     """A bug in the backend answers 500 internal and logs one failure line, without the key."""
+    logged_failures.expect("api: GET /api/rooms failed")
     backend = FakeBackend(list_rooms=ValueError("boom"))
     status, _, answer = Api(backend).call("GET", "/api/rooms")
     assert (status, answer["error"]) == (500, "internal")
