@@ -19,7 +19,8 @@ from twisted.internet import defer, task
 
 from chatd.auth import Principal
 from chatd.broker.interfaces import Member
-from chatd.broker.redis import RedisBroker, decode_event
+from chatd.broker.redis import RedisBroker
+from chatd.broker.redis_scripts import decode_event
 from chatd.errors import BrokerUnavailable
 from chatd.messages import event_id_key
 from tests.support import free_port
@@ -417,50 +418,3 @@ async def test_key_layout(brokers):
     stored = redis_command(port, "XRANGE", "chatd:room:lobby:history", "-", "+")
     assert [entry[1][0] for entry in stored] == ["m"]
     assert decode_event(stored[0][1][1]).event.message == "hi"
-
-
-class _Link:
-    """Stands in for RedisLink: collects what the protocol reports."""
-
-    def __init__(self):
-        self.messages = []
-
-    def connection_made(self, protocol):
-        pass
-
-    def connection_lost(self, protocol, why):
-        pass
-
-    def message_received(self, channel, message):
-        self.messages.append((channel, message))
-
-
-def _subscriber_fed(chunks):
-    from twisted.internet.testing import StringTransport
-
-    from chatd.broker.redis import _LinkFactory, _SubscriberProtocol
-
-    link = _Link()
-    protocol = _LinkFactory(link, _SubscriberProtocol, task.Clock()).buildProtocol(None)
-    protocol.makeConnection(StringTransport())
-    for chunk in chunks:
-        protocol.dataReceived(chunk)
-    return link.messages
-
-
-def test_a_burst_is_parsed_in_one_turn():
-    """
-    Every pub/sub message in the buffer is handled within one dataReceived
-    (txredisapi alone defers the rest of the buffer to the next reactor
-    turn after each bulk string); any split of the bytes gives the same.
-    """
-    def publish(n):
-        payload = f"1-{n} 1 1 " + '{"type":"TALK","message":"' + "é" * (n % 7) + '"}'
-        data = payload.encode()
-        return b"*3\r\n$7\r\nmessage\r\n$20\r\nchatd:0:events:lobby\r\n$%d\r\n%s\r\n" % (len(data), data)
-
-    stream = b"".join(publish(n) for n in range(200))
-    expected = [("chatd:0:events:lobby", publish(n).split(b"\r\n")[-2].decode()) for n in range(200)]
-    assert _subscriber_fed([stream]) == expected
-    assert _subscriber_fed([stream[i:i + 1] for i in range(len(stream))]) == expected
-    assert _subscriber_fed([stream[i:i + 97] for i in range(0, len(stream), 97)]) == expected

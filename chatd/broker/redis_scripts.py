@@ -1,7 +1,8 @@
-# -*- test-case-name: tests.test_broker_redis -*-
+# -*- test-case-name: tests.test_broker_redis,tests.test_redis_link -*-
 """
-What the Redis broker keeps in Redis: the key layout and the Lua scripts
-that change a room in one atomic step.
+What the Redis broker keeps in Redis: the key layout, the Lua scripts that
+change a room in one atomic step, and the codec of the events they store
+and publish (the scripts and the codec are two halves of one wire format).
 
 Every room event is made by exactly one script run: it takes the room's
 next id, stores the event (TALKs in the room's capped stream), updates
@@ -21,7 +22,11 @@ Cluster, because one room's script also updates the global registry.
 """
 
 import hashlib
+import json
 
+from chatd import messages
+from chatd.broker.interfaces import Delivery
+from chatd.messages import RoomEvent, event_id_key
 from chatd.tickets import ticket_digest
 
 PREFIX = "chatd:"
@@ -30,6 +35,64 @@ PREFIX = "chatd:"
 # id counter this long after it was forgotten, so a quick comeback carries
 # on with the same epoch.
 IDLE_ROOM_MS = 24 * 3600 * 1000
+
+
+# --- the event codec --------------------------------------------------------------
+# An event travels as one string, "<id> <userCount> <ts> <envelope JSON>":
+# chatd writes the envelope (encode_envelope), a script prepends what only
+# it knows (id, count, time; see `event` in _ROOM_PRELUDE), and every
+# instance reads it back with decode_event, off pub/sub or the history.
+
+
+def encode_envelope(kind, room, member, text, ref=None):
+    """
+    The part of an event chatd knows before Redis numbers it.  ASCII-only
+    JSON: chat text can hold lone surrogates, which UTF-8 cannot carry.
+    """
+    return json.dumps(
+        {
+            "type": kind,
+            "room": room,
+            "sender": member.name,
+            "message": text,
+            "origin": member.connection_id,
+            "ref": ref,
+        },
+        ensure_ascii=True,
+        separators=(",", ":"),
+    )
+
+
+def quit_envelope(room, member, ref=None):
+    """The QUIT a member's departure publishes (also kept in presence for reaping)."""
+    return encode_envelope(messages.QUIT, room, member, messages.left_text(member.name), ref)
+
+
+def decode_event(message):
+    """
+    A L{Delivery} from the string a script published or stored:
+    C{"<id> <userCount> <ts> <envelope JSON>"}.
+
+    @raise ValueError: for anything else.
+    """
+    if isinstance(message, bytes):
+        message = message.decode("utf-8")
+    event_id, count, ts, envelope = message.split(" ", 3)
+    event_id_key(event_id)
+    fields = json.loads(envelope)
+    event = RoomEvent(
+        type=fields["type"],
+        id=event_id,
+        room=fields["room"],
+        sender=fields["sender"],
+        message=fields["message"],
+        user_count=int(count),
+        ts=int(ts),
+    )
+    return Delivery(event, fields.get("origin"), fields.get("ref"))
+
+
+# --- the key layout ------------------------------------------------------------------
 
 
 class Keys:
@@ -97,10 +160,12 @@ class Keys:
         ]
 
 
+# --- the scripts ---------------------------------------------------------------------
+
 # Shared by the room scripts.  An event travels as one string,
 # "<id> <userCount> <ts> <envelope JSON>": the script fills in what only it
 # knows (id, count, time) and chatd wrote the rest (type, room, sender,
-# message, origin, ref), so no JSON is built in Lua.
+# message, origin, ref; see encode_envelope), so no JSON is built in Lua.
 _ROOM_PRELUDE = """
 local function now_ms()
   local t = redis.call('TIME')
