@@ -160,12 +160,13 @@ def test_handshake_auth_select_ping_then_ready():
     assert fired(link.when_ready()) == [None]
 
 
-def test_refused_auth_is_retried_with_growing_delays():
+def test_refused_auth_is_retried_with_growing_delays(logged_failures):
     """
     A Redis that accepts TCP and refuses AUTH: the connection is dropped
     and retried with exponential backoff (failed handshakes count although
     TCP connected), capped at RECONNECT_MAX_DELAY; never given up.
     """
+    logged_failures.expect("refused AUTH: WRONGPASS")
     reactor = MemoryReactorClock()
     redis = FakeRedis(reactor)
     link = make_link(reactor, password="wrong")
