@@ -155,6 +155,8 @@ def test_undefined_escape_is_fatal(version, escape):
         (b"SEND\ncontent-length:-1\n\n\0", "content-length must be a number"),
         (b"SEND\ncontent-length:1\n\nab\0", "must end in NUL after content-length"),
         (b"\rSEND\n\n\0", "a CR between frames"),
+        (b"SEND\nreceipt:a\rb\n\n\0", "a bare CR"),
+        (b"SEND\nreceipt:a\r\r\n\n\0", "a bare CR"),
     ],
 )
 def test_malformed_frames(data, why):

@@ -286,6 +286,10 @@ class FrameParser:
         escaped = self.version != V10 and command not in UNESCAPED_COMMANDS
         headers = []
         for line in lines[1:]:
+            if "\r" in line:
+                # CR belongs to EOL only; one kept in a value could not be
+                # written back (1.0, 1.1) or would end the line early.
+                raise FrameError("a header may not hold a bare CR")
             name, colon, value = line.partition(":")
             if not colon:
                 raise FrameError(f"a header is name:value, got {_echo(line)}")

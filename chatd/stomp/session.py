@@ -1,0 +1,455 @@
+# -*- test-case-name: tests.test_stomp_session -*-
+"""
+One STOMP connection's conversation, on top of a chatd.v1 L{Session}.
+
+No Autobahn here: the WebSocket adapter feeds the bytes of each message in
+(L{StompSession.received}) and provides an L{IStompConnection}.  Each STOMP
+command that acts on rooms becomes the chatd.v1 command it stands for
+(L{chatd.stomp.mapping}) and goes through an ordinary L{Session}, so the
+per-connection rules (rooms claim, rooms per connection, AUTH renewal,
+token expiry) and the one table from domain refusals to error codes
+(L{chatd.session.ERROR_TABLE}) are chatd.v1's own.  What the session and
+the hub send back in chatd.v1 text is turned into STOMP here: events and
+REPLAY markers into MESSAGE frames for the room's subscription, ERROR into
+an ERROR frame and the close STOMP prescribes.
+
+Frames are handled one at a time, in order: a SEND right after a SUBSCRIBE
+(what Spring-style clients do) waits for the ENTER.  Every frame takes a
+token of the rate limit when it arrives, so the queue stays within
+C{[limits] burst}; a client over the limit gets ERROR C{rate_limited} and
+close 1008 (STOMP closes after every ERROR).
+
+docs/stomp.md is the contract.
+"""
+
+import collections
+import itertools
+import json
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from zope.interface import Attribute, Interface, implementer
+
+import chatd
+from chatd import errors, messages
+from chatd.errors import ProtocolError
+from chatd.hub import IConnection
+from chatd.limits import TokenBucket
+from chatd.logs import printable
+from chatd.session import Session
+from chatd.stomp import frames, mapping
+from chatd.stomp.frames import FrameError
+
+log = Logger()
+
+SERVER = "chatd/" + chatd.__version__
+UNSUPPORTED = frozenset({"ACK", "NACK", "BEGIN", "COMMIT", "ABORT"})
+CLOSE_NORMAL = 1000  # after an ERROR frame: the frame says why
+
+# ERROR codes whose close says more than "normal".
+_CLOSE_FOR = {errors.RATE_LIMITED: errors.CLOSE_POLICY_VIOLATION}
+
+
+class IStompConnection(Interface):
+    """What a L{StompSession} needs of its WebSocket (L{chatd.ws} provides it)."""
+
+    connection_id = Attribute("Unique across instances.")
+
+    def send_frame(data):
+        """
+        Send one STOMP frame (or a heart-beat), as bytes.  The same bytes
+        object may go to many connections (one MESSAGE for one event), so
+        the transport may frame it once.
+        """
+
+    def close(code, reason):
+        """Close with a WebSocket close C{code} and a short C{reason}, once."""
+
+
+class EventFrames:
+    """
+    MESSAGE frames for the event being fanned out, made once per
+    destination and subscription id: the hub hands the very same C{str} to
+    every local member (see L{chatd.hub.IConnection.send_shared}), and
+    clients of one app subscribe alike (stomp.js calls every first
+    subscription C{sub-0}).  One per instance, shared by its STOMP
+    connections; the last event is kept, by identity.
+    """
+
+    def __init__(self):
+        self._text = None
+        self._event = None
+        self._body = None
+        self._frames = {}
+
+    def message(self, text, destination, subscription, version):
+        """
+        @param text: the chatd.v1 event text the hub shared.
+        @return: the MESSAGE frame as bytes (the same object for the same
+            event, destination, subscription and version).
+        """
+        if text is not self._text:
+            self._event = messages.RoomEvent.from_wire(json.loads(text))
+            self._body = mapping.event_body(self._event)
+            self._frames = {}
+            self._text = text
+        key = (destination, subscription, version)
+        data = self._frames.get(key)
+        if data is None:
+            frame = frames.message(destination, subscription, self._event.id, self._body)
+            data = self._frames[key] = frames.encode(frame, version)
+        return data
+
+    def room_of(self, text):
+        """The room of a shared event text (decoded once per event)."""
+        if text is not self._text:
+            self.message(text, "", "", frames.V12)
+        return self._event.room
+
+
+@implementer(IConnection)
+class _SessionSide:
+    """The L{IConnection} the chatd.v1 session and the hub talk to."""
+
+    def __init__(self, stomp, connection_id):
+        self._stomp = stomp
+        self.connection_id = connection_id
+
+    def send_text(self, text):
+        """IConnection API"""
+        self._stomp._from_session(text)
+
+    def send_shared(self, text):
+        """IConnection API"""
+        self._stomp._shared_event(text)
+
+    def close(self, code, reason):
+        """IConnection API"""
+        self._stomp._closed_by_session(code, reason)
+
+
+class StompSession:
+    """
+    One STOMP connection's conversation.
+
+    @param connection: an L{IStompConnection}.
+    @param principal: the L{chatd.auth.Principal} the ticket granted, or
+        L{None} when C{[stomp] connect_auth} let the upgrade through without
+        one: then CONNECT must carry a valid JWT.
+    @param hub: the instance's L{chatd.hub.Hub}.
+    @param verifier: checks JWTs (CONNECT, AUTH, a SEND's Authorization).
+    @param settings: L{chatd.config.Settings} (C{limits}, C{stomp},
+        C{websocket.handshake_timeout}).
+    @param clock: an C{IReactorTime}.
+    @param event_frames: the instance's L{EventFrames}.
+    """
+
+    def __init__(self, connection, principal, hub, verifier, settings, clock, event_frames=None):
+        self._connection = connection
+        self._principal = principal
+        self._hub = hub
+        self._verifier = verifier
+        self._settings = settings
+        self._limits = settings.limits
+        self._clock = clock
+        self._event_frames = event_frames if event_frames is not None else EventFrames()
+        self._routes = mapping.Routes.from_settings(settings.stomp)
+        self._parser = frames.FrameParser(settings.limits.max_message_bytes)
+        self._subscriptions = mapping.Subscriptions()
+        self._side = _SessionSide(self, connection.connection_id)
+        self._bucket = TokenBucket(self._limits.rate, self._limits.burst, clock)
+        self._queue = collections.deque()
+        self._busy = False
+        self._closing = False
+        self._session = None  # the chatd.v1 Session, from CONNECT on
+        self._version = None  # negotiated by CONNECT
+        self._refs = itertools.count(1)
+        self._replays = itertools.count(1)
+        self._refused = None  # the ERROR the session sent during a command
+        self._deadline = None
+        self._beats = None
+        self._watch = None
+        self._expect = 0.0
+        self._last_heard = clock.seconds()
+
+    @property
+    def user(self):
+        """The display name, once known (for logs)."""
+        principal = self._session.principal if self._session else self._principal
+        return principal.name if principal else None
+
+    def open(self):
+        """The WebSocket is open: CONNECT must come within the handshake timeout."""
+        self._deadline = self._clock.callLater(
+            self._settings.websocket.handshake_timeout, self._no_connect
+        )
+
+    def received(self, data):
+        """
+        Bytes of one WebSocket message (text or binary).  Frames are queued
+        and handled in order; errors become ERROR frames and a close.
+        """
+        if self._closing:
+            return
+        self._last_heard = self._clock.seconds()
+        try:
+            for frame in self._parser.feed(data):
+                if not self._bucket.take():
+                    self._queue.append(ProtocolError(errors.RATE_LIMITED, "slow down: too many frames"))
+                    break
+                self._queue.append(frame)
+        except FrameError as e:
+            self._queue.append(e)
+        self._pump()
+
+    def closed(self):
+        """
+        The WebSocket is gone: quit every room.
+
+        @return: a Deferred that fires once the broker heard every QUIT.
+        """
+        self._stop()
+        if self._session is None:
+            return defer.succeed(None)
+        return self._session.closed()
+
+    # --- the queue ---------------------------------------------------------
+
+    def _pump(self):
+        if self._busy or not self._queue:
+            return
+        self._busy = True
+        d = defer.ensureDeferred(self._drain())
+        d.addErrback(self._unexpected)
+
+    async def _drain(self):
+        try:
+            while self._queue and not self._closing:
+                item = self._queue.popleft()
+                if isinstance(item, ProtocolError):
+                    self._fail(item)
+                    return
+                await self._handle(item)
+        finally:
+            self._busy = False
+
+    async def _handle(self, frame):
+        receipt = frame.get("receipt")
+        try:
+            done = await self._dispatch(frame)
+        except ProtocolError as e:
+            self._fail(e, receipt)
+            return
+        if receipt is not None and not done and not self._closing:
+            self._send(frames.receipt(receipt))
+
+    def _unexpected(self, failure):
+        log.failure("unexpected error in a STOMP session of {user}", failure, user=printable(self.user or "-"))
+        self._fail(ProtocolError(errors.UNAVAILABLE, "internal error, try again"))
+
+    async def _dispatch(self, frame):
+        """Handle one frame; C{True} when it answered its receipt itself."""
+        command = frame.command
+        if self._version is None:
+            if command not in ("CONNECT", "STOMP"):
+                raise ProtocolError(errors.BAD_REQUEST, f"the first frame must be CONNECT, not {command}")
+            self._connect(frame)
+            return False
+        if command in ("CONNECT", "STOMP"):
+            raise ProtocolError(errors.BAD_REQUEST, "already connected")
+        if command in frames.SERVER_COMMANDS:
+            raise ProtocolError(errors.BAD_REQUEST, f"{command} is a server frame")
+        if command in UNSUPPORTED:
+            raise ProtocolError(errors.BAD_REQUEST, f"{command} is not supported")
+        if command == "SUBSCRIBE":
+            await self._subscribe(frame)
+        elif command == "UNSUBSCRIBE":
+            subscription = self._subscriptions.remove(mapping.unsubscribe(frame))
+            await self._command(type=messages.QUIT, room=subscription.room)
+        elif command == "SEND":
+            await self._send_frame(frame)
+        elif command == "DISCONNECT":
+            await self._disconnect(frame)
+            return True
+        return False
+
+    # --- commands ----------------------------------------------------------
+
+    def _connect(self, frame):
+        version = frames.negotiate_version(frame.get("accept-version"))
+        send_ms, expect_ms = frames.negotiate_heart_beat(frames.parse_heart_beat(frame.get("heart-beat")))
+        principal = self._principal
+        if principal is None:
+            jwt = mapping.token(frame)
+            if jwt is None:
+                raise ProtocolError(
+                    errors.UNAUTHORIZED, "CONNECT needs Authorization: Bearer <JWT> (or a ticket on the URL)"
+                )
+            principal = self._verify(jwt)
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._version = self._parser.version = version
+        self._session = Session(principal, self._side, self._hub, self._verifier, self._limits, self._clock)
+        self._send(frames.connected(version, frames.SERVER_HEART_BEAT, SERVER, principal.name))
+        self._session.open()  # its WELCOME is dropped; it closes 4001 at exp
+        self._start_heart_beats(send_ms, expect_ms)
+
+    def _verify(self, jwt):
+        from chatd.auth import InvalidToken
+
+        try:
+            return self._verifier.verify(jwt)
+        except InvalidToken as e:
+            raise ProtocolError(errors.UNAUTHORIZED, str(e)) from None
+
+    async def _subscribe(self, frame):
+        subscription = mapping.subscribe(frame, self._routes)
+        self._subscriptions.add(subscription)
+        try:
+            await self._command(type=messages.ENTER, room=subscription.room, since=subscription.since)
+        except ProtocolError:
+            self._subscriptions.remove(subscription.id)
+            raise
+
+    async def _send_frame(self, frame):
+        destination = frame.get("destination")
+        if destination != mapping.AUTH_DESTINATION:
+            jwt = mapping.token(frame)
+            if jwt is not None:
+                await self._command(type=messages.AUTH, token=jwt)
+        command = mapping.send(frame, self._routes, self._limits.max_talk_chars)
+        if isinstance(command, messages.Talk):
+            if self._subscriptions.of_room(command.room) is None:
+                raise ProtocolError(errors.NOT_MEMBER, f"subscribe to {command.room} before sending to it")
+            await self._command(type=messages.TALK, room=command.room, message=command.message, cid=command.cid)
+        elif isinstance(command, messages.Auth):
+            await self._command(type=messages.AUTH, token=command.token)
+        # mapping.Presence: the subscription is the presence; nothing more.
+
+    async def _disconnect(self, frame):
+        session, self._session = self._session, None
+        await session.closed()
+        receipt = frame.get("receipt")
+        if receipt is not None:
+            self._send(frames.receipt(receipt))
+        self._close(CLOSE_NORMAL, "disconnected")
+
+    async def _command(self, **wire):
+        """
+        Run one chatd.v1 command through the session.
+
+        @raise ProtocolError: the ERROR the session answered it with.
+        """
+        wire = {key: value for key, value in wire.items() if value is not None}
+        wire["ref"] = next(self._refs)
+        self._refused = None
+        await self._session.received(messages.encode(wire))
+        refused, self._refused = self._refused, None
+        if refused is not None:
+            raise refused
+
+    # --- from the session and the hub ----------------------------------------
+
+    def _from_session(self, text):
+        if self._closing:
+            return
+        wire = json.loads(text)
+        kind = wire["type"]
+        if kind in (messages.ENTER, messages.TALK, messages.QUIT):
+            event = messages.RoomEvent.from_wire(wire)
+            subscription = self._subscriptions.of_room(event.room)
+            if subscription is not None:
+                body = mapping.event_body(event)
+                self._send(frames.message(subscription.destination, subscription.id, event.id, body))
+        elif kind == "REPLAY":
+            subscription = self._subscriptions.of_room(wire["room"])
+            if subscription is not None:
+                body = mapping.replay_body(wire["room"], wire["count"], wire["complete"])
+                message_id = f"replay-{next(self._replays)}"
+                self._send(frames.message(subscription.destination, subscription.id, message_id, body))
+        elif kind == "ERROR":
+            refused = ProtocolError(wire["code"], wire["message"])
+            if self._busy:
+                self._refused = refused  # the command in flight fails with it
+            else:
+                self._fail(refused)
+        # WELCOME: CONNECTED said it; a renewal's answer is the RECEIPT.
+
+    def _shared_event(self, text):
+        if self._closing:
+            return
+        subscription = self._subscriptions.of_room(self._event_frames.room_of(text))
+        if subscription is not None:
+            self._write(self._event_frames.message(text, subscription.destination, subscription.id, self._version))
+
+    def _closed_by_session(self, code, reason):
+        if code == errors.CLOSE_TOKEN_EXPIRED:
+            self._fail(ProtocolError(errors.UNAUTHORIZED, "token expired"), close_code=code)
+        elif code == errors.CLOSE_POLICY_VIOLATION:
+            self._fail(ProtocolError(errors.RATE_LIMITED, reason), close_code=code)
+        else:
+            self._close(code, reason)
+
+    # --- heart-beats and deadlines -------------------------------------------
+
+    def _no_connect(self):
+        if self._principal is None:
+            why = ProtocolError(errors.UNAUTHORIZED, "no CONNECT with a valid JWT in time")
+        else:
+            why = ProtocolError(errors.BAD_REQUEST, "no CONNECT in time")
+        self._fail(why)
+
+    def _start_heart_beats(self, send_ms, expect_ms):
+        if send_ms:
+            self._beats = task.LoopingCall(self._beat)
+            self._beats.clock = self._clock
+            self._beats.start(send_ms / 1000.0, now=False)
+        if expect_ms:
+            self._expect = 2 * expect_ms / 1000.0
+            self._last_heard = self._clock.seconds()
+            self._watch = self._clock.callLater(self._expect, self._check_heard)
+
+    def _beat(self):
+        # Sent even after other data: skipping one would let a gap grow to
+        # nearly twice the interval, which is where clients give up.
+        self._connection.send_frame(frames.HEART_BEAT)
+
+    def _check_heard(self):
+        idle = self._clock.seconds() - self._last_heard
+        if idle >= self._expect:
+            log.info("STOMP client {user} silent for {idle:.0f}s; closing", user=printable(self.user or "-"), idle=idle)
+            self._close(CLOSE_NORMAL, "no heart-beat")
+        else:
+            self._watch = self._clock.callLater(self._expect - idle, self._check_heard)
+
+    # --- sending and closing -------------------------------------------------
+
+    def _send(self, frame):
+        self._write(frames.encode(frame, self._version or frames.V12))
+
+    def _write(self, data):
+        self._connection.send_frame(data)
+
+    def _fail(self, error, receipt=None, close_code=None):
+        """ERROR, then close, as STOMP prescribes; once."""
+        if self._closing:
+            return
+        self._send(frames.error_for(error, receipt))
+        if close_code is None:
+            close_code = getattr(error, "close_code", None) or _CLOSE_FOR.get(error.code, CLOSE_NORMAL)
+        self._close(close_code, error.message)
+
+    def _close(self, code, reason):
+        if self._closing:
+            return
+        self._stop()
+        self._connection.close(code, reason)
+
+    def _stop(self):
+        self._closing = True
+        self._queue.clear()
+        for call in (self._deadline, self._watch):
+            if call is not None and call.active():
+                call.cancel()
+        if self._beats is not None and self._beats.running:
+            self._beats.stop()
