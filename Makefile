@@ -62,11 +62,13 @@ dev-files: venv
 	test -f etc/dev/fullchain.pem -a -f etc/dev/privkey.pem || $(PY) -m chatd devcert etc/dev
 	test -f etc/dev/jwt.secret || $(PY) -m chatd devsecret etc/dev/jwt.secret
 
-system-deps:  ## redis-server, Chromium and Node from Debian, when missing (the page test drives Chromium over CDP)
+system-deps:  ## Debian packages the tests run, when missing: redis-server, Chromium (page test), Node, nginx and systemd's tools (operations tests)
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	{ command -v nginx || test -x /usr/sbin/nginx; } >/dev/null || missing="$$missing nginx"; \
+	{ command -v systemd-analyze && command -v systemd-socket-activate; } >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
