@@ -12,6 +12,7 @@ made absolute here (relative to the directory chatd was started in).
 
 import configparser
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -134,6 +135,27 @@ def _algorithms(value):
     return algorithms
 
 
+def _choice(*allowed):
+    def parse(value):
+        word = value.strip().lower()
+        if word not in allowed:
+            raise _Invalid(f"expected one of {', '.join(allowed)}, got {value.strip()!r}")
+        return word
+
+    return parse
+
+
+def _networks(value):
+    """Addresses or CIDR networks, e.g. C{127.0.0.1 10.0.0.0/8 ::1}."""
+    networks = []
+    for word in _words(value):
+        try:
+            networks.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            raise _Invalid(f"{word!r} is not an IP address or network like 10.0.0.0/8") from None
+    return tuple(networks)
+
+
 def _path(value):
     value = value.strip()
     return os.path.abspath(value) if value else ""
@@ -231,6 +253,9 @@ SCHEMA = {
         "tls": _Key(_flag, "on", "on: TLS from [tls] on the listener; off: behind a TLS proxy"),
         "allowed_origins": _Key(_origins, None, "exact origins allowed to open /ws; * = any"),
         "access_log": _Key(_flag, "on", "log each HTTP request and handshake (redacted)"),
+        "drain_time": _Key(_number(0), "5", "seconds over which SIGTERM closes WebSockets with 1001"),
+        "trusted_proxies": _Key(_networks, "", "proxies whose X-Forwarded-For is believed; empty: none"),
+        "log_format": _Key(_choice("text", "json"), "text", "text, or json: one object per line"),
     },
     "tls": {
         "certificate": _Key(_path, "", "PEM chain, leaf first"),
@@ -296,6 +321,9 @@ SCHEMA = {
         "timeout": _Key(_number(0.1), "10", "seconds one POST may take before it is retried"),
         "max_queue": _Key(_integer(1), "10000", "events waiting to be sent; beyond: oldest batch dropped"),
     },
+    "admin": {
+        "endpoint": _Key(_text, "", "Twisted endpoint of the plain-HTTP admin listener; empty = off"),
+    },
 }
 
 
@@ -323,6 +351,7 @@ class Settings:
     stomp: Any
     api: Any
     webhook: Any
+    admin: Any
     jwt_key: Any = dataclasses.field(repr=False, default=None)
     redis_password: Optional[str] = dataclasses.field(repr=False, default=None)
     api_keys: Tuple[str, ...] = dataclasses.field(repr=False, default=())

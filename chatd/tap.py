@@ -27,28 +27,36 @@ class Options(usage.Options):
         try:
             settings = config.load(self["config"])
             self["tls_options"] = tls.certificate_options(settings) if settings.server.tls else None
-            _check_endpoint(settings)
+            _check_endpoint(settings, "server", settings.server.endpoint)
+            if settings.admin.endpoint:
+                _check_endpoint(settings, "admin", settings.admin.endpoint)
         except config.ConfigError as e:
             # One line, no usage text, no traceback, exit 1.
             sys.stderr.write(f"chatd: {e}\n")
             raise SystemExit(1) from None
         self["settings"] = settings
+        if settings.server.log_format == "json" and self.parent is not None:
+            # twistd starts logging before makeService runs; its --logger
+            # option is the one hook that comes early enough.
+            from chatd import jsonlog
+
+            self.parent["logger"] = jsonlog.for_twistd(self.parent)
 
 
-def _check_endpoint(settings):
+def _check_endpoint(settings, section, description):
     from twisted.internet import endpoints, reactor
 
     try:
-        endpoints.serverFromString(reactor, settings.server.endpoint)
+        endpoints.serverFromString(reactor, description)
     except (ValueError, TypeError, KeyError, OSError) as e:  # ssl: reads files
         raise config.ConfigError(
-            settings.path, "server", "endpoint", f"not a Twisted server endpoint: {e}"
+            settings.path, section, "endpoint", f"not a Twisted server endpoint: {e}"
         ) from None
-    port = _tcp_port(settings.server.endpoint)
+    port = _tcp_port(description)
     if port is not None and not 0 <= port <= 65535:
         # Twisted parses it, and only bind() refuses it, with a traceback.
         raise config.ConfigError(
-            settings.path, "server", "endpoint", f"port {port} is not between 0 and 65535"
+            settings.path, section, "endpoint", f"port {port} is not between 0 and 65535"
         )
 
 

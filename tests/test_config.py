@@ -202,7 +202,10 @@ def test_sample_file_parses(tmp_path, monkeypatch):
     assert settings.limits.max_send_buffer_bytes == 4194304
     assert settings.websocket.compression is False and settings.conformance.echo is False
     # "every key, with its default where it has one": the file agrees with SCHEMA.
-    own = {("tls", "certificate"), ("tls", "private_key"), ("auth", "secret_file")}
+    # Exceptions: the dev files, and the admin listener, off by default but
+    # on (on loopback) in the shipped file.
+    own = {("tls", "certificate"), ("tls", "private_key"), ("auth", "secret_file"), ("admin", "endpoint")}
+    assert settings.admin.endpoint.endswith(":interface=127.0.0.1")
     for section, keys in config.SCHEMA.items():
         for key, spec in keys.items():
             if spec.default is not None and (section, key) not in own:
@@ -361,6 +364,13 @@ def test_empty_required_key(ini):
         ({"websocket__ping_timeout": "0.5"}, "websocket", "ping_timeout", "must be at least 1"),
         ({"redis__timeout": "-1"}, "redis", "timeout", "must be at least 0.1"),
         ({"redis__presence_ttl": "2"}, "redis", "presence_ttl", "must be between 3 and 300"),
+        ({"server__drain_time": "-1"}, "server", "drain_time", "must be at least 0"),
+        ({"server__drain_time": "soon"}, "server", "drain_time", "expected a number"),
+        ({"server__log_format": "xml"}, "server", "log_format", "expected one of text, json, got 'xml'"),
+        ({"server__trusted_proxies": "127.0.0.1 nginx"}, "server", "trusted_proxies",
+         "'nginx' is not an IP address or network"),
+        ({"server__trusted_proxies": "10.0.0.0/33"}, "server", "trusted_proxies",
+         "'10.0.0.0/33' is not an IP address or network"),
     ],
 )
 def test_value_errors(ini, change, section, key, why_part):
@@ -554,6 +564,32 @@ def test_defaults():
     assert settings.limits.max_message_bytes == 65536 and settings.websocket.ping_interval == 30.0
     for section, keys in config.SCHEMA.items():
         assert set(dataclasses.asdict(getattr(settings, section))) == set(keys)
+
+
+def test_operations_keys(ini):
+    """drain_time, trusted_proxies, log_format and [admin] endpoint parse into typed values."""
+    import ipaddress
+
+    settings = config.load(ini(
+        server__drain_time="2.5", server__trusted_proxies="127.0.0.1, 10.0.0.0/8 ::1",
+        server__log_format="JSON", admin__endpoint="tcp:9180:interface=127.0.0.1",
+    ))
+    assert settings.server.drain_time == 2.5
+    assert settings.server.trusted_proxies == (
+        ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert settings.server.log_format == "json"
+    assert settings.admin.endpoint == "tcp:9180:interface=127.0.0.1"
+
+
+def test_operations_defaults(ini):
+    """By default: 5 s drain, no trusted proxy, text logs, no admin listener."""
+    settings = config.load(ini())
+    assert settings.server.drain_time == 5.0
+    assert settings.server.trusted_proxies == ()
+    assert settings.server.log_format == "text"
+    assert settings.admin.endpoint == ""
 
 
 def test_defaults_with_overrides():

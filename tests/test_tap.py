@@ -177,3 +177,30 @@ def test_options_refusal_in_process(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err == f"chatd: {path}: [sever]: unknown section\n"
     assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    "endpoint,why",
+    [("tcp:notaport", "not a Twisted server endpoint"),
+     ("tcp:70000:interface=127.0.0.1", "port 70000 is not between 0 and 65535")],
+)
+def test_bad_admin_endpoint(tmp_path, sections, endpoint, why):
+    """A bad [admin] endpoint stops start-up naming [admin] endpoint."""
+    sections["admin"] = {"endpoint": endpoint}
+    write_config(tmp_path / "chatd.ini", sections)
+    status, output = run_twistd(tmp_path, "chatd.ini")
+    assert_one_line_refusal(status, output, f"chatd.ini: [admin] endpoint: {why}")
+
+
+def test_json_log_format_installs_the_json_logger(tmp_path, sections):
+    """log_format = json makes chatd's JSON observer twistd's --logger."""
+    from twisted.scripts.twistd import ServerOptions
+
+    sections["server"]["log_format"] = "json"
+    path = tmp_path / "chatd.ini"
+    write_config(path, sections)
+    options = ServerOptions()
+    options.parseOptions(["-n", "chatd", "--config", str(path)])
+    from chatd import jsonlog
+
+    assert options["logger"] is jsonlog.twistd_observer
