@@ -354,3 +354,121 @@ class Redis:
                     os.kill(self.proc.pid, signal.SIGCONT)
             stop_pid(self.proc)
             self.log.close()
+
+
+NGINX_SITE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "nginx", "chatd.conf")
+
+
+class Nginx:
+    """
+    Debian's nginx running the shipped etc/nginx/chatd.conf on a free
+    loopback port, in front of a chatd on C{upstream_port}.  Only names,
+    ports and paths of the shipped file are changed, each exactly once, so
+    the file under test is the file shipped.
+    """
+
+    def __init__(self, workdir, upstream_port, certificate, private_key):
+        self.workdir = os.path.join(workdir, "nginx")
+        self.port = free_port()
+        self.upstream_port = upstream_port
+        self.certificate = certificate
+        self.private_key = private_key
+        self.proc = None
+
+    @staticmethod
+    def binary():
+        found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+        if found is None:
+            raise AssertionError("nginx is not installed: run `make test` (system-deps)")
+        return found
+
+    @property
+    def base(self):
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def ws_base(self):
+        return f"wss://127.0.0.1:{self.port}"
+
+    def site_config(self):
+        with open(NGINX_SITE) as f:
+            text = f.read()
+        for old, new in [
+            ("server 127.0.0.1:8080;", f"server 127.0.0.1:{self.upstream_port};"),
+            ("listen 443 ssl;", f"listen 127.0.0.1:{self.port} ssl;"),
+            ("listen [::]:443 ssl;", ""),
+            ("/etc/letsencrypt/live/chat.example.com/fullchain.pem", self.certificate),
+            ("/etc/letsencrypt/live/chat.example.com/privkey.pem", self.private_key),
+            ("/var/log/nginx/chatd.access.log", os.path.join(self.workdir, "access.log")),
+        ]:
+            assert text.count(old) == 1, f"etc/nginx/chatd.conf no longer has {old!r} once"
+            text = text.replace(old, new)
+        return text
+
+    def write(self):
+        os.makedirs(os.path.join(self.workdir, "tmp"), exist_ok=True)
+        site = os.path.join(self.workdir, "chatd.conf")
+        with open(site, "w") as f:
+            f.write(self.site_config())
+        self.conf = os.path.join(self.workdir, "nginx.conf")
+        tmp = os.path.join(self.workdir, "tmp")
+        with open(self.conf, "w") as f:
+            f.write(
+                "daemon off;\n"
+                "user root;\n"  # the workers read the temp dirs under pytest's 0700 tmp
+                "worker_processes 1;\n"
+                f"pid {self.workdir}/nginx.pid;\n"
+                f"error_log {self.workdir}/error.log info;\n"
+                "events { worker_connections 512; }\n"
+                "http {\n"
+                f"  access_log {self.workdir}/http-access.log;\n"
+                f"  client_body_temp_path {tmp}/body;\n"
+                f"  proxy_temp_path {tmp}/proxy;\n"
+                f"  fastcgi_temp_path {tmp}/fastcgi;\n"
+                f"  uwsgi_temp_path {tmp}/uwsgi;\n"
+                f"  scgi_temp_path {tmp}/scgi;\n"
+                f"  include {site};\n"
+                "}\n"
+            )
+        return self.conf
+
+    def check(self):
+        """C{nginx -t} on the written configuration: (status, output)."""
+        self.write()
+        proc = subprocess.run(
+            [self.binary(), "-t", "-p", self.workdir, "-e", os.path.join(self.workdir, "error.log"),
+             "-c", self.conf],
+            capture_output=True, text=True, timeout=30,
+        )
+        return proc.returncode, proc.stdout + proc.stderr
+
+    def start(self):
+        self.write()
+        self.log = open(os.path.join(self.workdir, "nginx.out"), "ab")
+        self.proc = subprocess.Popen(
+            [self.binary(), "-p", self.workdir, "-e", os.path.join(self.workdir, "error.log"),
+             "-c", self.conf],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+
+        def listening():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nginx exited {self.proc.returncode}: {self.error_log()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(listening, START_TIMEOUT, f"nginx on port {self.port}")
+        return self
+
+    def error_log(self):
+        with contextlib.suppress(OSError), open(os.path.join(self.workdir, "error.log")) as f:
+            return f.read()
+        return ""
+
+    def stop(self):
+        if self.proc is not None:
+            stop_pid(self.proc)
+            self.log.close()
