@@ -74,6 +74,13 @@ class TokenVerifier:
         auth = settings.auth
         return cls(settings.jwt_key, auth.algorithms, auth.issuer, auth.audience, auth.leeway)
 
+    def use_key(self, key):
+        """
+        Verify with C{key} from now on (a SIGHUP reload, see
+        L{chatd.reload}); tokens signed only with the old key are refused.
+        """
+        self._key = key
+
     def verify(self, token):
         """
         @return: the L{Principal} the token names.

@@ -472,24 +472,7 @@ def _check_together(settings):
         raise ConfigError(path, "server", "allowed_origins", "name at least one origin, or *")
     _check_stomp(path, settings.stomp)
 
-    algorithms = settings.auth.algorithms
-    if algorithms[0] in HS_ALGORITHMS:
-        secret = _read_file(settings, "auth", "secret_file", algorithms[0]).strip()
-        if len(secret) < MIN_HS_SECRET_BYTES:
-            raise ConfigError(
-                path,
-                "auth",
-                "secret_file",
-                f"secret is {len(secret)} bytes; HS* needs at least {MIN_HS_SECRET_BYTES}",
-            )
-        jwt_key = secret
-    else:
-        pem = _read_file(settings, "auth", "public_key_file", algorithms[0])
-        if b"PRIVATE KEY" in pem:
-            raise ConfigError(path, "auth", "public_key_file", "holds a private key; give the public key")
-        if b"PUBLIC KEY" not in pem and b"CERTIFICATE" not in pem:
-            raise ConfigError(path, "auth", "public_key_file", "not a PEM public key")
-        jwt_key = _public_key(path, pem, algorithms)
+    jwt_key = read_jwt_key(settings)
 
     redis_password = None
     if settings.redis.password_file:
@@ -545,6 +528,33 @@ def _webhook_secret(settings):
         why = f"secret is {len(secret)} bytes; at least {MIN_WEBHOOK_SECRET_BYTES}"
         raise ConfigError(settings.path, "webhook", "secret_file", why)
     return secret
+
+
+def read_jwt_key(settings):
+    """
+    The JWT verification key from C{[auth] secret_file} or
+    C{public_key_file}, checked.  Also what a SIGHUP reload calls.
+
+    @raise ConfigError: naming the key and why the file is refused.
+    """
+    path = settings.path
+    algorithms = settings.auth.algorithms
+    if algorithms[0] in HS_ALGORITHMS:
+        secret = _read_file(settings, "auth", "secret_file", algorithms[0]).strip()
+        if len(secret) < MIN_HS_SECRET_BYTES:
+            raise ConfigError(
+                path,
+                "auth",
+                "secret_file",
+                f"secret is {len(secret)} bytes; HS* needs at least {MIN_HS_SECRET_BYTES}",
+            )
+        return secret
+    pem = _read_file(settings, "auth", "public_key_file", algorithms[0])
+    if b"PRIVATE KEY" in pem:
+        raise ConfigError(path, "auth", "public_key_file", "holds a private key; give the public key")
+    if b"PUBLIC KEY" not in pem and b"CERTIFICATE" not in pem:
+        raise ConfigError(path, "auth", "public_key_file", "not a PEM public key")
+    return _public_key(path, pem, algorithms)
 
 
 def _public_key(path, pem, algorithms):
