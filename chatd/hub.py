@@ -25,14 +25,16 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface
 
-from chatd import messages
+from chatd import errors, messages
 from chatd.broker.interfaces import Delivery
 from chatd.errors import AlreadyInRoom, BrokerUnavailable, NotMember
 from chatd.logs import printable
 from chatd.observer import OneShotObserverList
-from chatd.seats import LIVE, QUITTING, Seat, SeatRegistry
+from chatd.seats import ENTERING, QUITTING, Seat, SeatRegistry
 
 log = Logger()
+
+DEFAULT_MAX_PENDING_BYTES = 4 * 1024 * 1024  # [limits] max_send_buffer_bytes
 
 
 class IConnection(Interface):
@@ -53,6 +55,15 @@ class IConnection(Interface):
     def close(code, reason):
         """Close with a WebSocket close C{code} and a short C{reason}, once."""
 
+    def when_drained():
+        """
+        A Deferred that fires once the connection's send buffer is below its
+        high-water mark again (at once when it is), or the connection is
+        gone.  The replay waits for it between events, so a catch-up goes at
+        the client's read speed and never counts against the slow-consumer
+        cap.
+        """
+
 
 class Hub:
     """
@@ -61,10 +72,14 @@ class Hub:
 
     @param broker: an L{chatd.broker.interfaces.IBroker}; the hub becomes
         its feed.
+    @param max_pending_bytes: how much of the room's live feed a seat may
+        buffer while its ENTER (and replay) is under way; past it the
+        connection is a slow consumer and is closed with 4008.
     """
 
-    def __init__(self, broker):
+    def __init__(self, broker, max_pending_bytes=DEFAULT_MAX_PENDING_BYTES):
         self._broker = broker
+        self._max_pending_bytes = max_pending_bytes
         self._seats = SeatRegistry()
         self._subscribed: Dict[str, OneShotObserverList] = {}
         broker.set_feed(self.deliver)
@@ -119,9 +134,9 @@ class Hub:
                 # the broker to us, since it could not know the ENTER's fate.
                 self._quit_at_broker(room, member)
                 raise NotMember(room)
+            seat.at_broker = True
             if since is not None:
-                for event in entered.replay:
-                    connection.send_text(messages.event(event))
+                await self._replay(room, seat, entered.replay)
                 connection.send_text(
                     messages.replay_marker(room, len(entered.replay), entered.complete, ref)
                 )
@@ -132,6 +147,18 @@ class Hub:
                 # The broker has the member; tell it the member is gone.
                 self._quit_at_broker(room, member)
             raise
+
+    async def _replay(self, room, seat, events):
+        # At the client's read speed: whenever the send buffer is full, wait
+        # for it to drain; the seat buffers the live feed meanwhile.
+        connection = seat.connection
+        for event in events:
+            connection.send_text(messages.event(event))
+            drained = connection.when_drained()
+            if not drained.called:
+                await drained
+                if self._seats.get(room, seat.member.connection_id) is not seat:
+                    raise NotMember(room)  # made to leave meanwhile (and quit for)
 
     async def talk(self, room, member, connection, text, cid=None, ref=None):
         """
@@ -182,12 +209,9 @@ class Hub:
         """
         quits = []
         for room in sorted(rooms):
-            seat, _ = self._drop_seat(room, connection_id)
-            if seat is None or seat.state != LIVE:
-                # Quitting: its own QUIT is on its way.  Entering: enter()
-                # quits at the broker once its ENTER is answered.
-                continue
-            quits.append(self._quit_at_broker(room, seat.member))
+            seat = self._seats.get(room, connection_id)
+            if seat is not None:
+                quits.append(self._evict(room, seat))
         return defer.gatherResults(quits, consumeErrors=True)
 
     def leave_all(self, connection_id):
@@ -209,6 +233,8 @@ class Hub:
         shared = []
         for seat in self._seats.seats(room):
             if not seat.offer(delivery):
+                if seat.state == ENTERING and seat.buffered_bytes > self._max_pending_bytes:
+                    self._too_slow(room, seat)
                 continue
             self._send(seat, delivery, shared)
             connection_id = seat.member.connection_id
@@ -226,6 +252,21 @@ class Hub:
                 shared.append(messages.event(delivery.event))
             connection.send_shared(shared[0])
 
+    def _too_slow(self, room, seat):
+        """
+        The feed piled up past the cap for a seat still entering (a replay
+        the client does not read): let the connection go, as a slow
+        consumer.  Its ENTER's coroutine quits the broker for it.
+        """
+        connection_id = seat.member.connection_id
+        log.warn(
+            "{connection} is not reading its catch-up of {room}: {size} bytes of live events "
+            "waiting; closing {code}", connection=connection_id, room=printable(room),
+            size=seat.buffered_bytes, code=errors.CLOSE_SLOW_CONSUMER,
+        )
+        self._evict(room, seat)
+        seat.connection.close(errors.CLOSE_SLOW_CONSUMER, "not reading fast enough")
+
     # --- bookkeeping ----------------------------------------------------------
 
     def _member_seat(self, room, member):
@@ -233,6 +274,19 @@ class Hub:
         if seat is None or not seat.is_member:
             raise NotMember(room)
         return seat
+
+    def _evict(self, room, seat):
+        """
+        Take C{seat} out now and QUIT it at the broker unless that is taken
+        care of: a QUIT in flight is its own, and an ENTER still in flight
+        is quit for by enter() once answered (only it can know the answer).
+
+        @return: a Deferred that fires when the broker heard (never fails).
+        """
+        self._drop(room, seat.member.connection_id, seat)
+        if seat.state == QUITTING or not seat.at_broker:
+            return defer.succeed(None)
+        return self._quit_at_broker(room, seat.member)
 
     def _drop(self, room, connection_id, seat):
         return self._drop_seat(room, connection_id, seat)[0]

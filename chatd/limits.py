@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from chatd import errors
+from chatd.observer import OneShotObserverList
 
 
 class TokenBucket:
@@ -150,6 +151,17 @@ class SendBudget:
         self.paused = False
         self.over = False
         self._overflow = overflow
+        self._drained = OneShotObserverList()
+        self._drained.fire(None)
+
+    def when_drained(self):
+        """
+        A Deferred that fires once the transport's buffer has drained (at
+        once when it is not full) or the connection is gone: a writer that
+        waits for it between writes never queues much over the high-water
+        mark, so it is never over C{limit} either.
+        """
+        return self._drained.when_fired()
 
     def wrote(self, size):
         if not self.paused or self.over:
@@ -163,10 +175,14 @@ class SendBudget:
 
     def pauseProducing(self):
         self.paused = True
+        if self._drained.fired:
+            self._drained = OneShotObserverList()
 
     def resumeProducing(self):
         self.paused = False
         self.unsent = 0
+        self._drained.fire_if_not_fired(None)
 
     def stopProducing(self):
         self.paused = False
+        self._drained.fire_if_not_fired(None)

@@ -20,6 +20,10 @@ from typing import Dict, List, Tuple
 from chatd.broker.interfaces import Delivery
 from chatd.messages import event_id_key
 
+# Bytes an event's JSON adds to its text (ids, names, field names): for
+# counting what a seat buffers while it enters.
+EVENT_OVERHEAD = 200
+
 ENTERING = "entering"
 LIVE = "live"
 QUITTING = "quitting"
@@ -44,6 +48,8 @@ class Seat:
         self.state = ENTERING
         self.floor = ()
         self._buffer: List[Delivery] = []
+        self.buffered_bytes = 0  # about what the buffered events will cost to send
+        self.at_broker = False  # the broker answered this seat's ENTER
 
     def __repr__(self):
         return f"<Seat {self.member.connection_id} {self.state}>"
@@ -62,6 +68,7 @@ class Seat:
         """
         if self.state == ENTERING:
             self._buffer.append(delivery)
+            self.buffered_bytes += EVENT_OVERHEAD + len(delivery.event.message.encode("utf-8"))
             return False
         key = event_id_key(delivery.event.id)
         if key <= self.floor:
@@ -81,8 +88,10 @@ class Seat:
         @raise WrongState: unless entering.
         """
         self._require(ENTERING)
+        self.at_broker = True
         own = event_id_key(entered.event.id)
         buffered, self._buffer = self._buffer, []
+        self.buffered_bytes = 0
         sends = [] if any(event_id_key(d.event.id) == own for d in buffered) else [entered]
         # No buffered copy of the own ENTER means the feed has not brought
         # it yet, so nothing after it either: sending it first keeps order.

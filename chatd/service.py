@@ -95,7 +95,7 @@ def makeChatService(settings, reactor=None, tls_options=None):
     broker.setServiceParent(top)
     verifier = TokenVerifier.from_settings(settings)
     ws_factory = ws.ChatServerFactory(settings, broker, verifier, reactor)
-    ws_factory.hub = Hub(broker)
+    ws_factory.hub = Hub(broker, max_pending_bytes=settings.limits.max_send_buffer_bytes)
     echo = ws.echo_factory(settings, reactor) if settings.conformance.echo else None
     site = web.make_site(settings, broker, verifier, ws_factory, echo)
     factory = site

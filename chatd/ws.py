@@ -225,6 +225,11 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendPreparedMessage(self.factory.prepared(text))
 
+    def when_drained(self):
+        if self._budget is None:
+            return defer.succeed(None)
+        return self._budget.when_drained()
+
 
 class EchoServerProtocol(_GuardedMixin, WebSocketServerProtocol):
     """/echo, for the Autobahn Testsuite only: the options of /ws, no auth."""

@@ -13,6 +13,7 @@ from chatd.auth import InvalidToken
 from chatd.broker.memory import MemoryBroker
 from chatd.errors import BrokerUnavailable
 from chatd.hub import IConnection
+from chatd.observer import OneShotObserverList
 
 
 @implementer(IConnection)
@@ -30,6 +31,7 @@ class FakeConnection:
         self.frames = []
         self.shared = []
         self.closes = []
+        self.draining = None
 
     def send_text(self, text):
         self.frames.append(json.loads(text))
@@ -40,6 +42,20 @@ class FakeConnection:
 
     def close(self, code, reason):
         self.closes.append((code, reason))
+
+    def when_drained(self):
+        """At once, unless the test made the buffer full (C{fill()})."""
+        if self.draining is None:
+            return defer.succeed(None)
+        return self.draining.when_fired()
+
+    def fill(self):
+        """From now on the send buffer is full, until C{drain()}."""
+        self.draining = OneShotObserverList()
+
+    def drain(self):
+        draining, self.draining = self.draining, None
+        draining.fire(None)
 
     def take(self):
         """The frames received since the last take()."""

@@ -80,6 +80,9 @@ def test_iconnection_requires_close():
         def send_shared(self, text):
             pass
 
+        def when_drained(self):
+            return defer.succeed(None)
+
     with pytest.raises(BrokenImplementation):
         verifyObject(IConnection, NoClose())
 
@@ -398,3 +401,65 @@ def test_leave_some_rooms(world):
     (seen,) = bob.take()
     assert (seen["type"], seen["room"], seen["sender"]) == ("QUIT", "lobby", "Alice")
     assert world.hub.rooms_of("i:Alice") == frozenset({"ops"})
+
+
+def catch_up_world(world, talks=4, **hub_kwargs):
+    """Alice said C{talks} things in lobby; Bob's buffer is full. Returns the since id."""
+    if hub_kwargs:
+        world.hub = Hub(world.broker, **hub_kwargs)
+    alice, bob = world.user("Alice"), world.user("Bob")
+    world.run("enter", "Alice", "lobby")
+    for i in range(talks):
+        world.run("talk", "Alice", "lobby", f"m{i}")
+    since = alice.take()[0]["id"]
+    bob.fill()
+    return alice, bob, since
+
+
+def test_replay_waits_for_the_send_buffer(world):
+    """The replay goes one event per drained buffer; live events wait behind it, in order, once."""
+    alice, bob, since = catch_up_world(world)
+    entering = world.start("enter", "Bob", "lobby", since=since, ref="b")
+    assert [f["message"] for f in bob.take()] == ["m0"]
+    world.run("talk", "Alice", "lobby", "live")
+    assert bob.take() == [] and not entering.called
+    bob.drain()
+    assert entering.called
+    frames = bob.take()
+    assert [f["type"] for f in frames] == ["TALK"] * 3 + ["REPLAY", "ENTER", "TALK"]
+    assert [f.get("message") for f in frames if f["type"] == "TALK"] == ["m1", "m2", "m3", "live"]
+    assert frames[3]["count"] == 4 and frames[4]["ref"] == "b"
+
+
+def test_close_during_replay(world):
+    """A connection that closes mid-replay quits at once (the room sees it) and is sent nothing more."""
+    alice, bob, since = catch_up_world(world)
+    entering = world.start("enter", "Bob", "lobby", since=since)
+    bob.take()
+    world.hub.leave_all("i:Bob")
+    assert [(f["type"], f["sender"]) for f in alice.take()] == [("ENTER", "Bob"), ("QUIT", "Bob")]
+    bob.drain()
+    outcome = []
+    entering.addBoth(outcome.append)
+    assert outcome[0].check(NotMember)
+    assert bob.take() == [] and alice.take() == []
+    assert world.hub.local_users("lobby") == 1
+
+
+def test_live_events_piling_up_during_a_stalled_replay_cut_it(world):
+    """Past max_pending_bytes of buffered live events, a stalled catch-up is closed 4008 and leaves."""
+    alice, bob, since = catch_up_world(world, max_pending_bytes=1000)
+    entering = world.start("enter", "Bob", "lobby", since=since)
+    alice.take()
+    world.run("talk", "Alice", "lobby", "x" * 500)
+    assert bob.closes == []
+    world.run("talk", "Alice", "lobby", "y" * 500)
+    assert bob.closes == [(4008, "not reading fast enough")]
+    assert [(f["type"], f.get("sender")) for f in alice.take()] == [
+        ("TALK", "Alice"), ("TALK", "Alice"), ("QUIT", "Bob")
+    ]
+    bob.drain()
+    outcome = []
+    entering.addBoth(outcome.append)
+    assert outcome[0].check(NotMember)
+    assert world.hub.rooms_of("i:Bob") == frozenset()

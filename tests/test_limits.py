@@ -3,7 +3,7 @@
 
 from twisted.internet.task import Clock
 
-from chatd.limits import TokenBucket
+from chatd.limits import SendBudget, TokenBucket
 
 
 def takes(bucket, n):
@@ -68,3 +68,18 @@ def test_sustained_rate():
         passed += bucket.take()
         clock.advance(0.01)
     assert 20 * 60 + 40 - 2 <= passed <= 20 * 60 + 40 + 1
+
+
+def test_send_budget_when_drained():
+    """when_drained fires at once while not paused, else on resume or when the connection stops."""
+    budget = SendBudget(100, lambda unsent: None)
+    assert budget.when_drained().called
+    budget.pauseProducing()
+    waiting = budget.when_drained()
+    assert not waiting.called
+    budget.resumeProducing()
+    assert waiting.called and budget.when_drained().called
+    budget.pauseProducing()
+    stopped = budget.when_drained()
+    budget.stopProducing()
+    assert stopped.called
