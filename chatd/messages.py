@@ -71,6 +71,7 @@ class RoomEvent:
     message: str
     user_count: int
     ts: int  # milliseconds since the epoch
+    system: bool = False  # posted by the application's backend (POST /api/publish)
 
     def to_wire(self, ref=None):
         wire = {
@@ -82,6 +83,8 @@ class RoomEvent:
             "userCount": self.user_count,
             "ts": self.ts,
         }
+        if self.system:
+            wire["system"] = True
         if ref is not None:
             wire["ref"] = ref
         return wire
@@ -97,6 +100,7 @@ class RoomEvent:
             message=wire["message"],
             user_count=wire["userCount"],
             ts=wire["ts"],
+            system=wire.get("system") is True,
         )
 
 

@@ -4,6 +4,7 @@ chatd.messages: every rule docs/protocol.md states about client frames, and
 the server frames' exact encoding.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -271,6 +272,15 @@ def test_event_encoding():
 def test_event_wire_round_trip():
     """from_wire inverts to_wire, ignoring ref."""
     assert RoomEvent.from_wire(EVENT.to_wire(ref="r")) == EVENT
+
+
+def test_system_event_says_so():
+    """A TALK posted through the server API carries "system": true; others carry no such key."""
+    system = dataclasses.replace(EVENT, sender="system", system=True)
+    assert json.loads(messages.event(system))["system"] is True
+    assert "system" not in EVENT.to_wire()
+    assert RoomEvent.from_wire(system.to_wire()) == system
+    assert RoomEvent.from_wire(dict(EVENT.to_wire(), system="yes")).system is False
 
 
 def test_welcome_encoding():
