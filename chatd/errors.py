@@ -26,6 +26,7 @@ CLOSE_INVALID_PAYLOAD = 1007  # invalid UTF-8
 CLOSE_POLICY_VIOLATION = 1008  # sustained abuse (flooding)
 CLOSE_MESSAGE_TOO_BIG = 1009  # message over [limits] max_message_bytes
 CLOSE_TOKEN_EXPIRED = 4001  # the token's exp passed without a fresh AUTH
+CLOSE_DISCONNECTED = 4003  # the backend disconnected the user (POST /api/disconnect)
 CLOSE_SLOW_CONSUMER = 4008  # outgoing buffer over its cap
 
 # HTTP statuses.

@@ -61,7 +61,7 @@ class Room:
         """No members and no event for C{ttl} seconds: forget it, history and all."""
         return not self.members and self.last_event_at is not None and now - self.last_event_at >= ttl
 
-    def _event(self, kind, member, text, now):
+    def _event(self, kind, member, text, now, system=False):
         event = RoomEvent(
             type=kind,
             id=f"{self._epoch}-{next(self._counter)}",
@@ -70,6 +70,7 @@ class Room:
             message=text,
             user_count=len(self.members),
             ts=int(now * 1000),
+            system=system,
         )
         if self._born is None:
             self._born = event_id_key(event.id)
@@ -100,7 +101,7 @@ class Room:
             return replay, False
         return replay, True
 
-    def talk(self, member, text, cid, now):
+    def talk(self, member, text, cid, now, system=False):
         """
         @return: (event, duplicate).  For a duplicate the event is the
             original when history still has it; otherwise it carries the
@@ -109,8 +110,8 @@ class Room:
         if cid is not None:
             seen = self._cids_of(member.sub, now).get(cid)
             if seen is not None:
-                return self._original(member, text, *seen), True
-        event = self._event(messages.TALK, member, text, now)
+                return self._original(member, text, *seen, system=system), True
+        event = self._event(messages.TALK, member, text, now, system)
         self._keep(event)
         if cid is not None:
             cids = self._cids.setdefault(member.sub, {})
@@ -133,7 +134,7 @@ class Room:
             self.history_bytes -= self._sizes.popleft()
             self._max_dropped = event_id_key(dropped.id)
 
-    def _original(self, member, text, accepted_at, event_id):
+    def _original(self, member, text, accepted_at, event_id, system=False):
         key = event_id_key(event_id)
         for event in reversed(self.history):
             if event.id == event_id:
@@ -142,8 +143,21 @@ class Room:
                 break
         return RoomEvent(
             type=messages.TALK, id=event_id, room=self.name, sender=member.name,
-            message=text, user_count=len(self.members), ts=int(accepted_at * 1000),
+            message=text, user_count=len(self.members), ts=int(accepted_at * 1000), system=system,
         )
+
+    def history_page(self, since, limit):
+        """
+        Kept TALK events for the server API, oldest first, and whether they
+        are complete: after C{since} the first C{limit} (as L{replay_since});
+        without it the newest C{limit}, complete when nothing was ever dropped
+        and nothing is left out.
+        """
+        if since is not None:
+            events, complete = self.replay_since(since)
+            return events[:limit], complete
+        kept = tuple(self.history)
+        return kept[-limit:], self._max_dropped is None and len(kept) <= limit
 
     def quit(self, member, now):
         self.members.pop(member.connection_id, None)

@@ -51,6 +51,13 @@ class TicketBook:
             return None
         return grant
 
+    def void(self, sub):
+        """Forget every ticket issued for C{sub} (server API disconnect); returns how many."""
+        void = [d for d, (_, grant) in self._tickets.items() if grant.sub == sub]
+        for digest in void:
+            del self._tickets[digest]
+        return len(void)
+
     def sweep(self):
         """Forget expired tickets nobody redeemed; returns how many."""
         now = self._clock.seconds()

@@ -15,7 +15,7 @@ from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
 from chatd.auth import Principal
-from chatd.broker.interfaces import IBroker, Member
+from chatd.broker.interfaces import DISCONNECT, KICK, Control, IBroker, Member
 from chatd.errors import RoomLimitReached, TooManyNewRooms
 from chatd.messages import event_id_key
 
@@ -31,7 +31,27 @@ class Rig:
         self.feed = []
         self._waiters = []
         self._elapse = elapse
+        self.controls = []
+        self._control_waiters = []
         broker.set_feed(self._receive)
+        if hasattr(broker, "set_control"):
+            broker.set_control(self._command)
+
+    def _command(self, control):
+        self.controls.append(control)
+        for waiter in list(self._control_waiters):
+            count, d = waiter
+            if len(self.controls) >= count:
+                self._control_waiters.remove(waiter)
+                d.callback(None)
+
+    def controlled(self, count):
+        """Fires once C{count} control commands arrived in all."""
+        if len(self.controls) >= count:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._control_waiters.append((count, d))
+        return d.addTimeout(FEED_TIMEOUT, self.clock)
 
     def _receive(self, delivery):
         self.feed.append(delivery)
@@ -306,3 +326,117 @@ class BrokerContract:
         await rig.broker.enter("three", bob)
         entered = await rig.broker.enter("three", alice)
         assert entered.event.user_count == 2
+
+    # --- the server API -------------------------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_publish_is_a_system_talk(self, make_rig):
+        """publish stores and feeds a TALK marked system, from the given sender, replayed like any TALK."""
+        rig = await make_rig()
+        alice = rig.member(1)
+        await rig.broker.subscribe("lobby")
+        entered = await rig.broker.enter("lobby", alice)
+        talked = await rig.broker.publish("lobby", "Bot", "maintenance at 22:00")
+        assert not talked.duplicate
+        event = talked.event
+        assert (event.type, event.sender, event.message, event.system, event.user_count) == (
+            "TALK", "Bot", "maintenance at 22:00", True, 1
+        )
+        own = await rig.broker.talk("lobby", alice, "ok")
+        assert own.event.system is False
+        assert_increasing([entered.event, event, own.event])
+        await rig.fed(3)
+        assert [d.event for d in rig.feed][1:] == [event, own.event]
+        later = await rig.broker.enter("lobby", rig.member(2), since=entered.event.id)
+        assert later.replay == (event, own.event)
+
+    @pytest_twisted.ensureDeferred
+    async def test_publish_cid_is_accepted_once(self, make_rig):
+        """The same cid answers the original id and publishes nothing; a user's cid is another namespace."""
+        rig = await make_rig()
+        alice = rig.member(1, sub="system")
+        await rig.broker.subscribe("lobby")
+        await rig.broker.enter("lobby", alice)
+        first = await rig.broker.publish("lobby", "system", "once", cid="n-1")
+        again = await rig.broker.publish("lobby", "Other", "once more", cid="n-1")
+        assert again.duplicate and again.event.id == first.event.id
+        users = await rig.broker.talk("lobby", alice, "mine", cid="n-1")
+        assert not users.duplicate
+        await rig.fed(3)
+        assert [d.event.message for d in rig.feed[1:]] == ["once", "mine"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_publish_makes_the_room_within_the_limit(self, make_rig):
+        """Publishing to an unknown room makes it (0 users, history); beyond max_rooms it is refused."""
+        rig = await make_rig(max_rooms=2)
+        await rig.broker.enter("one", rig.member(1))
+        made = await rig.broker.publish("notices", "system", "first")
+        assert made.event.user_count == 0
+        assert await rig.broker.list_rooms() == [("notices", 0), ("one", 1)]
+        assert await rig.broker.members("notices") == ()
+        events, complete = await rig.broker.history("notices")
+        assert events == (made.event,) and complete
+        try:
+            await rig.broker.publish("third", "system", "no room for it")
+        except RoomLimitReached:
+            pass
+        else:
+            raise AssertionError("a third room was made")
+        await rig.broker.publish("one", "system", "known rooms stay open")
+        assert await rig.broker.history("third") is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_members_across_connections(self, make_rig):
+        """members lists every connection in the room, sorted; None for a room the registry does not hold."""
+        rig = await make_rig()
+        a1, a2, bob = rig.member(1, sub="alice"), rig.member(2, sub="alice"), rig.member(3, sub="bob")
+        for member in (bob, a2, a1):
+            await rig.broker.enter("lobby", member)
+        assert await rig.broker.members("lobby") == (a1, a2, bob)
+        await rig.broker.quit("lobby", a2)
+        assert await rig.broker.members("lobby") == (a1, bob)
+        assert await rig.broker.members("nowhere") is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_history_pages(self, make_rig):
+        """history: the newest limit without since, the first limit after since, complete as for replay."""
+        rig = await make_rig(history_size=4)
+        alice = rig.member(1)
+        entered = await rig.broker.enter("lobby", alice)
+        said = [(await rig.broker.talk("lobby", alice, f"m{i}")).event for i in range(3)]
+        assert await rig.broker.history("lobby") == (tuple(said), True)
+        assert await rig.broker.history("lobby", limit=2) == (tuple(said[1:]), False)
+        assert await rig.broker.history("lobby", since=entered.event.id, limit=2) == (tuple(said[:2]), True)
+        assert await rig.broker.history("lobby", since=said[1].id, limit=2) == ((said[2],), True)
+        assert await rig.broker.history("lobby", since=said[2].id) == ((), True)
+        more = [(await rig.broker.talk("lobby", alice, f"n{i}")).event for i in range(3)]
+        events, complete = await rig.broker.history("lobby", since=entered.event.id, limit=10)
+        assert events == tuple(said[2:] + more) and complete is False
+        assert await rig.broker.history("lobby") == (tuple(said[2:] + more), False)
+        assert await rig.broker.history("nowhere") is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_disconnect_voids_tickets_and_commands(self, make_rig):
+        """disconnect voids the user's unredeemed tickets (only theirs) and sends DISCONNECT with the reason."""
+        rig = await make_rig()
+        alice = Principal(sub="alice", name="Alice", exp=2**40)
+        bob = Principal(sub="bob", name="Bob", exp=2**40)
+        await rig.broker.issue_ticket("a-1", alice, 30)
+        await rig.broker.issue_ticket("a-2", alice, 30)
+        await rig.broker.issue_ticket("b-1", bob, 30)
+        await rig.broker.disconnect("alice", "banned")
+        await rig.controlled(1)
+        assert rig.controls == [Control(DISCONNECT, "alice", reason="banned")]
+        assert await rig.broker.redeem_ticket("a-1") is None
+        assert await rig.broker.redeem_ticket("a-2") is None
+        assert await rig.broker.redeem_ticket("b-1") == bob
+        await rig.broker.issue_ticket("a-3", alice, 30)  # a ticket after the disconnect works
+        assert await rig.broker.redeem_ticket("a-3") == alice
+
+    @pytest_twisted.ensureDeferred
+    async def test_kick_commands(self, make_rig):
+        """kick sends KICK for the user and room."""
+        rig = await make_rig()
+        await rig.broker.kick("lobby", "alice")
+        await rig.controlled(1)
+        assert rig.controls == [Control(KICK, "alice", room="lobby")]

@@ -74,6 +74,25 @@ class Talked:
     duplicate: bool = False
 
 
+# Control commands every instance carries out (IBroker.disconnect, .kick).
+DISCONNECT = "disconnect"
+KICK = "kick"
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """
+    A command from the server API for every instance: close all of C{sub}'s
+    connections (L{DISCONNECT}, with C{reason}), or take them out of C{room}
+    (L{KICK}).
+    """
+
+    op: str
+    sub: str
+    room: Optional[str] = None
+    reason: str = ""
+
+
 class IBroker(Interface):
     """Tickets, presence, history and the ordered per-room event feed."""
 
@@ -139,3 +158,47 @@ class IBroker(Interface):
 
     def is_available():
         """Whether the broker can serve right now (for /healthz); synchronous."""
+
+    # --- the server API (docs/api.md) ----------------------------------------
+
+    def publish(room, sender, text, cid=None):
+        """
+        A TALK from the application's backend: stored and published like
+        L{talk}, its event carrying C{system=True} and C{sender} as its
+        sender.  A C{cid} already published (by the API, in this room) within
+        L{DEDUP_WINDOW} is a duplicate, as for L{talk}.  A room the registry
+        does not hold is made (failing with
+        L{chatd.errors.RoomLimitReached} at C{[limits] max_rooms}; API rooms
+        count against no user).  Fire with L{Talked}.
+        """
+
+    def members(room):
+        """
+        Fire with the room's members on every instance, a tuple of L{Member}
+        sorted by connection id; or L{None} when the registry does not hold
+        the room (nobody in it, no history).
+        """
+
+    def history(room, since=None, limit=100):
+        """
+        Fire with C{(events, complete)}: the kept TALK events oldest first.
+        With C{since}, the first C{limit} after it, and C{complete} as for an
+        ENTER's replay; without, the newest C{limit}, and C{complete} when
+        nothing was dropped or left out.  L{None} when the registry does not
+        hold the room.
+        """
+
+    def set_control(handler):
+        """
+        Name the one callable that receives every L{Control} sent by any
+        instance (this one's included).
+        """
+
+    def disconnect(sub, reason=""):
+        """
+        Void the tickets issued for C{sub} and not yet redeemed, then send
+        L{Control} L{DISCONNECT} to every instance.  Fires once both are done.
+        """
+
+    def kick(room, sub):
+        """Send L{Control} L{KICK} for C{sub} in C{room} to every instance."""

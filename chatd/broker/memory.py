@@ -18,7 +18,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from chatd.broker.interfaces import Delivery, Entered, IBroker, Talked
+from chatd.broker.interfaces import DISCONNECT, KICK, Control, Delivery, Entered, IBroker, Member, Talked
 from chatd.errors import RoomLimitReached, TooManyNewRooms
 from chatd.rooms import DEFAULT_MAX_BYTES, DEFAULT_TTL, Room, id_counter
 from chatd.tickets import TicketBook
@@ -63,6 +63,7 @@ class MemoryBroker(MultiService):
         self._subscribed = set()
         self._tickets = TicketBook(clock)
         self._deliver = None
+        self._control = None
         sweeper = TimerService(SWEEP_INTERVAL, self.sweep)
         sweeper.clock = clock
         sweeper.setServiceParent(self)
@@ -165,3 +166,57 @@ class MemoryBroker(MultiService):
 
     def is_available(self):
         return True
+
+    # --- the server API ----------------------------------------------------------
+
+    def publish(self, room, sender, text, cid=None):
+        """IBroker API"""
+        state = self._held(room)
+        if state is None:
+            if len(self._rooms) >= self._max_rooms:
+                self.sweep()
+            if len(self._rooms) >= self._max_rooms:
+                return defer.fail(RoomLimitReached(room))
+            state = self._room(room)
+        member = Member(f"{self.instance_id}:api", "", sender)  # "": no token's sub
+        event, duplicate = state.talk(member, text, cid, self._clock.seconds(), system=True)
+        if not duplicate:
+            self._publish(event, member.connection_id, None)
+        return defer.succeed(Talked(event, duplicate))
+
+    def members(self, room):
+        """IBroker API"""
+        state = self._held(room)
+        if state is None:
+            return defer.succeed(None)
+        return defer.succeed(tuple(sorted(state.members.values(), key=lambda m: m.connection_id)))
+
+    def history(self, room, since=None, limit=100):
+        """IBroker API"""
+        state = self._held(room)
+        if state is None:
+            return defer.succeed(None)
+        return defer.succeed(state.history_page(since, limit))
+
+    def set_control(self, handler):
+        """IBroker API"""
+        self._control = handler
+
+    def disconnect(self, sub, reason=""):
+        """IBroker API"""
+        self._tickets.void(sub)
+        self._command(Control(DISCONNECT, sub, reason=reason))
+        return defer.succeed(None)
+
+    def kick(self, room, sub):
+        """IBroker API"""
+        self._command(Control(KICK, sub, room=room))
+        return defer.succeed(None)
+
+    def _command(self, control):
+        if self._control is None:
+            return
+        try:
+            self._control(control)
+        except Exception:
+            self.log.failure("carrying out {op} failed", op=control.op)
