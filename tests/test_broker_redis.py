@@ -18,7 +18,7 @@ import pytest_twisted
 from twisted.internet import defer, task
 
 from chatd.auth import Principal
-from chatd.broker.interfaces import Member
+from chatd.broker.interfaces import DISCONNECT, KICK, Control, Member
 from chatd.broker.redis import RedisBroker
 from chatd.broker.redis_scripts import decode_event
 from chatd.errors import BrokerUnavailable
@@ -172,6 +172,43 @@ async def test_tickets_and_cids_across_instances(brokers):
     marker = await a.talk("lobby", member(a, 1, "alice"), "marker")
     await a.feed.until(lambda events: marker.event in events, "the marker")
     assert a.feed.of_type("TALK") == [first.event, marker.event]
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_api_across_instances(brokers):
+    """
+    The server API's broker side over two instances: a publish on A reaches
+    B's feed and history; members lists both instances' connections; a
+    disconnect sent from A voids the user's ticket issued on B and reaches
+    both instances' control handlers, as does a kick.
+    """
+    a, b = await brokers(), await brokers()
+    controls = {a: [], b: []}
+    for broker in (a, b):
+        broker.set_control(controls[broker].append)
+    await b.subscribe("lobby")
+    alice_a, alice_b, bob_b = member(a, 1, "alice"), member(b, 1, "alice"), member(b, 2, "bob")
+    for broker, m in ((a, alice_a), (b, alice_b), (b, bob_b)):
+        await broker.enter("lobby", m)
+    published = await a.publish("lobby", "Bot", "from the backend", cid="n1")
+    await b.feed.until(lambda events: published.event in events, "the publish on B")
+    assert published.event.system and published.event.user_count == 3
+    assert (await b.history("lobby"))[0][-1] == published.event
+    assert await b.members("lobby") == tuple(sorted((alice_a, alice_b, bob_b), key=lambda m: m.connection_id))
+    assert (await b.publish("lobby", "Bot", "again", cid="n1")).duplicate
+
+    alice = Principal(sub="alice", name="Alice", exp=2**40)
+    bob = Principal(sub="bob", name="Bob", exp=2**40)
+    await b.issue_ticket("alice-t", alice, 30)
+    await b.issue_ticket("bob-t", bob, 30)
+    await a.disconnect("alice", "banned")
+    await a.kick("lobby", "bob")
+    expected = [Control(DISCONNECT, "alice", reason="banned"), Control(KICK, "bob", room="lobby")]
+    for broker in (a, b):
+        await eventually(lambda: len(controls[broker]) >= 2, TIMEOUT, "two control commands")
+        assert controls[broker] == expected
+    assert await a.redeem_ticket("alice-t") is None
+    assert await a.redeem_ticket("bob-t") == bob
 
 
 @pytest_twisted.ensureDeferred
@@ -385,6 +422,10 @@ async def test_key_layout(brokers):
     types = {key: redis_command(port, "TYPE", key) for key in redis_command(port, "KEYS", "*")}
     cid_key = next(k for k in types if ":cid:" in k)
     ticket_key = next(k for k in types if k.startswith("chatd:ticket:"))
+    tickets_key = next(k for k in types if k.startswith("chatd:tickets:"))
+    await a.publish("lobby", "system", "notice", cid="api-cid-1")
+    apicid_key = next(k for k in redis_command(port, "KEYS", "*") if ":apicid:" in k)
+    types[apicid_key] = redis_command(port, "TYPE", apicid_key)
     assert types == {
         "chatd:rooms": "set",
         "chatd:instances": "set",
@@ -394,10 +435,12 @@ async def test_key_layout(brokers):
         "chatd:room:lobby:members": "hash",
         "chatd:room:lobby:history": "stream",
         cid_key: "string",
+        apicid_key: "string",
         ticket_key: "string",
+        tickets_key: "set",
     }
     for key in types:
-        assert "alice" not in key and "my-cid" not in key and "the-ticket" not in key
+        assert "alice" not in key and "my-cid" not in key and "the-ticket" not in key and "api-cid" not in key
     # docs/delivery.md's key table names exactly these.
     documented = {
         k for k in re.findall(r"^\| `(chatd:[^`]+)` \|", _read_doc("delivery.md"), re.M)
@@ -405,6 +448,7 @@ async def test_key_layout(brokers):
     placeholders = {
         "lobby": "<room>", a.instance_id: "<id>",
         cid_key.rsplit(":", 1)[1]: "<sha256(sub, cid)>", ticket_key.rsplit(":", 1)[1]: "<sha256(ticket)>",
+        apicid_key.rsplit(":", 1)[1]: "<sha256(cid)>", tickets_key.rsplit(":", 1)[1]: "<sha256(sub)>",
     }
     normalized = set()
     for key in types:
@@ -414,7 +458,10 @@ async def test_key_layout(brokers):
     assert normalized == documented
     assert 0 < redis_command(port, "PTTL", cid_key) <= 600_000
     assert 0 < redis_command(port, "PTTL", ticket_key) <= 30_000
+    assert 0 < redis_command(port, "PTTL", tickets_key) <= 30_000
+    assert 0 < redis_command(port, "PTTL", apicid_key) <= 600_000
     assert 0 < redis_command(port, "PTTL", f"chatd:instance:{a.instance_id}") <= 3_000
     stored = redis_command(port, "XRANGE", "chatd:room:lobby:history", "-", "+")
-    assert [entry[1][0] for entry in stored] == ["m"]
+    assert [entry[1][0] for entry in stored] == ["m", "m"]
     assert decode_event(stored[0][1][1]).event.message == "hi"
+    assert decode_event(stored[1][1][1]).event.system is True

@@ -310,6 +310,9 @@ def test_a_burst_is_parsed_in_one_turn():
 # --- the broker's wiring ------------------------------------------------------------
 
 
+CONTROL = "chatd:0:control"
+
+
 @pytest.fixture
 def memory_broker():
     """A RedisBroker on a memory reactor, both links through their handshake."""
@@ -324,6 +327,9 @@ def memory_broker():
     handshake(commands)
     subscriber = redis.accept()
     handshake(subscriber)
+    assert not broker.is_available()  # not before the control channel is subscribed
+    assert subscriber.commands() == [["SUBSCRIBE", CONTROL]]
+    subscriber.reply(bulk("subscribe", CONTROL, 1))
     assert broker.is_available()
     return reactor, redis, broker, commands, subscriber, deliveries
 
@@ -347,6 +353,8 @@ def test_subscribes_again_after_a_reconnect(memory_broker):
     reactor.advance(redis_link.RECONNECT_INITIAL_DELAY * 1.2 + 0.01)
     again = redis.accept()
     handshake(again)
+    assert again.commands() == [["SUBSCRIBE", CONTROL]]
+    again.reply(bulk("subscribe", CONTROL, 2))
     assert again.commands() == [["SUBSCRIBE", channel("lobby")]]
     assert not broker.is_available()
     again.reply(bulk("subscribe", channel("lobby"), 1))

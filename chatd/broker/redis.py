@@ -34,10 +34,12 @@ from zope.interface import implementer
 from chatd import messages
 from chatd.auth import Principal
 from chatd.broker import redis_scripts as scripts
-from chatd.broker.interfaces import Entered, IBroker, Talked
+from chatd.broker.interfaces import DISCONNECT, KICK, Control, Entered, IBroker, Member, Talked
 from chatd.broker.redis_link import CommandProtocol, RedisLink, SubscriberProtocol
 from chatd.broker.redis_presence import Presence
-from chatd.broker.redis_scripts import decode_event, encode_envelope, quit_envelope
+from chatd.broker.redis_scripts import (
+    decode_control, decode_event, decode_member, encode_control, encode_envelope, quit_envelope,
+)
 from chatd.errors import BrokerUnavailable, RoomLimitReached
 from chatd.logs import printable
 from chatd.messages import event_id_key
@@ -74,6 +76,7 @@ class RedisBroker(MultiService):
         self._max_rooms = max_rooms
         self._keys = scripts.Keys(db)
         self._deliver = None
+        self._control = None
         self._wanted = set()  # rooms the hub subscribed to
         self._live = set()  # ...whose SUBSCRIBE Redis confirmed on this subscriber connection
         self._in_flight = set()
@@ -214,8 +217,12 @@ class RedisBroker(MultiService):
         return d
 
     async def _subscriber_ready(self, link, protocol):
-        """Subscribe again to every wanted room: Redis forgot them with the old connection."""
+        """
+        Subscribe to the control channel and again to every wanted room:
+        Redis forgot them with the old connection.
+        """
         self._live.clear()
+        await link.call("SUBSCRIBE", lambda p: p.subscribe(self._keys.control), protocol)
         rooms = sorted(self._wanted)
         if rooms:
             await defer.gatherResults(
@@ -231,7 +238,11 @@ class RedisBroker(MultiService):
             log.info("redis (subscriber) subscribed again to {count} rooms", count=len(rooms))
 
     def _message(self, channel, message):
-        room = self._keys.room_of_channel(channel if isinstance(channel, str) else channel.decode())
+        channel = channel if isinstance(channel, str) else channel.decode()
+        if channel == self._keys.control:
+            self._command_received(message)
+            return
+        room = self._keys.room_of_channel(channel)
         if room not in self._wanted or self._deliver is None:
             return
         try:
@@ -252,7 +263,11 @@ class RedisBroker(MultiService):
     def issue_ticket(self, ticket, grant, ttl):
         """IBroker API"""
         grant_json = json.dumps(grant.to_json(), ensure_ascii=True)
-        d = self._command("SET", self._keys.ticket(ticket), grant_json, "PX", int(ttl * 1000))
+        d = self._script(
+            "issue", scripts.ISSUE_TICKET,
+            [self._keys.ticket(ticket), self._keys.user_tickets(grant.sub)],
+            [grant_json, max(1, int(ttl * 1000))],
+        )
         d.addCallback(lambda _: None)
         return d
 
@@ -379,3 +394,102 @@ class RedisBroker(MultiService):
     def _commands_ready(self, link, protocol):
         self._presence.connected()
         return defer.succeed(None)
+
+    # --- the server API ---------------------------------------------------------------
+
+    def publish(self, room, sender, text, cid=None):
+        """IBroker API"""
+        return self._track(defer.ensureDeferred(self._publish(room, sender, text, cid)))
+
+    async def _publish(self, room, sender, text, cid):
+        member = Member(f"{self.instance_id}:api", "", sender)  # "": no token's sub
+        keys = self._keys.room_keys(room, self.instance_id)[:4]
+        keys.append(self._keys.api_accepted(room, cid) if cid is not None else keys[0])
+        reply = await self._script(
+            "publish", scripts.PUBLISH, keys,
+            [room, encode_envelope(messages.TALK, room, member, text, system=True),
+             self._keys.channel(room), self._history_size, int(DEDUP_WINDOW * 1000),
+             "1" if cid is not None else "0", str(self._max_rooms)],
+        )
+        if reply[0] == scripts.ROOM_LIMIT_REACHED:
+            raise RoomLimitReached(room)
+        return Talked(decode_event(reply[1]).event, reply[0] == 1)
+
+    def members(self, room):
+        """IBroker API"""
+        d = self._script(
+            "members", scripts.MEMBERS, [self._keys.members(room), self._keys.registry], [room]
+        )
+        return d.addCallback(self._members)
+
+    @staticmethod
+    def _members(reply):
+        if not reply:
+            return None
+        found = []
+        for i in range(1, len(reply) - 1, 2):
+            try:
+                found.append(decode_member(reply[i], reply[i + 1]))
+            except (ValueError, KeyError, TypeError):
+                log.error("skipping an unreadable presence entry")
+        return tuple(sorted(found, key=lambda m: m.connection_id))
+
+    def history(self, room, since=None, limit=100):
+        """IBroker API"""
+        return self._track(defer.ensureDeferred(self._history(room, since, limit)))
+
+    async def _history(self, room, since, limit):
+        since_epoch, since_seq = "", "0"
+        if since is not None:
+            since_key = event_id_key(since)
+            since_epoch = str(min(since_key[0], MAX_LUA_INTEGER))
+            since_seq = str(min(since_key[1], MAX_LUA_INTEGER) if len(since_key) > 1 else 0)
+        reply = await self._script(
+            "history", scripts.HISTORY,
+            [self._keys.meta(room), self._keys.history(room), self._keys.registry],
+            [room, since_epoch, since_seq, int(limit)],
+        )
+        if not reply:
+            return None
+        epoch, dropped, kept = reply[0], reply[1], int(reply[2])
+        events = tuple(decode_event(m).event for m in reply[3:])
+        if since is None:
+            return events, not dropped and kept <= limit
+        complete = bool(epoch) and since_key[0] == int(epoch) and (
+            not dropped or since_key >= (int(epoch), int(dropped))
+        )
+        return events, complete
+
+    def set_control(self, handler):
+        """IBroker API"""
+        self._control = handler
+
+    def disconnect(self, sub, reason=""):
+        """IBroker API"""
+        return self._track(defer.ensureDeferred(self._disconnect(sub, reason)))
+
+    async def _disconnect(self, sub, reason):
+        index = self._keys.user_tickets(sub)
+        tickets = await self._command("SMEMBERS", index)
+        control = encode_control(Control(DISCONNECT, sub, reason=reason))
+        await self._script(
+            "disconnect", scripts.DISCONNECT, [index] + sorted(tickets), [self._keys.control, control]
+        )
+
+    def kick(self, room, sub):
+        """IBroker API"""
+        d = self._command("PUBLISH", self._keys.control, encode_control(Control(KICK, sub, room=room)))
+        return self._track(d.addCallback(lambda _: None))
+
+    def _command_received(self, message):
+        try:
+            control = decode_control(message)
+        except (ValueError, TypeError):
+            log.error("dropping an undecodable control command")
+            return
+        if self._control is None:
+            return
+        try:
+            self._control(control)
+        except Exception:
+            log.failure("carrying out {op} failed", op=printable(control.op))

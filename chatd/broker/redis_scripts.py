@@ -21,11 +21,12 @@ though chatd targets one Redis (or a Sentinel-managed primary), not Redis
 Cluster, because one room's script also updates the global registry.
 """
 
+import dataclasses
 import hashlib
 import json
 
 from chatd import messages
-from chatd.broker.interfaces import Delivery
+from chatd.broker.interfaces import Control, Delivery, Member
 from chatd.messages import RoomEvent, event_id_key
 from chatd.tickets import ticket_digest
 
@@ -44,23 +45,25 @@ IDLE_ROOM_MS = 24 * 3600 * 1000
 # instance reads it back with decode_event, off pub/sub or the history.
 
 
-def encode_envelope(kind, room, member, text, ref=None):
+def encode_envelope(kind, room, member, text, ref=None, system=False):
     """
     The part of an event chatd knows before Redis numbers it.  ASCII-only
     JSON: chat text can hold lone surrogates, which UTF-8 cannot carry.
+    C{sub} lets a QUIT envelope kept in presence name its member's user
+    (the server API's presence listing); clients never see it.
     """
-    return json.dumps(
-        {
-            "type": kind,
-            "room": room,
-            "sender": member.name,
-            "message": text,
-            "origin": member.connection_id,
-            "ref": ref,
-        },
-        ensure_ascii=True,
-        separators=(",", ":"),
-    )
+    fields = {
+        "type": kind,
+        "room": room,
+        "sender": member.name,
+        "message": text,
+        "origin": member.connection_id,
+        "sub": member.sub,
+        "ref": ref,
+    }
+    if system:
+        fields["system"] = True
+    return json.dumps(fields, ensure_ascii=True, separators=(",", ":"))
 
 
 def quit_envelope(room, member, ref=None):
@@ -88,8 +91,44 @@ def decode_event(message):
         message=fields["message"],
         user_count=int(count),
         ts=int(ts),
+        system=fields.get("system") is True,
     )
     return Delivery(event, fields.get("origin"), fields.get("ref"))
+
+
+def decode_member(connection_id, envelope):
+    """
+    A L{Member} from a room's presence hash: its connection id and the QUIT
+    envelope kept for it (envelopes written before C{sub} was added give
+    C{""}).
+
+    @raise ValueError: for anything else.
+    """
+    if isinstance(connection_id, bytes):
+        connection_id = connection_id.decode("utf-8")
+    if isinstance(envelope, bytes):
+        envelope = envelope.decode("utf-8")
+    fields = json.loads(envelope)
+    return Member(connection_id, fields.get("sub", ""), fields["sender"])
+
+
+def encode_control(control):
+    """A L{Control} as the JSON published on the control channel."""
+    return json.dumps(dataclasses.asdict(control), ensure_ascii=True, separators=(",", ":"))
+
+
+def decode_control(message):
+    """
+    The inverse of L{encode_control}.
+
+    @raise ValueError: for anything else.
+    """
+    if isinstance(message, bytes):
+        message = message.decode("utf-8")
+    fields = json.loads(message)
+    if not isinstance(fields, dict):
+        raise ValueError("not a control command")
+    return Control(**fields)
 
 
 # --- the key layout ------------------------------------------------------------------
@@ -131,6 +170,20 @@ class Keys:
 
     def channel(self, room):
         return self.channel_prefix + room
+
+    @property
+    def control(self):
+        """The pub/sub channel of L{Control} commands (server API disconnect, kick)."""
+        return f"{PREFIX}{self.db}:control"
+
+    def user_tickets(self, sub):
+        """SET of the ticket keys issued for C{sub}, so a disconnect can void them."""
+        return f"{PREFIX}tickets:{hashlib.sha256(sub.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+    def api_accepted(self, room, cid):
+        """STRING: the event a server API publish with C{cid} produced, for ten minutes."""
+        digest = hashlib.sha256(b"api\0" + cid.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{PREFIX}room:{room}:apicid:{digest}"
 
     def room_of_channel(self, channel):
         if channel.startswith(self.channel_prefix):
@@ -217,6 +270,23 @@ local function unseat(members, instance_rooms, room, connection)
   return true
 end
 
+-- A TALK into the room's capped history stream; what falls out (or, with
+-- no history, the TALK itself) is remembered as 'dropped' for `complete`.
+local function keep(meta, history, size, seq, message)
+  if size == 0 then
+    redis.call('HSET', meta, 'dropped', string.format('%d', seq))
+  else
+    local excess = redis.call('XLEN', history) - size + 1
+    if excess > 0 then
+      local evicted = redis.call('XRANGE', history, '-', '+', 'COUNT', excess)
+      if #evicted > 0 then
+        redis.call('HSET', meta, 'dropped', string.sub(evicted[#evicted][1], 3))
+      end
+    end
+    redis.call('XADD', history, 'MAXLEN', size, '0-' .. string.format('%d', seq), 'm', message)
+  end
+end
+
 -- Like the embedded broker: a room with nobody in it, no history and
 -- nothing dropped is forgotten (its id counter lingers, see IDLE_ROOM_MS).
 local function forget_if_idle(meta, members, history, registry, room, idle_ms)
@@ -289,19 +359,7 @@ seat(KEYS[2], KEYS[5], room, connection, ARGV[3], false)
 redis.call('SADD', KEYS[4], room)
 redis.call('PERSIST', KEYS[1])
 local message = event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, ARGV[4])
-local size = tonumber(ARGV[6])
-if size == 0 then
-  redis.call('HSET', KEYS[1], 'dropped', string.format('%d', seq))
-else
-  local excess = redis.call('XLEN', KEYS[3]) - size + 1
-  if excess > 0 then
-    local evicted = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', excess)
-    if #evicted > 0 then
-      redis.call('HSET', KEYS[1], 'dropped', string.sub(evicted[#evicted][1], 3))
-    end
-  end
-  redis.call('XADD', KEYS[3], 'MAXLEN', size, '0-' .. string.format('%d', seq), 'm', message)
-end
+keep(KEYS[1], KEYS[3], tonumber(ARGV[6]), seq, message)
 redis.call('PUBLISH', ARGV[5], message)
 if ARGV[8] == '1' then
   redis.call('SET', KEYS[6], message, 'PX', ARGV[7])
@@ -401,4 +459,113 @@ if grant then
   redis.call('DEL', KEYS[1])
 end
 return grant
+"""
+
+
+# --- the server API -------------------------------------------------------------------
+
+# A TALK from the application's backend: like TALK, but nobody is seated,
+# and a room the registry does not hold is made only below max rooms.
+# KEYS: meta, members, history, registry, accepted-cid key (the meta key
+#       again when there is no cid)
+# ARGV: room, TALK envelope, channel, history size, cid window ms,
+#       '1' when there is a cid, max rooms
+# -> {0, new event}, {1, the event the cid produced before},
+#    or {ROOM_LIMIT_REACHED}
+PUBLISH = _ROOM_PRELUDE + """
+local room = ARGV[1]
+if ARGV[6] == '1' then
+  local seen = redis.call('GET', KEYS[5])
+  if seen then
+    return {1, seen}
+  end
+end
+if redis.call('SISMEMBER', KEYS[4], room) == 0
+    and redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[7]) then
+  return {'""" + ROOM_LIMIT_REACHED + """'}
+end
+local epoch, seq, ts = stamp(KEYS[1], KEYS[3])
+redis.call('SADD', KEYS[4], room)
+redis.call('PERSIST', KEYS[1])
+local message = event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, ARGV[2])
+keep(KEYS[1], KEYS[3], tonumber(ARGV[4]), seq, message)
+redis.call('PUBLISH', ARGV[3], message)
+if ARGV[6] == '1' then
+  redis.call('SET', KEYS[5], message, 'PX', ARGV[5])
+end
+return {0, message}
+"""
+
+# KEYS: members, registry; ARGV: room
+# -> false when the registry does not hold the room, else {connection, envelope, ...}
+MEMBERS = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then
+  return false
+end
+local found = redis.call('HGETALL', KEYS[1])
+table.insert(found, 1, 'room')
+return found
+"""
+
+# KEYS: meta, history, registry
+# ARGV: room, since epoch ('' for the newest), since seq, limit
+# -> false when the registry does not hold the room, else
+#    {epoch or '', dropped seq or '', kept count, events oldest first...}
+HISTORY = """
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 0 then
+  return false
+end
+local epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
+local result = {epoch, redis.call('HGET', KEYS[1], 'dropped') or '', redis.call('XLEN', KEYS[2])}
+local limit = tonumber(ARGV[4])
+local entries = {}
+if ARGV[2] == '' then
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', limit)
+  for i = #newest, 1, -1 do
+    table.insert(entries, newest[i])
+  end
+elseif epoch ~= '' then
+  local since_epoch, after = tonumber(ARGV[2]), nil
+  if since_epoch < tonumber(epoch) then
+    after = 0
+  elseif since_epoch == tonumber(epoch) then
+    after = tonumber(ARGV[3])
+  end
+  if after ~= nil then
+    entries = redis.call('XRANGE', KEYS[2], '0-' .. string.format('%d', after + 1), '+', 'COUNT', limit)
+  end
+end
+for _, entry in ipairs(entries) do
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'm' then
+      table.insert(result, fields[i + 1])
+    end
+  end
+end
+return result
+"""
+
+# KEYS: ticket, the user's ticket index; ARGV: grant, ttl ms
+ISSUE_TICKET = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], KEYS[1])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+"""
+
+# Void a user's tickets, then tell every instance: one step, so no instance
+# hears of the disconnect before the tickets are void.
+# KEYS: the user's ticket index, then the ticket keys it listed
+# ARGV: control channel, control command -> how many tickets were void
+DISCONNECT = """
+local void = 0
+for i = 2, #KEYS do
+  void = void + redis.call('DEL', KEYS[i])
+  redis.call('SREM', KEYS[1], KEYS[i])
+end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return void
 """
