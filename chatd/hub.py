@@ -113,6 +113,8 @@ class Hub:
         @raise NotMember: the connection was made to leave while entering.
         @raise BrokerUnavailable: the broker could not take the ENTER.
         @raise RoomLimitReached: a new room, with the registry full.
+        @raise TooManyNewRooms: a new room, with this user's share of the
+            registry taken.
         """
         connection_id = member.connection_id
         seat = Seat(connection, member)
@@ -256,7 +258,7 @@ class Hub:
         """
         The feed piled up past the cap for a seat still entering (a replay
         the client does not read): let the connection go, as a slow
-        consumer.  Its ENTER's coroutine quits the broker for it.
+        consumer, and QUIT the room for it now.
         """
         connection_id = seat.member.connection_id
         log.warn(
