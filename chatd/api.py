@@ -503,7 +503,7 @@ class ApiResource(Resource):
         elif failure.check(BadRequest):
             status, body = http.BAD_REQUEST, {"error": errors.BAD_REQUEST, "message": failure.value.message}
         else:
-            status, body = _http_error(failure.value)
+            status, body = errors.http_error(failure.value)
             if status >= 500 and status != errors.HTTP_UNAVAILABLE:
                 log.failure("api: {method} {path} failed", failure,
                             method=printable(request.method.decode("latin-1"), 16),
@@ -511,15 +511,3 @@ class ApiResource(Resource):
         if not gone:
             request.write(_json(request, status, body))
             request.finish()
-
-
-def _http_error(exc):
-    """Domain refusals as HTTP: L{chatd.errors.http_error} once it exists, else the two the API meets."""
-    mapping = getattr(errors, "http_error", None)
-    if mapping is not None:
-        return mapping(exc)
-    if isinstance(exc, errors.BrokerUnavailable):
-        return errors.HTTP_UNAVAILABLE, {"error": errors.UNAVAILABLE, "message": "chat backend unavailable, try again"}
-    if isinstance(exc, errors.RoomLimitReached):
-        return errors.HTTP_FORBIDDEN, {"error": errors.FORBIDDEN, "message": "no new rooms: this server holds its maximum"}
-    return 500, {"error": "internal", "message": "try again"}

@@ -21,33 +21,23 @@ from chatd.logs import printable
 
 log = Logger()
 
-SYSTEM_SUB = "system"  # the "sub" webhooks report for API publishes
-
-
 @implementer(IApiBackend)
 class BrokerApiBackend:
     """
     L{IApiBackend} on an L{IBroker}.
 
-    @param broker: the instance's broker.
-    @param webhooks: a L{chatd.webhooks.WebhookService} (or L{None}): a
-        TALK published here was accepted by this instance, so this instance
-        hands it to the webhook.
+    @param broker: the instance's broker (with webhooks on, the
+        L{chatd.webhooks.AcceptingBroker} around it, so a publish reaches
+        the webhook from this instance).
     """
 
-    def __init__(self, broker, webhooks=None):
+    def __init__(self, broker):
         self._broker = broker
-        self._webhooks = webhooks
 
     def publish(self, request):
         """IApiBackend API"""
         d = defer.maybeDeferred(self._broker.publish, request.room, request.sender, request.message, request.cid)
-        return d.addCallback(self._published)
-
-    def _published(self, talked):
-        if not talked.duplicate and self._webhooks is not None:
-            self._webhooks.accepted(talked.event, SYSTEM_SUB)
-        return talked.event.id
+        return d.addCallback(lambda talked: talked.event.id)
 
     def list_rooms(self):
         """IApiBackend API"""
@@ -99,20 +89,20 @@ class ControlDispatcher:
     """
     Carries out the broker's control commands on this instance.
 
-    @param connections: C{() -> iterable} of this instance's open client
-        connections, each with C{sub} and C{close(code, reason)}.
+    @param connections_of: C{sub -> iterable} of this instance's open client
+        connections of that user, each with C{close(code, reason)}.
     @param kick: C{(room, sub) -> Deferred}: take C{sub}'s connections here
         out of C{room} (the hub's part).
     """
 
-    def __init__(self, connections, kick):
-        self._connections = connections
+    def __init__(self, connections_of, kick):
+        self._connections_of = connections_of
         self._kick = kick
 
     def __call__(self, control):
         """The broker's control handler."""
         if control.op == DISCONNECT:
-            closing = [c for c in self._connections() if c.sub == control.sub]
+            closing = list(self._connections_of(control.sub))
             for connection in closing:
                 connection.close(errors.CLOSE_DISCONNECTED, control.reason)
             if closing:

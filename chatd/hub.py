@@ -216,6 +216,31 @@ class Hub:
                 quits.append(self._evict(room, seat))
         return defer.gatherResults(quits, consumeErrors=True)
 
+    def kick(self, room, sub):
+        """
+        The server API's kick, on this instance: every local seat of user
+        C{sub} in C{room} leaves at once and gets ERROR C{forbidden}
+        "removed from R" instead of its own QUIT; the room sees the QUIT
+        (through the broker), and the connections stay open.
+
+        @return: a Deferred that fires when the broker heard of every QUIT;
+            it never fails (failures are logged).
+        """
+        seats = [seat for seat in self._seats.seats(room) if seat.member.sub == sub]
+        for seat in seats:
+            # All out before any QUIT is published: none of them sees another's.
+            self._drop(room, seat.member.connection_id, seat)
+            seat.connection.send_text(messages.error(errors.FORBIDDEN, f"removed from {room}"))
+        quits = [
+            self._quit_at_broker(room, seat.member)
+            for seat in seats
+            if seat.state != QUITTING and seat.at_broker  # else quit for elsewhere, as in _evict
+        ]
+        if seats:
+            log.info("{count} connections of {sub} removed from {room}",
+                     count=len(seats), sub=printable(sub), room=printable(room))
+        return defer.gatherResults(quits, consumeErrors=True)
+
     def leave_all(self, connection_id):
         """
         A connection closed: it quits every room it was in.

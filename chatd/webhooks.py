@@ -36,6 +36,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProduce
 from twisted.web.http_headers import Headers
 from zope.interface import Interface, implementer
 
+from chatd.broker.interfaces import IBroker
 from chatd.logs import redact, redact_uri
 
 log = Logger()
@@ -318,6 +319,52 @@ class WebhookService(Service):
             )
         close = getattr(self._client, "close", None)
         return close() if close is not None else None
+
+
+SYSTEM_SUB = "system"  # the "sub" of a server API publish
+
+
+@implementer(IBroker)
+class AcceptingBroker:
+    """
+    The broker as this instance's hub and server API use it: every event
+    their calls produce (ENTER, TALK, QUIT, a publish) was accepted by this
+    instance, so this instance, and no other, hands it to the webhook.
+    Everything else passes through to C{broker}.
+    """
+
+    def __init__(self, broker, webhooks):
+        self._broker = broker
+        self._webhooks = webhooks
+
+    def __getattr__(self, name):
+        return getattr(self._broker, name)
+
+    def enter(self, room, member, since=None, ref=None):
+        """IBroker API"""
+        d = defer.maybeDeferred(self._broker.enter, room, member, since, ref)
+        return d.addCallback(self._report, member.sub, lambda entered: entered.event)
+
+    def talk(self, room, member, text, cid=None, ref=None):
+        """IBroker API"""
+        d = defer.maybeDeferred(self._broker.talk, room, member, text, cid, ref)
+        return d.addCallback(self._report, member.sub, lambda talked: None if talked.duplicate else talked.event)
+
+    def quit(self, room, member, ref=None):
+        """IBroker API"""
+        d = defer.maybeDeferred(self._broker.quit, room, member, ref)
+        return d.addCallback(self._report, member.sub, lambda event: event)
+
+    def publish(self, room, sender, text, cid=None):
+        """IBroker API"""
+        d = defer.maybeDeferred(self._broker.publish, room, sender, text, cid)
+        return d.addCallback(self._report, SYSTEM_SUB, lambda talked: None if talked.duplicate else talked.event)
+
+    def _report(self, result, sub, event_of):
+        event = event_of(result)
+        if event is not None:
+            self._webhooks.accepted(event, sub)
+        return result
 
 
 class _Refused(Exception):

@@ -8,9 +8,10 @@ from twisted.internet import defer, task
 
 from chatd import errors
 from chatd.api import Disconnect, HistoryQuery, Kick, Publish, RoomPresence, UnknownRoom, UserPresence
-from chatd.api_backend import SYSTEM_SUB, BrokerApiBackend, ControlDispatcher
+from chatd.api_backend import BrokerApiBackend, ControlDispatcher
 from chatd.broker.interfaces import DISCONNECT, KICK, Control, Member
 from chatd.broker.memory import MemoryBroker
+from chatd.webhooks import AcceptingBroker
 
 
 def result(d):
@@ -41,14 +42,14 @@ def broker():
 
 
 def test_publish_answers_the_id_and_feeds_the_webhook_once(broker):
-    """publish answers the event id; the webhook gets it once, as sub "system", not its duplicate."""
+    """publish answers the event id; through the AcceptingBroker the webhook gets it once, as sub "system"."""
     hooks = Hooks()
-    backend = BrokerApiBackend(broker, hooks)
+    backend = BrokerApiBackend(AcceptingBroker(broker, hooks))
     first = result(backend.publish(Publish("lobby", "hello", "Bot", "c1")))
     again = result(backend.publish(Publish("lobby", "hello", "Bot", "c1")))
     assert first == again
     [(event, sub)] = hooks.accepted_events
-    assert (event.id, event.sender, event.system, sub) == (first, "Bot", True, SYSTEM_SUB)
+    assert (event.id, event.sender, event.system, sub) == (first, "Bot", True, "system")
 
 
 def test_publish_beyond_the_room_limit(broker):
@@ -113,7 +114,8 @@ class Connection:
 def test_dispatcher_disconnect_closes_only_that_users_connections():
     """DISCONNECT closes every local connection of the user with 4003 and the reason; others stay."""
     alice1, alice2, bob = Connection("alice"), Connection("alice"), Connection("bob")
-    dispatch = ControlDispatcher(lambda: [alice1, bob, alice2], kick=None)
+    every = [alice1, bob, alice2]
+    dispatch = ControlDispatcher(lambda sub: [c for c in every if c.sub == sub], kick=None)
     dispatch(Control(DISCONNECT, "alice", reason="banned"))
     assert alice1.closes == alice2.closes == [(4003, "banned")]
     assert bob.closes == []
@@ -122,12 +124,12 @@ def test_dispatcher_disconnect_closes_only_that_users_connections():
 def test_dispatcher_kick_calls_the_hub(logged_failures):
     """KICK hands room and sub to the hub; a broker outage there is a warning, a bug a logged failure."""
     kicked = []
-    dispatch = ControlDispatcher(lambda: [], kick=lambda room, sub: kicked.append((room, sub)))
+    dispatch = ControlDispatcher(lambda sub: [], kick=lambda room, sub: kicked.append((room, sub)))
     dispatch(Control(KICK, "alice", room="lobby"))
     assert kicked == [("lobby", "alice")]
-    ControlDispatcher(lambda: [], kick=lambda r, s: defer.fail(errors.BrokerUnavailable()))(
+    ControlDispatcher(lambda sub: [], kick=lambda r, s: defer.fail(errors.BrokerUnavailable()))(
         Control(KICK, "alice", room="lobby")
     )
     logged_failures.expect("api: kick of alice from lobby failed")
-    ControlDispatcher(lambda: [], kick=lambda r, s: 1 / 0)(Control(KICK, "alice", room="lobby"))
+    ControlDispatcher(lambda sub: [], kick=lambda r, s: 1 / 0)(Control(KICK, "alice", room="lobby"))
     assert len(logged_failures.events) == 1

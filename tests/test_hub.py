@@ -268,6 +268,35 @@ def test_leave_all(world):
     assert ("unsubscribe", "lobby") not in world.broker.calls
 
 
+def test_kick_removes_every_seat_of_the_user(world):
+    """
+    kick: each of the user's connections in the room gets ERROR forbidden
+    instead of its QUIT and is out; the room sees one QUIT per connection;
+    the user's other rooms and other users stay.
+    """
+    alice1, bob = world.user("Alice"), world.user("Bob")
+    alice2 = world.user("Alice", connection_id="i:Alice-2")
+    world.run("enter", "Alice", "lobby")  # i:Alice-2 (the last Alice made)
+    world.users["Alice"] = (Member("i:Alice", "alice", "Alice"), alice1)
+    world.run("enter", "Alice", "lobby")
+    world.run("enter", "Alice", "ops")
+    world.run("enter", "Bob", "lobby")
+    for connection in (alice1, alice2, bob):
+        connection.take()
+    d = world.hub.kick("lobby", "alice")
+    assert d.called
+    for connection in (alice1, alice2):
+        assert connection.take() == [{"type": "ERROR", "code": "forbidden", "message": "removed from lobby"}]
+    quits = bob.take()
+    assert [(e["type"], e["sender"]) for e in quits] == [("QUIT", "Alice"), ("QUIT", "Alice")]
+    assert quits[-1]["userCount"] == 1
+    assert world.hub.rooms_of("i:Alice") == frozenset({"ops"})
+    assert world.hub.rooms_of("i:Alice-2") == frozenset()
+    assert world.hub.local_users("lobby") == 1
+    world.run("enter", "Alice", "lobby")  # may come back: a kick is not a ban
+    assert world.hub.kick("nowhere", "alice").called
+
+
 def test_leave_all_survives_broker_failure(world):
     """A QUIT the broker cannot record is logged, not raised."""
     world.user("Alice")

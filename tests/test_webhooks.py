@@ -437,3 +437,42 @@ def test_default_backoff_is_twisted_policy_from_one_second():
     assert len(client.posts) == 1
     clock.advance(1.0)
     assert len(client.posts) == 2
+
+
+# --- the accepting instance ----------------------------------------------------------
+
+
+class Hooks:
+    def __init__(self):
+        self.accepted_events = []
+
+    def accepted(self, event, sub):
+        self.accepted_events.append((event.type, event.message, sub))
+
+
+def test_accepting_broker_reports_what_this_instance_accepted():
+    """ENTER, TALK, QUIT and publish through the AcceptingBroker reach the webhook once each, with the sub."""
+    from twisted.internet import task
+    from zope.interface.verify import verifyObject
+
+    from chatd.broker.interfaces import IBroker, Member
+    from chatd.broker.memory import MemoryBroker
+    from chatd.webhooks import AcceptingBroker
+
+    clock = task.Clock()
+    clock.advance(1_700_000_000)
+    real = MemoryBroker(clock, instance_id="i1")
+    hooks = Hooks()
+    broker = AcceptingBroker(real, hooks)
+    assert verifyObject(IBroker, broker) and broker.instance_id == "i1"
+    alice = Member("i1:1", "alice-sub", "Alice")
+    broker.enter("lobby", alice)
+    broker.talk("lobby", alice, "hi", cid="c")
+    broker.talk("lobby", alice, "hi again", cid="c")  # duplicate: not reported
+    broker.publish("lobby", "Bot", "notice")
+    broker.quit("lobby", alice)
+    real.talk("lobby", Member("i2:1", "bob", "Bob"), "accepted elsewhere")  # not through us
+    assert hooks.accepted_events == [
+        ("ENTER", "Alice entered", "alice-sub"), ("TALK", "hi", "alice-sub"),
+        ("TALK", "notice", "system"), ("QUIT", "Alice left", "alice-sub"),
+    ]
