@@ -9,7 +9,8 @@ by every byte, so a client dribbling its headers a byte at a time, or
 keeping a connection alive with one request a minute, is never timed out;
 and Autobahn's C{openHandshakeTimeout} only starts once an HTTP request has
 reached the WebSocket resource.  So
-L{ConnectionGuard} wraps the whole listening factory, TLS included, and:
+L{ConnectionGuard} guards the whole listening factory, TLS included
+(L{ConnectionGuard.wrap}), and:
 
   - gives every connection C{[websocket] handshake_timeout} seconds from
     accept to open a WebSocket or complete an HTTP request, and as long again
@@ -28,7 +29,9 @@ The WebSocket side tells the guard when a connection has opened (see
 L{ConnectionGuard.upgraded}); requests report themselves through the Site's
 C{requestFactory} (see L{ConnectionGuard.guard_requests}).  Both find their
 connection by the peer address, which is unique among a TCP listener's
-live connections.
+live connections.  The guard is built first and handed to the Site and the
+WebSocket factories; the factory that wraps the listener
+(L{ConnectionGuard.wrap}) is built last, around them.
 """
 
 from twisted.logger import Logger
@@ -93,53 +96,75 @@ class _GuardedConnection(ProtocolWrapper, TimeoutMixin):
 
     def makeConnection(self, transport):
         super().makeConnection(transport)
-        self.factory._connected(self)
+        self.factory.guard._connected(self)
 
     def connectionLost(self, reason):
         self.setTimeout(None)
-        self.factory._disconnected(self)
+        self.factory.guard._disconnected(self)
         super().connectionLost(reason)
 
     def timeoutConnection(self):
         """TimeoutMixin API: the deadline passed; abort, TLS alert or not."""
-        self.factory._expired(self)
+        self.factory.guard._expired(self)
         self.transport.abortConnection()
 
 
-class ConnectionGuard(WrappingFactory):
-    """
-    Wraps the listening factory (the TLS factory when TLS is on).
-
-    @ivar pending: L{ConnectionCaps} of the connections that are not
-        WebSockets; tests read it.
-    """
+class GuardedFactory(WrappingFactory):
+    """The listening factory: the wrapped one, behind a L{ConnectionGuard}."""
 
     protocol = _GuardedConnection
 
-    def __init__(self, wrapped_factory, timeout, max_total, max_per_address, clock):
+    def __init__(self, wrapped_factory, guard):
         super().__init__(wrapped_factory)
-        self.timeout = timeout
-        self.pending = ConnectionCaps(max_total, max_per_address)
-        self._clock = clock
-        self._by_peer = {}
-        self._log_budget = _LogBudget(clock)
-
-    @classmethod
-    def from_settings(cls, wrapped_factory, settings, clock):
-        limits = settings.limits
-        return cls(
-            wrapped_factory,
-            settings.websocket.handshake_timeout,
-            limits.max_connections,
-            limits.max_connections_per_ip,
-            clock,
-        )
+        self.guard = guard
 
     def buildProtocol(self, addr):
         """
         Refuse (return L{None}, so the reactor closes the socket at once)
         when the caps on connections in their handshake are reached.
         """
+        if not self.guard.admissible(addr):
+            return None
+        return self.protocol(self, self.wrappedFactory.buildProtocol(addr), self.guard.clock)
+
+
+class ConnectionGuard:
+    """
+    The deadlines and caps of the connections that are not (yet)
+    WebSockets, for one listener.
+
+    @ivar pending: L{ConnectionCaps} of the connections that are not
+        WebSockets; tests read it.
+    @ivar clock: the C{IReactorTime} the deadlines run on.
+    """
+
+    def __init__(self, timeout, max_total, max_per_address, clock):
+        self.timeout = timeout
+        self.pending = ConnectionCaps(max_total, max_per_address)
+        self.clock = clock
+        self._by_peer = {}
+        self._log_budget = _LogBudget(clock)
+
+    @classmethod
+    def from_settings(cls, settings, clock):
+        limits = settings.limits
+        return cls(
+            settings.websocket.handshake_timeout,
+            limits.max_connections,
+            limits.max_connections_per_ip,
+            clock,
+        )
+
+    def wrap(self, factory):
+        """
+        @param factory: the listening factory (the TLS factory when TLS is
+            on, else the Site).
+        @return: a L{GuardedFactory} to listen with.
+        """
+        return GuardedFactory(factory, self)
+
+    def admissible(self, addr):
+        """Whether a connection from C{addr} fits the handshake caps (logged when not)."""
         try:
             self.pending.check(_host(addr))
         except CapReached as refused:
@@ -147,8 +172,8 @@ class ConnectionGuard(WrappingFactory):
                 "refused connection from {peer}: {reason} ({count} still in handshake)",
                 peer=_host(addr), reason=refused.reason, count=self.pending.count(_host(addr)),
             )
-            return None
-        return self.protocol(self, self.wrappedFactory.buildProtocol(addr), self._clock)
+            return False
+        return True
 
     # --- what the WebSocket side and the requests report ----------------------
 
@@ -227,7 +252,7 @@ class ConnectionGuard(WrappingFactory):
         try:
             self.pending.admit(connection, _host(peer))
         except CapReached:
-            # buildProtocol checked in this same reactor turn; only a wrapped
+            # admissible() checked in this same reactor turn; only a wrapped
             # factory that connects synchronously could get here.
             connection.transport.abortConnection()
             return

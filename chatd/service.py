@@ -2,14 +2,19 @@
 """
 Wiring: settings in, one C{MultiService} out.
 
-C{makeChatService} only constructs (it runs before twistd forks and drops
+L{make_chat_service} only constructs (it runs before twistd forks and drops
 privileges); connections, timers and listening start with the services.
-On stop, WebSocket clients are closed with 1001 and the listener stops;
-the broker stops only after both (see L{ChatService}).
+It builds in dependency order and hands each part what it needs: broker,
+hub, token verifier and connection guard first, then the WebSocket
+factories and the Site, then the listening factory around them.  Nothing is
+set on a part after it is built.
 
-The listener's factory is layered, outermost first: L{guard.ConnectionGuard}
+The listener's factory is layered, outermost first: L{guard.GuardedFactory}
 (handshake deadline and caps, so it must sit outside TLS to cover the TLS
 handshake), then TLS when it is on, then the Site.
+
+On stop, WebSocket clients are closed with 1001 and the listener stops;
+the broker stops only after both (see L{ChatService}).
 """
 
 from twisted.application import strports
@@ -17,6 +22,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web import server
 
 from chatd import errors, guard, tls, web, ws
 from chatd.auth import TokenVerifier
@@ -28,6 +34,7 @@ SHUTDOWN_GRACE = 3.0  # seconds clients get to answer the 1001 close
 
 
 def make_broker(settings, reactor):
+    """The Redis broker when C{[redis] url} is set, else the embedded one."""
     if settings.redis.url:
         from chatd.broker.redis import RedisBroker
 
@@ -45,10 +52,15 @@ class ClientsService(Service):
     """Owns the WebSocket clients' lifetime: on stop, close each with 1001."""
 
     def __init__(self, factory, clock):
+        """
+        @param factory: the L{ws.ChatServerFactory} whose connections these are.
+        @param clock: the C{IReactorTime} the grace period runs on.
+        """
         self._factory = factory
         self._clock = clock
 
     def stopService(self):
+        """Close every client with 1001; fires once all left, or the grace is over."""
         super().stopService()
         if not self._factory.connections:
             return None
@@ -70,48 +82,68 @@ class ClientsService(Service):
 
 class ChatService(MultiService):
     """
+    chatd's top service: the broker, and the services that use it.
+
     C{MultiService} stops all its children at once.  The broker has to go
     last: connections closed on shutdown still QUIT their rooms through it,
     and the Redis broker's goodbye must come after those QUITs, or the
     rooms would see two QUITs for one connection.
+
+    @ivar broker: the broker service, stopped after every other child.
     """
 
-    broker = None
+    def __init__(self, broker, *others):
+        """
+        @param broker: the broker; started first, stopped last.
+        @param others: the services that use it (listener, clients).
+        """
+        super().__init__()
+        self.broker = broker
+        broker.setServiceParent(self)
+        for service in others:
+            service.setServiceParent(self)
 
     def stopService(self):
+        """Stop the other children (in reverse), then the broker."""
         Service.stopService(self)
         others = [s for s in reversed(list(self)) if s is not self.broker]
         stopped = defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others])
-        if self.broker is not None:
-            stopped.addCallback(lambda _: self.broker.stopService())
+        stopped.addCallback(lambda _: self.broker.stopService())
         return stopped
 
 
-def makeChatService(settings, reactor=None, tls_options=None):
+def make_chat_service(settings, reactor=None, tls_options=None):
+    """
+    Build chatd from its settings.
+
+    @param settings: L{chatd.config.Settings}.
+    @param reactor: the reactor to listen and time with; the global one
+        when L{None} (imported here, never at module level).
+    @param tls_options: the listener's TLS options when C{[server] tls} is
+        on; made from C{[tls]} when L{None} (twistd's C{Options} make them
+        before start-up, so a bad key stops it with one line).
+    @return: a L{ChatService}, not started.
+    """
     if reactor is None:
         from twisted.internet import reactor
-    top = ChatService()
     broker = make_broker(settings, reactor)
-    broker.setServiceParent(top)
+    hub = Hub(broker, max_pending_bytes=settings.limits.max_send_buffer_bytes)
     verifier = TokenVerifier.from_settings(settings)
-    ws_factory = ws.ChatServerFactory(settings, broker, verifier, reactor)
-    ws_factory.hub = Hub(broker, max_pending_bytes=settings.limits.max_send_buffer_bytes)
-    echo = ws.echo_factory(settings, reactor) if settings.conformance.echo else None
-    site = web.make_site(settings, broker, verifier, ws_factory, echo)
-    factory = site
+    connection_guard = guard.ConnectionGuard.from_settings(settings, reactor)
+    ws_factory = ws.ChatServerFactory(settings, broker, hub, verifier, connection_guard, reactor)
+    echo_factory = None
+    if settings.conformance.echo:
+        echo_factory = ws.EchoServerFactory(settings, connection_guard, reactor)
+    site = web.make_site(
+        settings, broker, verifier, ws_factory, echo_factory,
+        request_factory=connection_guard.guard_requests(server.Request), reactor=reactor,
+    )
+    listening = site
     if settings.server.tls:
         if tls_options is None:
             tls_options = tls.certificate_options(settings)
-        factory = TLSMemoryBIOFactory(tls_options, False, site)
-    connection_guard = guard.ConnectionGuard.from_settings(factory, settings, reactor)
-    site.requestFactory = connection_guard.guard_requests(site.requestFactory)
-    for ws_side in (ws_factory, echo):
-        if ws_side is not None:
-            ws_side.guard = connection_guard
-    listener = strports.service(settings.server.endpoint, connection_guard, reactor=reactor)
-    listener.setServiceParent(top)
-    ClientsService(ws_factory, reactor).setServiceParent(top)
-    top.site = site  # the tests use this
-    top.guard = connection_guard
-    top.broker = broker
-    return top
+        listening = TLSMemoryBIOFactory(tls_options, False, site)
+    listener = strports.service(
+        settings.server.endpoint, connection_guard.wrap(listening), reactor=reactor
+    )
+    return ChatService(broker, listener, ClientsService(ws_factory, reactor))

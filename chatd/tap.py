@@ -72,6 +72,7 @@ def _tcp_port(description):
 
 
 def makeService(options):
-    from chatd.service import makeChatService
+    """twistd's entry point: the service L{chatd.service.make_chat_service} builds."""
+    from chatd.service import make_chat_service
 
-    return makeChatService(options["settings"], tls_options=options["tls_options"])
+    return make_chat_service(options["settings"], tls_options=options["tls_options"])

@@ -201,7 +201,18 @@ class ChatSite(server.Site):
     """
 
     displayTracebacks = False
-    access_log = True
+
+    def __init__(self, resource, access_log=True, request_factory=None, reactor=None):
+        """
+        @param access_log: log each request (C{[server] access_log}).
+        @param request_factory: the Site's C{requestFactory} (the guard's,
+            L{chatd.guard.ConnectionGuard.guard_requests}); twisted.web's
+            Request when L{None}.
+        @param reactor: the C{IReactorTime} of twisted.web's timeouts; the
+            global reactor when L{None}.
+        """
+        super().__init__(resource, requestFactory=request_factory, reactor=reactor)
+        self.access_log = access_log
 
     def log(self, request):
         if not self.access_log:
@@ -216,7 +227,17 @@ class ChatSite(server.Site):
         )
 
 
-def make_site(settings, broker, verifier, ws_factory, echo_factory=None):
+def make_site(
+    settings, broker, verifier, ws_factory, echo_factory=None, request_factory=None, reactor=None
+):
+    """
+    The resource tree of the one listener, in a L{ChatSite}.
+
+    @param ws_factory: the L{chatd.ws.ChatServerFactory} behind C{/ws}.
+    @param echo_factory: the factory behind C{/echo}, or L{None} for none.
+    @param request_factory: passed to L{ChatSite}.
+    @param reactor: passed to L{ChatSite}.
+    """
     root = Root(PageResource())
     auth = Directory()
     auth.putChild(b"ticket", TicketResource(verifier, broker, settings.auth.ticket_ttl))
@@ -226,7 +247,4 @@ def make_site(settings, broker, verifier, ws_factory, echo_factory=None):
     root.putChild(b"ws", WebSocketResource(ws_factory))
     if echo_factory is not None:
         root.putChild(b"echo", WebSocketResource(echo_factory))
-    site = ChatSite(root)
-    site.access_log = settings.server.access_log
-    site.ws_factory = ws_factory  # the tests use this
-    return site
+    return ChatSite(root, settings.server.access_log, request_factory, reactor)

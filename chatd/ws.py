@@ -32,6 +32,7 @@ from chatd.errors import BrokerUnavailable
 from chatd.hub import IConnection
 from chatd.limits import CapReached, ConnectionCaps, SendBudget
 from chatd.logs import printable, redact_uri
+from chatd.observer import OneShotObserverList
 from chatd.session import Session
 
 
@@ -135,10 +136,21 @@ class _GuardedMixin:
 
 @implementer(IConnection)
 class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
+    """
+    One /ws connection: Autobahn's protocol in front of a L{Session}.
+
+    C{onConnect} decides the upgrade (Origin 403, caps 429/503, ticket 401,
+    broker 503; see L{chatd.handshake}) before any ticket is spent; once
+    open, text frames go to the session and the session's answers come back
+    through the L{IConnection} methods.  Closing (for any reason) releases
+    the connection's slot and quits its rooms once.
+    """
+
     _log = Logger()  # not .log: Autobahn claims it
 
     session = None
     connection_id = None
+    _left = None
 
     def onConnect(self, request):
         d = defer.ensureDeferred(self._on_connect(request))
@@ -196,18 +208,23 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         self.session.received(payload.decode("utf-8"))
 
     def onClose(self, wasClean, code, reason):
-        self.factory.release(self)
-        self._leave()
+        self.factory.release(self, self._leave())
         if self.connection_id is not None:
             self._log.info(
                 "websocket {connection} closed ({code})", connection=self.connection_id, code=code
             )
 
     def _leave(self):
-        """Quit every room, once; later frames from the client are ignored."""
+        """
+        Quit every room, once; later frames from the client are ignored.
+
+        @return: a Deferred that fires once the broker heard every QUIT, or
+            L{None} when the connection never had a session.
+        """
         if self.session is not None:
             session, self.session = self.session, None
-            session.closed()
+            self._left = session.closed()
+        return self._left
 
     def _slow_consumer(self):
         # Leave the rooms now rather than when the close handshake times
@@ -218,12 +235,14 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
     # IConnection
 
     def send_text(self, text):
+        """IConnection API"""
         if self.state == self.STATE_OPEN:
             self.sendMessage(text.encode("utf-8"))
 
     def send_shared(self, text):
+        """IConnection API: C{text} is framed once for all who get it (see L{ChatServerFactory.frame})."""
         if self.state == self.STATE_OPEN:
-            self.sendPreparedMessage(self.factory.prepared(text))
+            self.sendPreparedMessage(self.factory.frame(text))
 
     def when_drained(self):
         if self._budget is None:
@@ -258,38 +277,61 @@ def _protocol_options(settings):
 
 
 class ChatServerFactory(WebSocketServerFactory):
-    protocol = ChatServerProtocol
-    guard = None  # the service's L{chatd.guard.ConnectionGuard}, told of each open
+    """
+    What every /ws connection shares: its dependencies, the caps on open
+    WebSockets, the set of open connections (for the 1001 drain) and the
+    frame of the event being fanned out.
 
-    def __init__(self, settings, broker, verifier, clock):
+    @ivar connections: the admitted connections, until they close.
+    """
+
+    protocol = ChatServerProtocol
+
+    def __init__(self, settings, broker, hub, verifier, guard, clock):
+        """
+        @param broker: the L{chatd.broker.interfaces.IBroker} tickets are
+            redeemed at.
+        @param hub: the L{chatd.hub.Hub} sessions talk to.
+        @param verifier: the L{chatd.auth.TokenVerifier} for AUTH.
+        @param guard: the listener's L{chatd.guard.ConnectionGuard}, told of
+            each open, or L{None}.
+        @param clock: an C{IReactorTime}.
+        """
         super().__init__()
         self.settings = settings
         self.broker = broker
+        self.hub = hub
         self.verifier = verifier
+        self.guard = guard
         self.clock = clock
-        self.hub = None  # set by the service once the hub exists
         self.max_send_buffer_bytes = settings.limits.max_send_buffer_bytes
         self.caps = ConnectionCaps(
             settings.limits.max_connections, settings.limits.max_connections_per_ip
         )
         self.connections = set()
-        self._empty_waiters = []
+        self._empty = OneShotObserverList()
         self._ids = itertools.count(1)
+        self._framed_text = None
+        self._framed = None
         self.setProtocolOptions(**_protocol_options(settings))
 
     def new_connection_id(self):
+        """A connection id unique across instances (the broker's instance id, a counter)."""
         return f"{self.broker.instance_id}:{next(self._ids)}"
 
-    _shared = (None, None)  # (text, prepared frame) of the latest shared event
+    def frame(self, text):
+        """
+        The prepared (framed) message for C{text}, made once per event: the
+        hub sends one event to every local member as the same str object,
+        so the last one framed is kept, by identity (it stays referenced, so
+        its id cannot be reused meanwhile).
 
-    def prepared(self, text):
+        @return: an Autobahn C{PreparedMessage}.
         """
-        The frame for C{text}, made once per event: the hub hands the same
-        C{str} object to every member's C{send_shared}.
-        """
-        if self._shared[0] is not text:
-            self._shared = (text, self.prepareMessage(text.encode("utf-8")))
-        return self._shared[1]
+        if text is not self._framed_text:
+            self._framed = self.prepareMessage(text.encode("utf-8"))
+            self._framed_text = text
+        return self._framed
 
     def admit(self, protocol):
         """
@@ -303,42 +345,50 @@ class ChatServerFactory(WebSocketServerFactory):
             self.caps.admit(protocol, _peer_host(protocol.transport))
         except CapReached as refused:
             raise handshake.Deny(refused.status, refused.reason) from None
+        if not self.connections and self._empty.fired:
+            self._empty.reset()
         self.connections.add(protocol)
 
-    def release(self, protocol):
-        """Give C{protocol}'s slot back; called on every close, admitted or not."""
+    def release(self, protocol, left=None):
+        """
+        Give C{protocol}'s slot back; called on every close, admitted or not.
+
+        @param left: a Deferred that fires once the connection's QUITs
+            reached the broker, or L{None}.  The connection counts as open
+            (for L{when_empty}, so the broker is not stopped under its
+            QUITs) until then; its slot is free at once.
+        """
         self.caps.release(protocol)
+        if left is None:
+            self._gone(protocol)
+        else:
+            left.addBoth(lambda _: self._gone(protocol))
+
+    def _gone(self, protocol):
         self.connections.discard(protocol)
         if not self.connections:
-            waiters, self._empty_waiters = self._empty_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+            self._empty.fire_if_not_fired(None)
 
     def when_empty(self):
         """A Deferred that fires once no WebSocket connection is open."""
         if not self.connections:
             return defer.succeed(None)
-        waiter = defer.Deferred()
-        self._empty_waiters.append(waiter)
-        return waiter
+        return self._empty.when_fired()
 
     def close_all(self, code, reason):
+        """Close every open connection with C{code} (the shutdown's 1001)."""
         for protocol in list(self.connections):
             protocol.close(code, reason)
 
 
 class EchoServerFactory(WebSocketServerFactory):
-    protocol = EchoServerProtocol
-    guard = None
+    """/echo's factory: /ws's protocol options, the guard, nothing else."""
 
-    def __init__(self, settings, clock):
+    protocol = EchoServerProtocol
+
+    def __init__(self, settings, guard, clock):
         super().__init__()
+        self.guard = guard
         self.clock = clock
         self.max_send_buffer_bytes = settings.limits.max_send_buffer_bytes
         self.setProtocolOptions(**_protocol_options(settings))
-
-
-def echo_factory(settings, clock=None):
-    if clock is None:
-        from twisted.internet import reactor as clock
-    return EchoServerFactory(settings, clock)

@@ -153,14 +153,15 @@ class _Recorder(Protocol):
 
 def make_guard(timeout=10.0, max_total=100, max_per_address=100):
     clock = Clock()
-    guard = ConnectionGuard(Factory.forProtocol(_Recorder), timeout, max_total, max_per_address, clock)
-    guard.doStart()
-    return guard, clock
+    guard = ConnectionGuard(timeout, max_total, max_per_address, clock)
+    listener = guard.wrap(Factory.forProtocol(_Recorder))
+    listener.doStart()
+    return guard, listener, clock
 
 
-def connect(guard, host="198.51.100.1", port=40000):
+def connect(listener, host="198.51.100.1", port=40000):
     peer = IPv4Address("TCP", host, port)
-    protocol = guard.buildProtocol(peer)
+    protocol = listener.buildProtocol(peer)
     if protocol is None:
         return None, None
     transport = StringTransport(peerAddress=peer)
@@ -170,8 +171,8 @@ def connect(guard, host="198.51.100.1", port=40000):
 
 def test_silent_connection_is_aborted_at_the_deadline():
     """A connection that neither opens a WebSocket nor completes a request is aborted."""
-    guard, clock = make_guard(timeout=10)
-    _, transport = connect(guard)
+    guard, listener, clock = make_guard(timeout=10)
+    _, transport = connect(listener)
     clock.advance(9.9)
     assert not transport.disconnecting
     clock.advance(0.2)
@@ -193,8 +194,8 @@ def test_bytes_do_not_extend_the_deadline():
 
 def test_upgraded_connection_has_no_deadline():
     """Once its WebSocket opens, the guard leaves the connection alone."""
-    guard, clock = make_guard(timeout=10)
-    protocol, transport = connect(guard)
+    guard, listener, clock = make_guard(timeout=10)
+    protocol, transport = connect(listener)
     guard.upgraded(transport.getPeer())
     clock.advance(1000)
     assert not transport.disconnecting
@@ -203,8 +204,8 @@ def test_upgraded_connection_has_no_deadline():
 
 def test_finished_request_rearms_the_deadline():
     """Each completed HTTP request buys another timeout; idle keep-alive ends after one."""
-    guard, clock = make_guard(timeout=10)
-    _, transport = connect(guard)
+    guard, listener, clock = make_guard(timeout=10)
+    _, transport = connect(listener)
     clock.advance(8)
     guard.request_done(transport.getPeer())
     clock.advance(8)
@@ -215,8 +216,8 @@ def test_finished_request_rearms_the_deadline():
 
 def test_lost_connection_cancels_its_deadline():
     """A connection that goes away leaves no timer and no slot behind."""
-    guard, clock = make_guard(timeout=10)
-    protocol, transport = connect(guard)
+    guard, listener, clock = make_guard(timeout=10)
+    protocol, transport = connect(listener)
     protocol.connectionLost(None)
     assert clock.getDelayedCalls() == [] and len(guard.pending) == 0
     guard.request_done(transport.getPeer())  # late report for a gone connection
@@ -225,27 +226,27 @@ def test_lost_connection_cancels_its_deadline():
 
 def test_handshake_cap_per_address_and_total():
     """Connections still in their handshake are capped per address and in all."""
-    guard, _ = make_guard(max_total=3, max_per_address=2)
-    assert connect(guard, port=1)[0] is not None
-    assert connect(guard, port=2)[0] is not None
-    assert connect(guard, port=3)[0] is None  # third from the same address
-    assert connect(guard, host="198.51.100.2", port=4)[0] is not None
-    assert connect(guard, host="198.51.100.3", port=5)[0] is None  # all three slots taken
+    guard, listener, _ = make_guard(max_total=3, max_per_address=2)
+    assert connect(listener, port=1)[0] is not None
+    assert connect(listener, port=2)[0] is not None
+    assert connect(listener, port=3)[0] is None  # third from the same address
+    assert connect(listener, host="198.51.100.2", port=4)[0] is not None
+    assert connect(listener, host="198.51.100.3", port=5)[0] is None  # all three slots taken
 
 
 def test_upgrade_frees_a_handshake_slot():
     """An opened WebSocket no longer counts against the handshake caps."""
-    guard, _ = make_guard(max_total=10, max_per_address=1)
-    _, transport = connect(guard, port=1)
-    assert connect(guard, port=2)[0] is None
+    guard, listener, _ = make_guard(max_total=10, max_per_address=1)
+    _, transport = connect(listener, port=1)
+    assert connect(listener, port=2)[0] is None
     guard.upgraded(transport.getPeer())
-    assert connect(guard, port=3)[0] is not None
+    assert connect(listener, port=3)[0] is not None
 
 
 def test_ipv6_addresses_share_their_64():
     """Two addresses in one IPv6 /64 share one per-address allowance."""
-    guard, _ = make_guard(max_per_address=1)
+    guard, listener, _ = make_guard(max_per_address=1)
     first = IPv6Address("TCP", "2001:db8::1", 1)
-    guard.buildProtocol(first).makeConnection(StringTransport(peerAddress=first))
-    assert guard.buildProtocol(IPv6Address("TCP", "2001:db8::2", 2)) is None
-    assert guard.buildProtocol(IPv6Address("TCP", "2001:db8:0:1::1", 3)) is not None
+    listener.buildProtocol(first).makeConnection(StringTransport(peerAddress=first))
+    assert listener.buildProtocol(IPv6Address("TCP", "2001:db8::2", 2)) is None
+    assert listener.buildProtocol(IPv6Address("TCP", "2001:db8:0:1::1", 3)) is not None

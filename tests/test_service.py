@@ -1,0 +1,198 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+chatd.service in process: L{make_chat_service} on a C{MemoryReactorClock}
+builds one listener (the guard around TLS around the Site), and stops the
+clients (1001), then the listener, then the broker, with the grace period
+on the clock.  A real Autobahn client reaches /ws through the whole stack
+over in-memory transports.  tests/test_tap.py and tests/test_flow.py run
+the same service in a real twistd.
+"""
+
+import dataclasses
+import json
+
+import pytest
+import txaio
+from autobahn.twisted.testing import create_memory_agent
+from autobahn.twisted.websocket import WebSocketClientProtocol
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from chatd import config, errors, guard, service, tls, web
+from chatd.auth import Principal
+
+SECRET = b"s" * 32
+
+
+def make_settings(dev_dir=None, **overrides):
+    overrides.setdefault("server__endpoint", "tcp:8443:interface=127.0.0.1")
+    overrides.setdefault("server__allowed_origins", ("*",))
+    overrides.setdefault("server__tls", False)
+    overrides.setdefault("websocket__ping_interval", 0)
+    if dev_dir is not None:
+        overrides.update(
+            server__tls=True,
+            tls__certificate=f"{dev_dir}/fullchain.pem",
+            tls__private_key=f"{dev_dir}/privkey.pem",
+        )
+    return dataclasses.replace(config.defaults(**overrides), jwt_key=SECRET)
+
+
+@pytest.fixture
+def reactor():
+    """A MemoryReactorClock that also runs Autobahn's (txaio's) timers."""
+    saved = txaio.config.loop
+    reactor = txaio.config.loop = MemoryReactorClock()
+    yield reactor
+    txaio.config.loop = saved
+
+
+def listening_factory(reactor):
+    """The one factory the service listens with."""
+    assert reactor.sslServers == [] and reactor.unixServers == []
+    [(port, factory, backlog, interface)] = reactor.tcpServers
+    assert (port, interface) == (8443, "127.0.0.1")
+    return factory
+
+
+def test_one_tls_listener(reactor, dev_dir):
+    """With TLS on: one TCP listener, the guard around TLS around the Site."""
+    settings = make_settings(dev_dir[0])
+    top = service.make_chat_service(settings, reactor, tls.certificate_options(settings))
+    assert reactor.tcpServers == []  # built, not listening yet
+    top.startService()
+    factory = listening_factory(reactor)
+    assert isinstance(factory, guard.GuardedFactory)
+    assert isinstance(factory.wrappedFactory, TLSMemoryBIOFactory)
+    assert isinstance(factory.wrappedFactory.wrappedFactory, web.ChatSite)
+
+
+def test_one_plain_listener(reactor):
+    """With TLS off (behind a proxy): the guard directly around the Site."""
+    top = service.make_chat_service(make_settings(), reactor)
+    top.startService()
+    factory = listening_factory(reactor)
+    assert isinstance(factory.wrappedFactory, web.ChatSite)
+    assert top.broker.running
+
+
+class Client(WebSocketClientProtocol):
+    def __init__(self):
+        super().__init__()
+        self.received = []
+        self.closed = None
+
+    def onMessage(self, payload, isBinary):
+        self.received.append(json.loads(payload))
+
+    def onClose(self, wasClean, code, reason):
+        self.closed = code
+
+
+class _Pumps:
+    def __init__(self):
+        self.pumps = []
+
+    def add(self, pump):
+        self.pumps.append(pump)
+
+    def flush(self):
+        for pump in self.pumps:
+            pump.flush(advanceClock=False)
+
+
+class Running:
+    """A started service and Autobahn clients connected to its listener in memory."""
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.top = service.make_chat_service(make_settings(), reactor)
+        self.top.startService()
+        self.factory = listening_factory(reactor)
+        self.pumps = _Pumps()
+        peers = iter(range(40000, 41000))
+        self.agent = create_memory_agent(
+            reactor, self.pumps,
+            lambda: self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", next(peers))),
+        )
+        self.clients = []
+
+    def connect(self, sub):
+        ticket = f"t-{sub}"
+        grant = Principal(sub=sub, name=sub, exp=int(self.reactor.seconds()) + 3600)
+        self.top.broker.issue_ticket(ticket, grant, 30)
+        opened = []
+        self.agent.open(f"ws://localhost:8443/ws?ticket={ticket}", {}, protocol_class=Client).addCallback(
+            opened.append
+        )
+        self.pumps.flush()
+        [client] = opened
+        self.clients.append(client)
+        return client
+
+    def send(self, client, frame):
+        client.sendMessage(json.dumps(frame).encode())
+        self.pumps.flush()
+
+
+@pytest.fixture
+def running(reactor):
+    return Running(reactor)
+
+
+def spy_on_broker_stop(top):
+    """Record the broker's rooms at the moment it is stopped."""
+    rooms_then = []
+    original = top.broker.stopService
+
+    def stop():
+        rooms_then.append(top.broker.list_rooms().result)
+        return original()
+
+    top.broker.stopService = stop
+    return rooms_then
+
+
+def test_stop_closes_1001_then_listener_then_broker(running):
+    """
+    Stopping closes each WebSocket with 1001; once they have gone (their
+    QUITs through the still-running broker), the listener and then the
+    broker stop.
+    """
+    alice, bob = running.connect("alice"), running.connect("bob")
+    for client in (alice, bob):
+        running.send(client, {"type": "ENTER", "room": "lobby"})
+    rooms_then = spy_on_broker_stop(running.top)
+    stopped = running.top.stopService()
+    assert not stopped.called and running.top.broker.running
+    running.pumps.flush()  # the clients answer the close
+    assert (alice.closed, bob.closed) == (errors.CLOSE_GOING_AWAY, errors.CLOSE_GOING_AWAY)
+    assert stopped.called and not running.top.broker.running
+    assert rooms_then == [[]]  # both had QUIT through the broker before it stopped
+
+
+def test_stop_waits_out_the_grace_for_silent_clients(running):
+    """A client that never answers the 1001 holds the stop for SHUTDOWN_GRACE, no longer."""
+    running.connect("alice")
+    stopped = running.top.stopService()  # nothing pumped: the client never answers
+    running.reactor.advance(service.SHUTDOWN_GRACE - 0.1)
+    assert not stopped.called and running.top.broker.running
+    running.reactor.advance(0.2)
+    assert stopped.called and not running.top.broker.running
+
+
+def test_stop_with_no_clients_is_immediate(running):
+    """With no WebSocket open, stopping does not wait."""
+    stopped = running.top.stopService()
+    assert stopped.called and not running.top.broker.running
+
+
+def test_listener_serves_http_through_the_guard(running):
+    """Through the guard and the Site, an upgrade reaches /ws and the guard lets it go."""
+    alice = running.connect("alice")
+    assert alice.received[0]["type"] == "WELCOME"
+    server = running.pumps.pumps[-1].server
+    assert server.upgraded  # the guard was told: no deadline, out of its caps
+    running.reactor.advance(3600 - 1)
+    assert alice.closed is None
