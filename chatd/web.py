@@ -13,6 +13,7 @@ from importlib import resources
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
@@ -33,19 +34,66 @@ def _json(request, status, body, headers=()):
     return json.dumps(body).encode("utf-8")
 
 
-def _finish(request, status, body, headers=()):
-    if not request.finished and not request._disconnected:
-        request.write(_json(request, status, body, headers))
-        request.finish()
+def _http_error(exc):
+    """
+    C{(status, body)} for an exception a resource did not handle: the
+    broker being unavailable is 503, anything else 500.
+    """
+    if isinstance(exc, BrokerUnavailable):
+        return errors.HTTP_UNAVAILABLE, {"error": "unavailable", "message": "chat backend unavailable, try again"}
+    return http.INTERNAL_SERVER_ERROR, {"error": "internal", "message": "try again"}
+
+
+def _error_body(request, failure):
+    """
+    The JSON answer for a failure, logged (once, here) when unexpected.
+
+    Every failure of every resource ends here, synchronous or not, so no
+    request is left unanswered and twisted.web's HTML error page is never
+    sent.
+    """
+    status, body = _http_error(failure.value)
+    if status == http.INTERNAL_SERVER_ERROR:
+        log.failure(
+            "{method} {path} failed", failure,
+            method=printable(request.method.decode("latin-1"), 16), path=redact_uri(request.uri),
+        )
+    return _json(request, status, body)
+
+
+def _answer_later(request, answer):
+    """
+    Finish C{request} with what the Deferred C{answer} fires with, a
+    C{(status, body)} pair; a failure is answered by L{_error_body}.  Nothing
+    is written to a client that went away meanwhile.
+
+    @return: C{NOT_DONE_YET}, for C{render}.
+    """
+    gone = []
+    request.notifyFinish().addErrback(gone.append)
+
+    def write(body):
+        if not gone and not request.finished:
+            request.write(body)
+            request.finish()
+
+    answer.addCallback(lambda result: _json(request, *result))
+    answer.addErrback(lambda failure: _error_body(request, failure))
+    answer.addCallback(write)
+    answer.addErrback(lambda failure: log.failure("writing an answer failed", failure))
+    return server.NOT_DONE_YET
 
 
 class _JSONResource(Resource):
-    """Unknown methods and children answer JSON too."""
+    """Unknown methods, children and failures answer JSON too."""
 
     isLeaf = True
     allowed = (b"GET",)
 
     def render(self, request):
+        if any(request.postpath):
+            # A leaf: /rooms/x would otherwise render /rooms.
+            return _not_found(request)
         allowed = self.allowed + ((b"HEAD",) if b"GET" in self.allowed else ())
         if request.method not in allowed:
             return _json(
@@ -53,7 +101,10 @@ class _JSONResource(Resource):
                 {"error": "method_not_allowed", "message": f"use {b', '.join(self.allowed).decode()}"},
                 [(b"allow", b", ".join(self.allowed))],
             )
-        return super().render(request)
+        try:
+            return super().render(request)
+        except Exception:
+            return _error_body(request, Failure())
 
 
 class _Authenticated(_JSONResource):
@@ -77,11 +128,6 @@ class _Authenticated(_JSONResource):
             [(b"www-authenticate", b'Bearer realm="chatd", error="invalid_token"')],
         )
 
-    def unavailable(self, failure, request):
-        # An errback: the Failure comes first.
-        failure.trap(BrokerUnavailable)
-        _finish(request, errors.HTTP_UNAVAILABLE, {"error": "unavailable", "message": "chat backend unavailable, try again"})
-
 
 class TicketResource(_Authenticated):
     """POST /auth/ticket: a JWT in, a single-use WebSocket ticket out."""
@@ -100,14 +146,8 @@ class TicketResource(_Authenticated):
             return self.unauthorized(request, str(e))
         ticket = tickets.new_ticket()
         d = defer.maybeDeferred(self._broker.issue_ticket, ticket, principal, self._ttl)
-        d.addCallback(lambda _: _finish(request, http.OK, {"ticket": ticket, "expires_in": self._ttl}))
-        d.addErrback(self.unavailable, request)
-        d.addErrback(self._failed, request)
-        return server.NOT_DONE_YET
-
-    def _failed(self, failure, request):
-        log.failure("issuing a ticket failed", failure)
-        _finish(request, http.INTERNAL_SERVER_ERROR, {"error": "internal", "message": "try again"})
+        d.addCallback(lambda _: (http.OK, {"ticket": ticket, "expires_in": self._ttl}))
+        return _answer_later(request, d)
 
 
 class RoomsResource(_Authenticated):
@@ -123,13 +163,12 @@ class RoomsResource(_Authenticated):
         except InvalidToken as e:
             return self.unauthorized(request, str(e))
         d = defer.maybeDeferred(self._broker.list_rooms)
-        d.addCallback(self._render, request, principal)
-        d.addErrback(self.unavailable, request)
-        return server.NOT_DONE_YET
+        d.addCallback(self._listed, principal)
+        return _answer_later(request, d)
 
-    def _render(self, rooms, request, principal):
+    def _listed(self, rooms, principal):
         listed = [{"name": name, "users": users} for name, users in rooms if principal.may_enter(name)]
-        _finish(request, http.OK, {"rooms": listed})
+        return http.OK, {"rooms": listed}
 
 
 class HealthResource(_JSONResource):
@@ -166,9 +205,15 @@ class PageResource(_JSONResource):
         return self._page
 
 
+def _not_found(request):
+    return _json(request, http.NOT_FOUND, {"error": "not_found", "message": "no such resource"})
+
+
 class NotFound(_JSONResource):
+    """Any path chatd does not serve: 404 JSON."""
+
     def render(self, request):
-        return _json(request, http.NOT_FOUND, {"error": "not_found", "message": "no such resource"})
+        return _not_found(request)
 
 
 class Directory(Resource):

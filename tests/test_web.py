@@ -1,0 +1,207 @@
+# -*- test-case-name: tests.test_web -*-
+"""
+chatd.web in process: the resource tree of L{chatd.web.make_site} driven
+with twisted.web's C{DummyRequest}, on the embedded broker.  Every answer
+but the page is JSON, failures included, and every request is finished.
+tests/test_flow.py shows the same resources on a real twistd over TLS.
+"""
+
+import dataclasses
+import json
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.test.requesthelper import DummyRequest
+
+from chatd import config, errors, web
+from chatd.auth import TokenVerifier
+from chatd.broker.memory import MemoryBroker
+from chatd.errors import BrokerUnavailable
+from tests import support
+
+SECRET = b"s" * 32
+
+
+class _Boom(Exception):
+    """A failure no resource expects."""
+
+
+class _FailingBroker(MemoryBroker):
+    """The embedded broker, whose calls fail with C{failure} when it is set."""
+
+    failure = None
+
+    def _call(self, name, *args):
+        if self.failure is not None:
+            return defer.fail(self.failure)
+        return getattr(MemoryBroker, name)(self, *args)
+
+    def list_rooms(self):
+        return self._call("list_rooms")
+
+    def issue_ticket(self, ticket, grant, ttl):
+        return self._call("issue_ticket", ticket, grant, ttl)
+
+    def is_available(self):
+        if self.failure is not None:
+            raise self.failure
+        return True
+
+
+@pytest.fixture
+def world():
+    settings = dataclasses.replace(config.defaults(server__allowed_origins=("*",)), jwt_key=SECRET)
+    broker = _FailingBroker(Clock(), instance_id="i1")
+    site = web.make_site(settings, broker, TokenVerifier.from_settings(settings), ws_factory=None)
+    return site, broker
+
+
+@pytest.fixture
+def failures():
+    """The critical events (log.failure) logged during the test."""
+    seen = []
+
+    def observer(event):
+        if event.get("log_level") == LogLevel.critical:
+            seen.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield seen
+    globalLogPublisher.removeObserver(observer)
+
+
+def token(sub="alice", **claims):
+    return support.mint_token(SECRET, sub, **claims)
+
+
+def request(site, method, path, bearer=None):
+    """A DummyRequest for C{path}, rendered by the resource the site finds for it."""
+    req = DummyRequest(path.lstrip(b"/").split(b"/"))
+    req.method = method
+    req.uri = path
+    if bearer is not None:
+        req.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + bearer.encode()])
+    resource = site.getResourceFor(req)
+    body = resource.render(req)
+    if body is not server.NOT_DONE_YET:
+        req.write(body)
+        req.finish()
+    return req
+
+
+def answer(req):
+    """(status, JSON body) of a finished request."""
+    assert req.finished == 1
+    assert req.responseHeaders.getRawHeaders(b"content-type") == [b"application/json; charset=utf-8"]
+    return req.responseCode or 200, json.loads(b"".join(req.written))
+
+
+def test_ticket_issued_and_redeemable(world):
+    """POST /auth/ticket with a valid JWT answers a ticket the broker redeems for that user."""
+    site, broker = world
+    status, body = answer(request(site, b"POST", b"/auth/ticket", token("alice")))
+    assert status == 200 and body["expires_in"] == 30
+    grant = broker.redeem_ticket(body["ticket"]).result
+    assert grant.sub == "alice"
+
+
+def test_ticket_without_token_is_401(world):
+    """No Bearer token: 401 JSON with a WWW-Authenticate challenge."""
+    site, _ = world
+    req = request(site, b"POST", b"/auth/ticket")
+    assert answer(req) == (401, {"error": "invalid_token", "message": "send Authorization: Bearer <JWT>"})
+    assert req.responseHeaders.getRawHeaders(b"www-authenticate")[0].startswith(b"Bearer")
+
+
+def test_ticket_wrong_method_is_405(world):
+    """GET /auth/ticket is 405 with Allow: POST."""
+    site, _ = world
+    req = request(site, b"GET", b"/auth/ticket", token())
+    assert answer(req)[0] == 405
+    assert req.responseHeaders.getRawHeaders(b"allow") == [b"POST"]
+
+
+def test_rooms_listed_as_the_token_allows(world):
+    """GET /rooms lists the rooms the token's rooms claim allows, with counts."""
+    site, broker = world
+    for room in ("lobby", "ops"):
+        broker._room(room)
+    status, body = answer(request(site, b"GET", b"/rooms", token(rooms=["lobby"])))
+    assert status == 200 and body == {"rooms": [{"name": "lobby", "users": 0}]}
+
+
+def test_rooms_broker_unavailable_is_503(world, failures):
+    """The broker unavailable: 503 JSON, and nothing logged as a failure."""
+    site, broker = world
+    broker.failure = BrokerUnavailable("down")
+    status, body = answer(request(site, b"GET", b"/rooms", token()))
+    assert status == 503 and body["error"] == "unavailable"
+    assert failures == []
+
+
+@pytest.mark.parametrize("method,path", [(b"GET", b"/rooms"), (b"POST", b"/auth/ticket")])
+def test_unexpected_broker_failure_is_500_logged_once(world, failures, method, path):
+    """
+    A broker failure other than "unavailable" finishes the request with 500
+    JSON and logs it once (before: GET /rooms never finished).
+    """
+    site, broker = world
+    broker.failure = _Boom("surprise")
+    status, body = answer(request(site, method, path, token()))
+    assert status == 500 and body == {"error": "internal", "message": "try again"}
+    assert len(failures) == 1 and failures[0]["log_failure"].check(_Boom)
+
+
+def test_synchronous_failure_is_500_json(world, failures):
+    """An exception raised while rendering is 500 JSON too, logged once, not an HTML page."""
+    site, broker = world
+    broker.failure = _Boom("surprise")
+    status, body = answer(request(site, b"GET", b"/healthz"))
+    assert status == 500 and body["error"] == "internal"
+    assert len(failures) == 1
+
+
+def test_nothing_written_after_the_client_left(world, failures):
+    """A client gone before the broker answers gets nothing written, and nothing fails."""
+    site, broker = world
+    pending = defer.Deferred()
+    broker.list_rooms = lambda: pending
+    req = request(site, b"GET", b"/rooms", token())
+    req.processingFailed(Failure(ConnectionError("client went away")))
+    pending.callback([("lobby", 1)])
+    assert req.written == [] and req.finished == 0
+    assert failures == []
+
+
+def test_healthz(world):
+    """/healthz is 200 with the instance id while the broker can serve."""
+    site, _ = world
+    assert answer(request(site, b"GET", b"/healthz")) == (200, {"status": "ok", "instance": "i1"})
+
+
+def test_unknown_paths_are_404_json(world):
+    """Unknown paths, at the root or under /auth, answer 404 JSON."""
+    site, _ = world
+    for path in (b"/nope", b"/auth/nope", b"/rooms/x/y"):
+        status, body = answer(request(site, b"GET", path))
+        assert (status, body["error"]) == (404, "not_found"), path
+
+
+def test_page_has_its_security_headers(world):
+    """/ is the HTML page with a CSP and nosniff."""
+    site, _ = world
+    req = request(site, b"GET", b"/")
+    assert req.responseHeaders.getRawHeaders(b"content-type") == [b"text/html; charset=utf-8"]
+    assert b"default-src 'self'" in req.responseHeaders.getRawHeaders(b"content-security-policy")[0]
+    assert req.responseHeaders.getRawHeaders(b"x-content-type-options") == [b"nosniff"]
+    assert b"<html" in b"".join(req.written).lower()
+
+
+def test_error_statuses_come_from_errors():
+    """The statuses web.py answers with are errors.py's."""
+    assert web._http_error(BrokerUnavailable())[0] == errors.HTTP_UNAVAILABLE
+    assert web._http_error(_Boom())[0] == 500
