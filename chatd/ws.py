@@ -7,7 +7,7 @@ C{onConnect} (Origin, then ticket) so a refused client is answered with an
 HTTP status and never upgraded.  Library defaults this module overrides, on
 purpose: Autobahn's unlimited frame and message sizes, C{failByDrop} (which
 drops TCP instead of closing with 1009/1007), its Origin check (400, we want
-403), and C{sendClose}'s refusal of 1001/1003/1009 (we use
+403, "null" included), and C{sendClose}'s refusal of 1001/1003/1009 (we use
 C{sendCloseFrame}), and its unbounded send buffer (see L{_GuardedMixin}).
 Handshakes never reach twisted.web's access log, so each outcome is logged
 here, redacted.
@@ -273,6 +273,11 @@ def _protocol_options(settings):
         autoPingInterval=ws.ping_interval,
         autoPingTimeout=ws.ping_timeout,
         perMessageCompressionAccept=_deflate_acceptor(limits.max_message_bytes) if ws.compression else None,
+        # setProtocolOptions resets this to False on every call, and then
+        # Autobahn answers "Origin: null" (sandboxed iframes, file: pages)
+        # with 400 itself.  Let it through: handshake.check_origin refuses
+        # it with 403 like any origin not allowed.
+        allowNullOrigin=True,
     )
 
 

@@ -1,0 +1,336 @@
+# -*- test-case-name: tests.test_ws -*-
+"""
+chatd.ws in process: a real Autobahn client (C{create_memory_agent}) talks
+to L{chatd.ws.ChatServerProtocol} over in-memory transports, with the real
+hub and the embedded broker, on a C{MemoryReactorClock} that also runs
+Autobahn's timers (C{txaio.config.loop}).  Handshake refusals, the send
+budget and close codes; tests/test_flow.py and tests/test_abuse.py show the
+same over TLS on a real twistd.
+"""
+
+import dataclasses
+import json
+
+import pytest
+import txaio
+from autobahn.twisted.testing import create_memory_agent
+from autobahn.twisted.websocket import WebSocketClientProtocol
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+
+from chatd import config, errors, ws
+from chatd.auth import Principal, TokenVerifier
+from chatd.broker.memory import MemoryBroker
+from chatd.errors import BrokerUnavailable
+from chatd.hub import Hub
+
+SECRET = b"s" * 32
+ORIGIN = "https://chat.example"
+
+
+class Client(WebSocketClientProtocol):
+    """Records what it receives, how it closed, and the handshake's status."""
+
+    def __init__(self):
+        super().__init__()
+        self.received = []
+        self.closed = None
+
+    def onMessage(self, payload, isBinary):
+        self.received.append(json.loads(payload))
+
+    def onClose(self, wasClean, code, reason):
+        self.closed = code
+
+
+class _Pumps:
+    """The agent's IOPumps, flushed when the test says (not on a real reactor)."""
+
+    def __init__(self):
+        self.pumps = []
+
+    def add(self, pump):
+        self.pumps.append(pump)
+
+    def flush(self):
+        for pump in self.pumps:
+            pump.flush(advanceClock=False)
+
+
+class World:
+    """A ChatServerFactory on the embedded broker, and a way to connect to it."""
+
+    def __init__(self, **overrides):
+        overrides.setdefault("server__allowed_origins", (ORIGIN,))
+        overrides.setdefault("websocket__ping_interval", 0)
+        self.settings = dataclasses.replace(config.defaults(**overrides), jwt_key=SECRET)
+        self.reactor = MemoryReactorClock()
+        self.broker = self.make_broker()
+        self.factory = ws.ChatServerFactory(
+            self.settings, self.broker, Hub(self.broker), TokenVerifier.from_settings(self.settings),
+            None, self.reactor,
+        )
+        self.pumps = _Pumps()
+        self.servers = []
+        self.agent = create_memory_agent(self.reactor, self.pumps, self._server)
+
+    def make_broker(self):
+        return MemoryBroker(self.reactor, instance_id="i1")
+
+    def _server(self):
+        server = self.factory.buildProtocol(None)
+        self.servers.append(server)
+        return server
+
+    def ticket(self, sub="alice", exp=None):
+        ticket = f"t-{sub}-{len(self.servers)}"
+        exp = exp if exp is not None else int(self.reactor.seconds()) + 3600
+        self.broker.issue_ticket(ticket, Principal(sub=sub, name=sub.title(), exp=exp), 30)
+        return ticket
+
+    def connect(self, query=None, origin=ORIGIN, sub="alice"):
+        """
+        @return: the client once its handshake is over: open, or refused
+            (Autobahn's agent never fires for a refused upgrade, so the
+            client is what tells).
+        """
+        if query is None:
+            query = "ticket=" + self.ticket(sub)
+        options = {"protocols": ["chatd.v1"]}
+        if origin is not None:
+            options["origin"] = origin
+        made = []
+
+        def client():
+            made.append(Client())
+            return made[-1]
+
+        self.agent.open(f"ws://localhost:8080/ws?{query}", options, protocol_class=client)
+        self.pumps.flush()
+        [client] = made
+        assert client.state in (client.STATE_OPEN, client.STATE_CLOSED), "the handshake did not finish"
+        return client
+
+    def refusal(self, **kwargs):
+        """The HTTP status a refused handshake was answered with (as the client read it)."""
+        client = self.connect(**kwargs)
+        assert client.state == client.STATE_CLOSED
+        return int(client.http_status_line.split()[1])
+
+    def send(self, client, frame):
+        client.sendMessage(json.dumps(frame).encode())
+        self.pumps.flush()
+
+
+@pytest.fixture
+def clocked():
+    """Autobahn's (txaio's) timers on the test's reactor, for the test's length."""
+    saved = txaio.config.loop
+    yield
+    txaio.config.loop = saved
+
+
+@pytest.fixture
+def world(clocked):
+    world = World()
+    txaio.config.loop = world.reactor
+    return world
+
+
+def make_world(**overrides):
+    world = World(**overrides)
+    txaio.config.loop = world.reactor
+    return world
+
+
+def test_open_welcomes_with_the_subprotocol(world):
+    """A valid ticket and an allowed Origin open the socket: chatd.v1 and WELCOME."""
+    client = world.connect()
+    assert client.state == client.STATE_OPEN
+    assert client.websocket_protocol_in_use == "chatd.v1"
+    assert client.received[0]["type"] == "WELCOME"
+    assert world.factory.connections == {world.servers[-1]}
+
+
+@pytest.mark.parametrize("query", ["", "ticket=", "ticket=a&ticket=b", "ticket=unknown"])
+def test_no_or_bad_ticket_is_401(world, query):
+    """No ticket, an empty one, two, or one the broker does not know: 401."""
+    assert world.refusal(query=query) == errors.HTTP_UNAUTHORIZED
+    assert world.factory.connections == set()
+
+
+def test_ticket_is_single_use(world):
+    """A ticket opens one connection; the second use is 401."""
+    ticket = world.ticket()
+    assert world.connect(query="ticket=" + ticket).state == Client.STATE_OPEN
+    assert world.refusal(query="ticket=" + ticket) == errors.HTTP_UNAUTHORIZED
+
+
+def test_expired_token_behind_ticket_is_401(world):
+    """A ticket whose token has expired by the upgrade is 401."""
+    ticket = world.ticket(exp=int(world.reactor.seconds()))
+    assert world.refusal(query="ticket=" + ticket) == errors.HTTP_UNAUTHORIZED
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "http://chat.example", "null", "file://"])
+def test_origin_not_allowed_is_403(world, origin):
+    """
+    An Origin not allowed is 403, "null" (sandboxed iframes, file: pages)
+    included: it is well-formed, just not allowed (before: Autobahn
+    answered "null" with 400 itself).
+    """
+    ticket = world.ticket()
+    assert world.refusal(query="ticket=" + ticket, origin=origin) == errors.HTTP_FORBIDDEN
+    # Refused before the ticket was spent.
+    assert world.broker.redeem_ticket(ticket).result is not None
+
+
+def test_null_origin_allowed_by_star(clocked):
+    """With allowed_origins = *, even Origin: null opens."""
+    world = make_world(server__allowed_origins=("*",))
+    assert world.connect(origin="null").state == Client.STATE_OPEN
+
+
+def test_no_origin_is_not_held_to_it(world):
+    """Non-browser clients send no Origin and are let in."""
+    assert world.connect(origin=None).state == Client.STATE_OPEN
+
+
+def test_per_address_cap_is_429_and_keeps_the_ticket(clocked):
+    """Over max_connections_per_ip: 429, and the refused client's ticket is not spent."""
+    world = make_world(limits__max_connections_per_ip=1)
+    assert world.connect().state == Client.STATE_OPEN
+    ticket = world.ticket("bob")
+    assert world.refusal(query="ticket=" + ticket) == errors.HTTP_TOO_MANY_REQUESTS
+    assert world.broker.redeem_ticket(ticket).result is not None
+
+
+def test_total_cap_is_503(clocked):
+    """With max_connections open, the next is 503; a slot freed lets one in again."""
+    world = make_world(limits__max_connections=1)
+    first = world.connect()
+    assert world.refusal() == errors.HTTP_UNAVAILABLE
+    first.sendClose()
+    world.pumps.flush()
+    assert world.factory.connections == set()
+    assert world.connect().state == Client.STATE_OPEN
+
+
+class _UnavailableBroker(MemoryBroker):
+    def redeem_ticket(self, ticket):
+        return defer.fail(BrokerUnavailable("down"))
+
+
+def test_broker_unavailable_is_503(clocked):
+    """A broker that cannot redeem tickets: 503, and the slot is given back."""
+    world = make_world()
+    world.make_broker = None
+    broker = _UnavailableBroker(world.reactor, instance_id="i1")
+    world.broker = broker
+    world.factory = ws.ChatServerFactory(
+        world.settings, broker, Hub(broker), TokenVerifier.from_settings(world.settings), None, world.reactor
+    )
+    assert world.refusal(query="ticket=x") == errors.HTTP_UNAVAILABLE
+    assert world.factory.connections == set()
+
+
+def test_binary_frame_closes_1003(world):
+    """A binary frame closes the connection with 1003."""
+    client = world.connect()
+    client.sendMessage(b"\x00\x01", isBinary=True)
+    world.pumps.flush()
+    assert client.closed == errors.CLOSE_UNSUPPORTED_DATA
+
+
+def test_message_over_the_limit_closes_1009(clocked):
+    """A message over max_message_bytes closes the connection with 1009."""
+    world = make_world(limits__max_message_bytes=128)
+    client = world.connect()
+    world.send(client, {"type": "TALK", "room": "lobby", "message": "x" * 200})
+    assert client.closed == errors.CLOSE_MESSAGE_TOO_BIG
+
+
+def test_token_expiry_closes_4001(world):
+    """When the token's exp passes without a fresh AUTH, the connection closes with 4001."""
+    client = world.connect(query="ticket=" + world.ticket(exp=int(world.reactor.seconds()) + 5))
+    world.reactor.advance(6)
+    world.pumps.flush()
+    assert client.closed == errors.CLOSE_TOKEN_EXPIRED
+    assert world.factory.connections == set()
+
+
+def test_close_all_is_1001_and_when_empty_fires(world):
+    """close_all(1001) closes every client; when_empty fires once the last has gone."""
+    clients = [world.connect(sub=name) for name in ("alice", "bob")]
+    empty = world.factory.when_empty()
+    world.factory.close_all(errors.CLOSE_GOING_AWAY, "server shutting down")
+    assert not empty.called
+    world.pumps.flush()
+    assert [c.closed for c in clients] == [errors.CLOSE_GOING_AWAY] * 2
+    assert empty.called and world.factory.connections == set()
+    assert world.factory.when_empty().called  # nothing open: at once
+
+
+def test_when_empty_waits_again_after_a_new_connection(world):
+    """Once emptied, a later connection makes when_empty wait for that one too."""
+    first = world.connect()
+    first.sendClose()
+    world.pumps.flush()
+    second = world.connect(sub="bob")
+    waiting = world.factory.when_empty()
+    assert not waiting.called
+    second.sendClose()
+    world.pumps.flush()
+    assert waiting.called
+
+
+def test_slow_consumer_closes_4008(clocked):
+    """
+    A client whose transport is full (the transport paused our producer)
+    and that stays behind by more than max_send_buffer_bytes is closed with
+    4008, and leaves its rooms at once.
+    """
+    world = make_world(limits__max_send_buffer_bytes=4096)
+    alice, bob = world.connect(sub="alice"), world.connect(sub="bob")
+    for client in (alice, bob):
+        world.send(client, {"type": "ENTER", "room": "lobby"})
+    slow = world.servers[-1]
+    slow.transport.producer.pauseProducing()  # what TCP does once its buffer is full
+    for i in range(3):
+        world.send(alice, {"type": "TALK", "room": "lobby", "message": "y" * 2000})
+    world.reactor.advance(0)
+    assert world.factory.hub.local_users("lobby") == 1
+    world.pumps.flush()
+    assert bob.closed == errors.CLOSE_SLOW_CONSUMER
+    assert alice.closed is None
+    assert [m["type"] for m in alice.received].count("QUIT") == 1
+
+
+def test_shared_event_is_framed_once(world):
+    """The factory keeps the frame of the last text it framed, and frames a new text anew."""
+    text = json.dumps({"type": "TALK"})
+    first = world.factory.frame(text)
+    assert world.factory.frame(text) is first
+    other = world.factory.frame(json.dumps({"type": "QUIT"}))
+    assert other is not first and other.payload != first.payload
+
+
+def test_members_get_one_shared_frame(world):
+    """A TALK fanned out to several members is prepared once, and every member gets it."""
+    prepared = []
+    original = world.factory.prepareMessage
+
+    def counting(payload, *args, **kwargs):
+        prepared.append(payload)
+        return original(payload, *args, **kwargs)
+
+    world.factory.prepareMessage = counting
+    clients = [world.connect(sub=name) for name in ("alice", "bob", "carol")]
+    for client in clients:
+        world.send(client, {"type": "ENTER", "room": "lobby"})
+    prepared.clear()
+    world.send(clients[0], {"type": "TALK", "room": "lobby", "message": "hi", "ref": "r1"})
+    assert len(prepared) == 1
+    for client in clients:
+        assert client.received[-1]["type"] == "TALK" and client.received[-1]["message"] == "hi"
