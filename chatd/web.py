@@ -34,16 +34,6 @@ def _json(request, status, body, headers=()):
     return json.dumps(body).encode("utf-8")
 
 
-def _http_error(exc):
-    """
-    C{(status, body)} for an exception a resource did not handle: the
-    broker being unavailable is 503, anything else 500.
-    """
-    if isinstance(exc, BrokerUnavailable):
-        return errors.HTTP_UNAVAILABLE, {"error": "unavailable", "message": "chat backend unavailable, try again"}
-    return http.INTERNAL_SERVER_ERROR, {"error": "internal", "message": "try again"}
-
-
 def _error_body(request, failure):
     """
     The JSON answer for a failure, logged (once, here) when unexpected.
@@ -52,8 +42,8 @@ def _error_body(request, failure):
     request is left unanswered and twisted.web's HTML error page is never
     sent.
     """
-    status, body = _http_error(failure.value)
-    if status == http.INTERNAL_SERVER_ERROR:
+    status, body = errors.http_error(failure.value)
+    if status == errors.HTTP_INTERNAL_ERROR:
         log.failure(
             "{method} {path} failed", failure,
             method=printable(request.method.decode("latin-1"), 16), path=redact_uri(request.uri),

@@ -182,8 +182,8 @@ def test_silent_connection_is_aborted_at_the_deadline():
 
 def test_bytes_do_not_extend_the_deadline():
     """A client dribbling bytes (slowloris) is aborted at the same deadline as a silent one."""
-    guard, clock = make_guard(timeout=10)
-    protocol, transport = connect(guard)
+    guard, listener, clock = make_guard(timeout=10)
+    protocol, transport = connect(listener)
     for _ in range(99):
         clock.advance(0.1)
         protocol.dataReceived(b"x")

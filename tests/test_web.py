@@ -12,7 +12,6 @@ import json
 import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.test.requesthelper import DummyRequest
@@ -20,7 +19,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from chatd import config, errors, web
 from chatd.auth import TokenVerifier
 from chatd.broker.memory import MemoryBroker
-from chatd.errors import BrokerUnavailable
+from chatd.errors import BrokerUnavailable, RoomLimitReached
 from tests import support
 
 SECRET = b"s" * 32
@@ -61,17 +60,10 @@ def world():
 
 
 @pytest.fixture
-def failures():
-    """The critical events (log.failure) logged during the test."""
-    seen = []
-
-    def observer(event):
-        if event.get("log_level") == LogLevel.critical:
-            seen.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield seen
-    globalLogPublisher.removeObserver(observer)
+def failures(logged_failures):
+    """The failures logged during the test (conftest's observer), each expected."""
+    logged_failures.expect("_Boom")
+    return logged_failures.events
 
 
 def token(sub="alice", **claims):
@@ -201,7 +193,10 @@ def test_page_has_its_security_headers(world):
     assert b"<html" in b"".join(req.written).lower()
 
 
-def test_error_statuses_come_from_errors():
-    """The statuses web.py answers with are errors.py's."""
-    assert web._http_error(BrokerUnavailable())[0] == errors.HTTP_UNAVAILABLE
-    assert web._http_error(_Boom())[0] == 500
+def test_domain_refusals_answer_through_errors_http_error(world, failures):
+    """A domain refusal gets the status and body errors.http_error gives it, and is not logged."""
+    site, broker = world
+    broker.failure = RoomLimitReached("x")
+    req = request(site, b"GET", b"/rooms", token())
+    assert answer(req) == errors.http_error(RoomLimitReached("x"))
+    assert failures == []
