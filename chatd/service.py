@@ -25,8 +25,11 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import server
 
 from chatd import errors, guard, tls, web, ws
+from chatd.api import ApiResource
+from chatd.api_backend import BrokerApiBackend, ControlDispatcher
 from chatd.auth import TokenVerifier
 from chatd.hub import Hub
+from chatd.webhooks import AcceptingBroker, WebhookService
 
 log = Logger()
 
@@ -46,6 +49,18 @@ def make_broker(settings, reactor):
         max_bytes=settings.history.max_bytes, ttl=settings.history.ttl,
         max_new_rooms_per_user=settings.limits.max_new_rooms_per_user,
     )
+
+
+def _connections_of(ws_factory):
+    """C{sub -> the open WebSocket connections of that user here}, for the server API's disconnect."""
+
+    def connections_of(sub):
+        return [
+            protocol for protocol in ws_factory.connections
+            if getattr(getattr(protocol, "principal", None), "sub", None) == sub
+        ]
+
+    return connections_of
 
 
 class ClientsService(Service):
@@ -127,16 +142,22 @@ def make_chat_service(settings, reactor=None, tls_options=None):
     if reactor is None:
         from twisted.internet import reactor
     broker = make_broker(settings, reactor)
-    hub = Hub(broker, max_pending_bytes=settings.limits.max_send_buffer_bytes)
+    hooks = WebhookService.from_settings(settings, reactor)
+    # What this instance's hub and server API accept goes to the webhook from here.
+    chat_broker = broker if hooks is None else AcceptingBroker(broker, hooks)
+    hub = Hub(chat_broker, max_pending_bytes=settings.limits.max_send_buffer_bytes)
     verifier = TokenVerifier.from_settings(settings)
     connection_guard = guard.ConnectionGuard.from_settings(settings, reactor)
-    ws_factory = ws.ChatServerFactory(settings, broker, hub, verifier, connection_guard, reactor)
+    ws_factory = ws.ChatServerFactory(settings, chat_broker, hub, verifier, connection_guard, reactor)
+    chat_broker.set_control(ControlDispatcher(_connections_of(ws_factory), hub.kick))
+    api_resource = ApiResource.from_settings(settings, BrokerApiBackend(chat_broker))
     echo_factory = None
     if settings.conformance.echo:
         echo_factory = ws.EchoServerFactory(settings, connection_guard, reactor)
     site = web.make_site(
         settings, broker, verifier, ws_factory, echo_factory,
         request_factory=connection_guard.guard_requests(server.Request), reactor=reactor,
+        api_resource=api_resource,
     )
     listening = site
     if settings.server.tls:
@@ -146,4 +167,7 @@ def make_chat_service(settings, reactor=None, tls_options=None):
     listener = strports.service(
         settings.server.endpoint, connection_guard.wrap(listening), reactor=reactor
     )
-    return ChatService(broker, listener, ClientsService(ws_factory, reactor))
+    others = [listener, ClientsService(ws_factory, reactor)]
+    if hooks is not None:
+        others.append(hooks)
+    return ChatService(broker, *others)

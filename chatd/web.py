@@ -263,7 +263,8 @@ class ChatSite(server.Site):
 
 
 def make_site(
-    settings, broker, verifier, ws_factory, echo_factory=None, request_factory=None, reactor=None
+    settings, broker, verifier, ws_factory, echo_factory=None, request_factory=None, reactor=None,
+    api_resource=None,
 ):
     """
     The resource tree of the one listener, in a L{ChatSite}.
@@ -272,6 +273,8 @@ def make_site(
     @param echo_factory: the factory behind C{/echo}, or L{None} for none.
     @param request_factory: passed to L{ChatSite}.
     @param reactor: passed to L{ChatSite}.
+    @param api_resource: the server API (L{chatd.api.ApiResource}) for
+        C{/api}, or L{None} when it is off (then C{/api/} is a 404).
     """
     root = Root(PageResource())
     auth = Directory()
@@ -282,4 +285,6 @@ def make_site(
     root.putChild(b"ws", WebSocketResource(ws_factory))
     if echo_factory is not None:
         root.putChild(b"echo", WebSocketResource(echo_factory))
+    if api_resource is not None:
+        root.putChild(b"api", api_resource)
     return ChatSite(root, settings.server.access_log, request_factory, reactor)
