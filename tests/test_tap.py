@@ -85,6 +85,25 @@ def test_short_secret(tmp_path, sections):
     assert_one_line_refusal(status, output, "chatd.ini: [auth] secret_file:", "at least 32")
 
 
+def test_short_api_key(tmp_path, sections):
+    """An API key under 32 characters: names [api] key_file, the file and the line, never the key."""
+    (tmp_path / "api.keys").write_text("# keys\n" + "k" * 40 + "\nshort-api-key\n")
+    sections["api"] = {"key_file": "api.keys"}
+    write_config(tmp_path / "chatd.ini", sections)
+    status, output = run_twistd(tmp_path, "chatd.ini")
+    line = assert_one_line_refusal(status, output, "chatd.ini: [api] key_file:", "api.keys line 3", "13 characters")
+    assert "short-api-key" not in line
+
+
+def test_short_webhook_secret(tmp_path, sections):
+    """A webhook secret under 32 bytes: names [webhook] secret_file."""
+    (tmp_path / "hook.secret").write_text("too short\n")
+    sections["webhook"] = {"url": "https://backend.example/hook", "secret_file": "hook.secret"}
+    write_config(tmp_path / "chatd.ini", sections)
+    status, output = run_twistd(tmp_path, "chatd.ini")
+    assert_one_line_refusal(status, output, "chatd.ini: [webhook] secret_file:", "9 bytes; at least 32")
+
+
 @pytest.mark.parametrize(
     "endpoint,why",
     [("tcp:notaport", "not a Twisted server endpoint"),
