@@ -106,8 +106,10 @@ class AgentClient:
     """
 
     def __init__(self, reactor, tls_policy=None):
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = 1
+        # A new connection per batch: a backend (or a proxy in front) that
+        # closes idle keep-alive connections would otherwise fail the next
+        # POST on a reused one, and Twisted retries only idempotent requests.
+        self._pool = HTTPConnectionPool(reactor, persistent=False)
         self._agent = Agent(reactor, contextFactory=tls_policy or BrowserLikePolicyForHTTPS(), pool=self._pool)
 
     def post(self, url, body, headers):
@@ -260,10 +262,15 @@ class WebhookService(Service):
             "User-Agent": "chatd-webhook",
         }
         d = defer.maybeDeferred(self._client.post, self._url, body, headers)
-        d.addTimeout(self._timeout, self._clock)
+        # Whatever cancelling the request fails with (Agent: ResponseNeverReceived), it timed out.
+        d.addTimeout(self._timeout, self._clock, onTimeoutCancel=self._timed_out)
         self._in_flight = d
         d.addCallbacks(self._answered, self._failed, callbackArgs=(batch,), errbackArgs=(batch,))
         d.addErrback(self._bug)
+
+    @staticmethod
+    def _timed_out(result, timeout):
+        return Failure(defer.TimeoutError(f"no answer in {timeout}s"))
 
     def _answered(self, status, batch):
         self._in_flight = None
@@ -281,7 +288,7 @@ class WebhookService(Service):
         if failure.check(defer.CancelledError) and not self.running:
             return  # stopped
         self.failed_attempts += 1
-        why = failure.getErrorMessage() if not failure.check(defer.TimeoutError) else f"no answer in {self._timeout}s"
+        why = _why(failure)
         if batch.dropped or not self.running:
             self._sending = None
             self._next()
@@ -365,6 +372,14 @@ class AcceptingBroker:
         if event is not None:
             self._webhooks.accepted(event, sub)
         return result
+
+
+def _why(failure):
+    """A short reason for a failed attempt; Agent wraps the real ones in a list."""
+    reasons = getattr(failure.value, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        return "; ".join(_why(reason) for reason in reasons if isinstance(reason, Failure))
+    return failure.getErrorMessage() or failure.type.__name__
 
 
 class _Refused(Exception):

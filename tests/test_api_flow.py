@@ -82,9 +82,12 @@ class Receiver:
                     receiver.release.wait(30)
                     receiver.hanging.clear()
                     status = 200
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass  # chatd gave up on a hanging answer and closed the connection
 
             def log_message(self, *args):
                 pass

@@ -215,6 +215,37 @@ def test_hanging_backend_times_out_and_is_retried():
     assert len(client.events()) == 48
 
 
+def test_timeout_is_named_whatever_the_cancel_fails_with(logged):
+    """Agent fails a cancelled request with ResponseNeverReceived; the log still says it timed out."""
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseNeverReceived
+
+    class AgentLike(FakeClient):
+        def post(self, url, body, headers):
+            d = defer.Deferred(lambda d: d.errback(ResponseNeverReceived([Failure(defer.CancelledError())])))
+            self.posts.append((url, body, headers, d))
+            return d
+
+    clock = task.Clock()
+    service = make(AgentLike(), clock, timeout=5.0)
+    service.accepted(talk(1), "a")
+    clock.advance(5.0)
+    assert service.failed_attempts == 1
+    assert any("attempt 1 failed (no answer in 5.0s); retry in 1.0s" in line for line in logged)
+
+
+def test_wrapped_reasons_are_unwrapped(logged):
+    """A connection error inside Agent's wrapper is logged by its own message."""
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseNeverReceived
+
+    client = FakeClient()
+    make(client).accepted(talk(1), "a")
+    client.posts[0][3].errback(ResponseNeverReceived([Failure(ConnectionRefusedError("nobody home"))]))
+    assert any("failed (Connection was refused by other side: nobody home.)" in line for line in logged)
+
+
 def test_full_queue_drops_oldest_batch_counts_and_logs(logged):
     """Past max_queue events the oldest batch (the one being retried) is dropped, counted and logged."""
     clock = task.Clock()
@@ -384,7 +415,7 @@ async def test_real_retry_after_500_carries_same_delivery_id(receiver_at):
 
 
 @pytest_twisted.ensureDeferred
-async def test_real_hanging_receiver_is_timed_out(receiver_at):
+async def test_real_hanging_receiver_is_timed_out(receiver_at, logged):
     """A receiver that never answers holds the queue up for timeout only; then the retry lands."""
     receiver = Receiver(["hang"])
     service = real_service(receiver_at(receiver), timeout=0.5)
@@ -395,6 +426,7 @@ async def test_real_hanging_receiver_is_timed_out(receiver_at):
         assert service.queued_events == 2
         retried = await arrival(receiver)
         assert retried == hung and service.failed_attempts == 1
+        assert any("attempt 1 failed (no answer in 0.5s)" in line for line in logged)
         after = await arrival(receiver)
         assert [e["id"] for e in json.loads(after[2])["events"]] == ["2-0"]
     finally:
