@@ -12,6 +12,8 @@ import os
 import re
 import signal
 import socket
+import threading
+import time
 
 import pytest
 import pytest_twisted
@@ -20,7 +22,7 @@ from twisted.internet import defer, task
 from chatd.auth import Principal
 from chatd.broker.interfaces import DISCONNECT, KICK, Control, Member
 from chatd.broker.redis import RedisBroker
-from chatd.broker.redis_scripts import decode_event
+from chatd.broker.redis_scripts import decode_event, digest
 from chatd.errors import BrokerUnavailable
 from chatd.messages import event_id_key
 from tests.support import free_port
@@ -234,6 +236,7 @@ async def test_dead_instance_leaves_every_room(brokers):
                        "three QUITs", timeout=5)
     elapsed = reactor.seconds() - died
     assert elapsed <= 1.0 + 1.0 / 3 + 1.0, elapsed
+    await c.enter("lobby", member(c, 9))
     marker = await c.talk("lobby", member(c, 9), "after the sweep")
     await a.feed.until(lambda events: marker.event in events, "the marker")
     quits = a.feed.of_type("QUIT")
@@ -414,27 +417,30 @@ async def test_key_layout(brokers):
     a = await brokers()
     alice = Member(f"{a.instance_id}:1", "alice@example.com", "Alice")
     await a.enter("lobby", alice)
-    await a.talk("lobby", alice, "hi", cid="my-cid-1")
+    said = await a.talk("lobby", alice, "hi", cid="my-cid-1")
     await a.issue_ticket("the-ticket", Principal("alice@example.com", "Alice", 2**40), 30)
     port = a._commands.protocol.transport.getPeer().port
     await eventually(lambda: redis_command(port, "EXISTS", f"chatd:instance:{a.instance_id}"), 5,
                      "the heartbeat")
     types = {key: redis_command(port, "TYPE", key) for key in redis_command(port, "KEYS", "*")}
-    cid_key = next(k for k in types if ":cid:" in k)
     ticket_key = next(k for k in types if k.startswith("chatd:ticket:"))
     tickets_key = next(k for k in types if k.startswith("chatd:tickets:"))
     await a.publish("lobby", "system", "notice", cid="api-cid-1")
     apicid_key = next(k for k in redis_command(port, "KEYS", "*") if ":apicid:" in k)
     types[apicid_key] = redis_command(port, "TYPE", apicid_key)
+    user = digest("alice@example.com")
     assert types == {
-        "chatd:rooms": "set",
+        "chatd:rooms": "zset",
+        "chatd:rooms:creators": "hash",
+        "chatd:rooms:made": "hash",
         "chatd:instances": "set",
         f"chatd:instance:{a.instance_id}": "string",
         f"chatd:instance:{a.instance_id}:rooms": "hash",
         "chatd:room:lobby": "hash",
         "chatd:room:lobby:members": "hash",
         "chatd:room:lobby:history": "stream",
-        cid_key: "string",
+        f"chatd:room:lobby:cids:{user}": "hash",
+        f"chatd:room:lobby:cidtimes:{user}": "zset",
         apicid_key: "string",
         ticket_key: "string",
         tickets_key: "set",
@@ -446,8 +452,8 @@ async def test_key_layout(brokers):
         k for k in re.findall(r"^\| `(chatd:[^`]+)` \|", _read_doc("delivery.md"), re.M)
     }
     placeholders = {
-        "lobby": "<room>", a.instance_id: "<id>",
-        cid_key.rsplit(":", 1)[1]: "<sha256(sub, cid)>", ticket_key.rsplit(":", 1)[1]: "<sha256(ticket)>",
+        "lobby": "<room>", a.instance_id: "<id>", user: "<sha256(sub)>",
+        ticket_key.rsplit(":", 1)[1]: "<sha256(ticket)>",
         apicid_key.rsplit(":", 1)[1]: "<sha256(cid)>", tickets_key.rsplit(":", 1)[1]: "<sha256(sub)>",
     }
     normalized = set()
@@ -456,12 +462,89 @@ async def test_key_layout(brokers):
             key = re.sub(rf"(?<=:){re.escape(value)}(?=:|$)", placeholder, key)
         normalized.add(key)
     assert normalized == documented
-    assert 0 < redis_command(port, "PTTL", cid_key) <= 600_000
+    # Only the id and time of a cid, expiring with the window.
+    assert redis_command(port, "HGETALL", f"chatd:room:lobby:cids:{user}") == [
+        digest("my-cid-1"), f"{said.event.id} {said.event.ts}"]
+    for key in (f"chatd:room:lobby:cids:{user}", f"chatd:room:lobby:cidtimes:{user}"):
+        assert 0 < redis_command(port, "PTTL", key) <= 600_000
+    assert redis_command(port, "ZSCORE", "chatd:rooms", "lobby") == "inf"
     assert 0 < redis_command(port, "PTTL", ticket_key) <= 30_000
     assert 0 < redis_command(port, "PTTL", tickets_key) <= 30_000
     assert 0 < redis_command(port, "PTTL", apicid_key) <= 600_000
     assert 0 < redis_command(port, "PTTL", f"chatd:instance:{a.instance_id}") <= 3_000
     stored = redis_command(port, "XRANGE", "chatd:room:lobby:history", "-", "+")
-    assert [entry[1][0] for entry in stored] == ["m", "m"]
-    assert decode_event(stored[0][1][1]).event.message == "hi"
+    assert [entry[1][::2] for entry in stored] == [["m", "b"], ["m", "b"]]
+    assert decode_event(stored[0][1][1]).event.message == "hi" and stored[0][1][3] == "2"
     assert decode_event(stored[1][1][1]).event.system is True
+
+
+class SidePinger(threading.Thread):
+    """A plain client PINGing Redis every 5 ms from a thread: what every other caller waits."""
+
+    def __init__(self, port, limit=20000):
+        super().__init__(daemon=True)
+        self.port, self.limit = port, limit
+        self.latencies = []
+        self.done = threading.Event()
+
+    def run(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            stream = s.makefile("rb")
+            for _ in range(self.limit):  # bounded: at most ~100 s
+                if self.done.is_set():
+                    return
+                started = time.perf_counter()
+                s.sendall(b"PING\r\n")
+                assert _reply(stream) == "PONG"
+                self.latencies.append(time.perf_counter() - started)
+                self.done.wait(0.005)
+
+    def stop(self):
+        self.done.set()
+        self.join(15)
+        assert not self.is_alive()
+        return max(self.latencies) if self.latencies else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_catch_ups_do_not_block_redis(brokers, start_redis):
+    """
+    Three instances catch up at once on a room holding 500 TALKs of 4000
+    CJK characters (the default history size; ~12 MB in Redis, as escaped
+    JSON): each replay is complete and in order, and no call chatd made
+    took Redis long, by Redis's own SLOWLOG (50 ms threshold, generous for a
+    loaded test machine: the ENTER script that read the replay itself took
+    300-400 ms).  A side client's PING latency meanwhile is printed, not
+    asserted.
+    """
+    redis = start_redis()
+    # max_bytes above the 6 MB of text, so that all 500 are kept, as before it existed.
+    instances = [await brokers(redis, timeout=30.0, max_bytes=8 * 2**20) for _ in range(3)]
+    writer = instances[0]
+    alice = member(writer, 1)
+    first = await writer.enter("lobby", alice)
+    text = "\u6f22" * 4000
+    said = []
+    for batch in range(10):
+        said += await defer.gatherResults(
+            [writer.talk("lobby", alice, f"{text}{batch * 50 + i}") for i in range(50)])
+    redis_command(redis.port, "CONFIG", "SET", "slowlog-log-slower-than", "50000")
+    redis_command(redis.port, "SLOWLOG", "RESET")
+    pinger = SidePinger(redis.port)
+    pinger.start()
+    started = time.perf_counter()
+    try:
+        entered = await defer.gatherResults([
+            broker.enter("lobby", member(broker, 2), since=first.event.id) for broker in instances
+        ])
+    finally:
+        worst = pinger.stop()
+    took = time.perf_counter() - started
+    for result in entered:
+        assert [e.id for e in result.replay] == [t.event.id for t in said]
+        assert result.complete
+    slow = redis_command(redis.port, "SLOWLOG", "GET", "128")
+    print(f"\n3 catch-ups of 500 x 4000 CJK chars: {took:.2f}s; side PING worst "
+          f"{worst * 1000:.1f} ms over {len(pinger.latencies)} PINGs; slowest Redis calls (us): "
+          f"{sorted((entry[2] for entry in slow), reverse=True)[:5]}")
+    assert slow == [], [(entry[2], entry[3][:2]) for entry in slow]

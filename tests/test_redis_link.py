@@ -364,3 +364,87 @@ def test_subscribes_again_after_a_reconnect(memory_broker):
     again.reply(bulk("message", channel("ops"),
                      '1-6 1 7 {"type":"TALK","room":"ops","sender":"A","message":"no"}'))
     assert [d.event.message for d in deliveries] == ["hi"]
+
+
+def _talk_envelope(commands):
+    """The TALK envelope of the TALK script call among C{commands}."""
+    for command in commands:
+        if command[0] in ("EVAL", "EVALSHA"):
+            for arg in command[3 + int(command[2]):]:
+                if arg.startswith('{"type":"TALK"'):
+                    return arg
+    raise AssertionError(f"no TALK call in {commands}")
+
+
+def _member():
+    from chatd.broker.interfaces import Member
+
+    return Member("abc:1", "alice", "Alice")
+
+
+def _subscribed(broker, subscriber, room="lobby"):
+    d = fired(broker.subscribe(room))
+    subscriber.commands()
+    subscriber.reply(bulk("subscribe", f"chatd:0:events:{room}", 1))
+    assert d == [None]
+
+
+def test_talk_timed_out_then_published_is_not_a_second_answer(memory_broker):
+    """
+    A TALK whose call timed out was answered `unavailable`; when Redis runs
+    it after all and its event comes through the feed, it goes out as a
+    room event without the sender's ref, not as a second answer.
+    """
+    reactor, redis, broker, commands, subscriber, deliveries = memory_broker
+    _subscribed(broker, subscriber)
+    answer = fired(broker.talk("lobby", _member(), "hi", cid="c1", ref="r1"))
+    envelope = _talk_envelope(commands.commands())
+    reactor.advance(TIMEOUT + 0.01)
+    assert isinstance(answer[0].value, BrokerUnavailable)
+    subscriber.reply(bulk("message", "chatd:0:events:lobby", "1-7 1 5 " + envelope))
+    assert [(d.event.message, d.origin, d.ref) for d in deliveries] == [("hi", "abc:1", None)]
+
+
+def test_talk_published_before_its_reply_is_answered_once(memory_broker):
+    """
+    The feed brings a TALK's event before the script's reply: that is the
+    answer (the sender's ref on it); a timeout of the call afterwards is
+    not a second one.
+    """
+    reactor, redis, broker, commands, subscriber, deliveries = memory_broker
+    _subscribed(broker, subscriber)
+    answer = fired(broker.talk("lobby", _member(), "hi", cid="c1", ref="r1"))
+    envelope = _talk_envelope(commands.commands())
+    subscriber.reply(bulk("message", "chatd:0:events:lobby", "1-7 1 5 " + envelope))
+    assert [(d.event.message, d.ref) for d in deliveries] == [("hi", "r1")]
+    assert answer[0].event.id == "1-7" and answer[0].duplicate is False
+    reactor.advance(TIMEOUT + 0.01)
+    assert len(answer) == 1 and len(deliveries) == 1
+
+
+def test_a_reaped_member_still_here_is_put_back_not_told_to_leave(memory_broker):
+    """
+    The feed brings a reaping QUIT (another instance took this one for
+    dead) for a member this instance still has: the QUIT is not delivered
+    here, and the member is put back at once with REASSERT (which
+    publishes an ENTER).  A reaping QUIT for a member that left is
+    delivered as any QUIT.
+    """
+    from chatd.broker import redis_scripts as scripts
+
+    reactor, redis, broker, commands, subscriber, deliveries = memory_broker
+    _subscribed(broker, subscriber)
+    alice = _member()
+    entering = fired(broker.enter("lobby", alice))
+    commands.commands()
+    commands.reply(bulk("1-1 1 5 " + scripts.enter_envelope("lobby", alice)))
+    assert entering and entering[0].event.type == "ENTER"
+    reaped = "1-2 0 6 " + scripts.member_envelope("lobby", alice)
+    subscriber.reply(bulk("message", "chatd:0:events:lobby", reaped))
+    assert [d.event.type for d in deliveries] == []
+    sent = [c for c in commands.commands() if c[0] in ("EVAL", "EVALSHA")]
+    assert len(sent) == 1 and sent[0][3 + int(sent[0][2]):][2] == "abc:1"  # REASSERT of alice
+    bob = alice.__class__("abc:2", "bob", "Bob")
+    gone = "1-3 1 7 " + scripts.member_envelope("lobby", bob)
+    subscriber.reply(bulk("message", "chatd:0:events:lobby", gone))
+    assert [(d.event.type, d.event.sender) for d in deliveries] == [("QUIT", "Bob")]

@@ -65,6 +65,14 @@ def subscribers(redis, room):
     return redis_command(redis.port, "PUBSUB", "NUMSUB", f"chatd:0:events:{room}")[1]
 
 
+def _stored_messages(redis, room):
+    """The texts of the TALKs in a room's history, read from Redis directly."""
+    import json
+
+    entries = redis_command(redis.port, "XRANGE", f"chatd:room:{room}:history", "-", "+")
+    return [json.loads(fields[1].split(" ", 3)[3])["message"] for _, fields in entries]
+
+
 def key(event_id):
     return tuple(int(p) for p in event_id.split("-"))
 
@@ -179,7 +187,10 @@ def test_redis_restart_keeps_clients(start_redis, start_chatd, clients):
     wait_for(lambda: room_users(a, "lobby") == 2, PRESENCE_TTL * 2, "presence rebuilt")
     assert subscribers(redis, "lobby") == 2  # both subscribed again by themselves
     after = alice.talk("lobby", "after")
-    heard = bob.recv()
+    # Presence was rebuilt with an ENTER for each connection put back.
+    frames = bob.recv_until(lambda f: f["type"] == "TALK")
+    assert {(f["type"], f["sender"]) for f in frames[:-1]} <= {("ENTER", "Alice"), ("ENTER", "Bob")}
+    heard = frames[-1]
     assert (heard["id"], heard["message"], heard["userCount"]) == (after["id"], "after", 2)
     assert key(after["id"]) > key(before["id"])
 
@@ -289,3 +300,102 @@ def test_full_restart_keeps_rooms_history_and_tickets_expire(start_redis, start_
     ticket = a.ticket("dave")
     time.sleep(1.3)  # the property under test is the passing of ticket_ttl itself
     assert ws_refusal(b.ws_base + "/ws?ticket=" + ticket) == 401
+
+
+def test_stalled_instance_keeps_its_users(start_redis, start_chatd, clients):
+    """
+    kill -STOP of instance A for longer than presence_ttl x 4/3: B takes A
+    for dead and reaps alice (bob sees her QUIT).  After kill -CONT, A puts
+    alice back and the room is told so with an ENTER of the right count;
+    alice never receives a QUIT she did not send, can still TALK, and her
+    real departure later is one QUIT that leaves both counts right.
+    """
+    redis = start_redis()
+    a, b = start_instances(start_chatd, redis)
+    alice, bob = a.connect("alice", name="Alice"), b.connect("bob", name="Bob")
+    clients.extend([alice, bob])
+    alice.enter("lobby")
+    bob.enter("lobby")
+    alice.recv()  # bob's ENTER
+    os.kill(a.proc.pid, signal.SIGSTOP)
+    try:
+        stalled = time.monotonic()
+        reaped = bob.recv(timeout=PRESENCE_TTL * 4 / 3 + 5)
+        assert (reaped["type"], reaped["sender"], reaped["userCount"]) == ("QUIT", "Alice", 1)
+        assert room_users(b, "lobby") == 1
+        # Stay stopped a little longer than the reap took (the issue's case).
+        time.sleep(max(0.0, PRESENCE_TTL * 4 / 3 + 0.5 - (time.monotonic() - stalled)))
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)
+    back = bob.recv(timeout=PRESENCE_TTL * 2)
+    assert (back["type"], back["sender"], back["userCount"]) == ("ENTER", "Alice", 2)
+    alice.send({"type": "TALK", "room": "lobby", "message": "still here", "ref": "s"})
+    heard = alice.recv_until(lambda f: f.get("ref") == "s")
+    assert [f["type"] for f in heard if f.get("sender") == "Alice"] in (["TALK"], ["ENTER", "TALK"])
+    said = heard[-1]
+    assert said["type"] == "TALK", heard
+    assert bob.recv()["id"] == said["id"]
+    wait_for(lambda: room_users(a, "lobby") == room_users(b, "lobby") == 2, PRESENCE_TTL * 2,
+             "both count alice and bob")
+    alice.close()
+    gone = bob.recv()
+    assert (gone["type"], gone["sender"], gone["userCount"]) == ("QUIT", "Alice", 1)
+    wait_for(lambda: room_users(a, "lobby") == room_users(b, "lobby") == 1, PRESENCE_TTL * 2,
+             "both count bob only")
+
+
+def test_frozen_redis_answers_each_talk_once(start_redis, start_chatd, clients):
+    """
+    redis-server SIGSTOPped for 5 s while alice keeps talking, a TALK every
+    10 ms from before the stop (each with a cid and a ref, so some are in
+    every stage of a call when Redis stops): every TALK gets exactly one
+    answer, its event or ERROR unavailable, never both, in either order.
+    Both instances have the default presence_ttl (heartbeats 5 s apart), so
+    no upkeep PING drops a connection during the freeze.  B, an instance
+    with no call in flight, reports /healthz 503 within [redis] timeout +
+    1 s: it PINGs Redis itself.
+    """
+    redis = start_redis()
+    (a,) = start_instances(start_chatd, redis, count=1, redis__presence_ttl=15,
+                           limits__rate=500, limits__burst=1000)
+    (b,) = start_instances(start_chatd, redis, count=1, redis__presence_ttl=15)
+    alice = a.connect("alice", name="Alice")
+    clients.append(alice)
+    alice.enter("lobby")
+    refs, stopped, unhealthy_after = [], None, None
+    started = time.monotonic()
+    try:
+        for _ in range(1000):  # bounded: 5.5 s in steps of about 10 ms
+            elapsed = time.monotonic() - started
+            if elapsed >= 5.5:
+                break
+            if stopped is None and elapsed >= 0.5:
+                os.kill(redis.proc.pid, signal.SIGSTOP)
+                stopped = time.monotonic()
+            ref = f"r{len(refs)}"
+            refs.append(ref)
+            alice.send({"type": "TALK", "room": "lobby", "message": f"m {ref}",
+                        "cid": f"c-{ref}", "ref": ref})
+            if stopped is not None and unhealthy_after is None and len(refs) % 5 == 0 \
+                    and health(b) == 503:
+                unhealthy_after = time.monotonic() - stopped
+            time.sleep(0.01)  # pacing the sender: the freeze's length is what is tested
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    wait_health(a, 200)
+    alice.send({"type": "TALK", "room": "lobby", "message": "end", "ref": "end"})
+    frames = alice.recv_until(lambda f: f.get("ref") == "end" and f["type"] == "TALK",
+                              timeout=15, limit=5000)
+    answers = {ref: [f["type"] for f in frames if f.get("ref") == ref] for ref in refs}
+    late = [f["message"] for f in frames if f["type"] == "TALK" and "ref" not in f]
+    contradictions = sum(1 for kinds in answers.values() if len(kinds) > 1)
+    stored = {m.split(" ", 1)[1] for m in _stored_messages(redis, "lobby") if m.startswith("m ")}
+    acked = {ref for ref, kinds in answers.items() if "TALK" in kinds}
+    print(f"\nfrozen Redis: {len(refs)} TALKs, {len(stored)} stored, {len(stored - acked)} of "
+          f"those answered unavailable; {contradictions} answered twice, "
+          f"{sum(1 for k in answers.values() if k == ['ERROR'])} unavailable "
+          f"({len(late)} stored anyway, sent without ref), /healthz 503 after "
+          f"{unhealthy_after if unhealthy_after is None else round(unhealthy_after, 2)}s on B")
+    assert all(len(kinds) == 1 for kinds in answers.values()), \
+        {ref: kinds for ref, kinds in answers.items() if len(kinds) != 1}
+    assert unhealthy_after is not None and unhealthy_after <= REDIS_TIMEOUT + 1.0, unhealthy_after

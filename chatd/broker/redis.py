@@ -21,33 +21,42 @@ subscribes again to each room a local member is in, and only then reports
 the link available.
 """
 
+import itertools
 import json
 import random
+from collections import OrderedDict
 from urllib.parse import unquote, urlsplit
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatd import messages
 from chatd.auth import Principal
 from chatd.broker import redis_scripts as scripts
-from chatd.broker.interfaces import DISCONNECT, KICK, Control, Entered, IBroker, Member, Talked
+from chatd.broker.interfaces import (
+    DISCONNECT, KICK, Control, Delivery, Entered, IBroker, Member, Talked,
+)
 from chatd.broker.redis_link import CommandProtocol, RedisLink, SubscriberProtocol
 from chatd.broker.redis_presence import Presence
 from chatd.broker.redis_scripts import (
-    decode_control, decode_event, decode_member, encode_control, encode_envelope, quit_envelope,
+    decode_control, decode_event, decode_member, decode_message, encode_control, encode_envelope,
+    enter_envelope, member_envelope, quit_envelope,
 )
-from chatd.errors import BrokerUnavailable, RoomLimitReached
+from chatd.errors import BrokerUnavailable, RoomLimitReached, TooManyNewRooms
 from chatd.logs import printable
-from chatd.messages import event_id_key
-from chatd.rooms import DEDUP_WINDOW
+from chatd.messages import RoomEvent, event_id_key
+from chatd.broker.interfaces import DEDUP_MAX, DEDUP_WINDOW
+from chatd.rooms import DEFAULT_MAX_BYTES, DEFAULT_TTL, text_bytes
 
 log = Logger()
 
 MAX_LUA_INTEGER = 2**53  # larger `since` parts are clamped: Lua numbers are doubles
+KEEPALIVE = 0.5  # seconds between PINGs on an idle link: /healthz is 503 within timeout + this
+FAILED_TALKS_KEPT = 10000  # TALK calls answered `unavailable` remembered (see _settle_talk)
 
 __all__ = ["RedisBroker", "decode_event", "encode_envelope"]
 
@@ -66,7 +75,8 @@ class RedisBroker(MultiService):
 
     def __init__(self, clock, host, port, db=0, password=None, username=None,
                  timeout=5.0, presence_ttl=15.0, history_size=500, instance_id=None,
-                 max_rooms=10000):
+                 max_rooms=10000, max_talk_chars=4000, max_bytes=DEFAULT_MAX_BYTES,
+                 ttl=DEFAULT_TTL, max_new_rooms_per_user=100):
         super().__init__()
         self.instance_id = instance_id or _new_instance_id()
         self._clock = clock
@@ -74,28 +84,35 @@ class RedisBroker(MultiService):
         self._presence_ttl = presence_ttl
         self._history_size = history_size
         self._max_rooms = max_rooms
+        self._max_bytes = max_bytes
+        self._ttl_ms = int(ttl * 1000)
+        self._max_new_rooms_per_user = max_new_rooms_per_user
+        self._history_page = scripts.history_page_entries(max_talk_chars)
         self._keys = scripts.Keys(db)
         self._deliver = None
         self._control = None
         self._wanted = set()  # rooms the hub subscribed to
         self._live = set()  # ...whose SUBSCRIBE Redis confirmed on this subscriber connection
         self._in_flight = set()
+        self._calls = itertools.count(1)
+        self._talks = {}  # call id -> the Deferred answering a TALK not answered yet
+        self._failed_talks = OrderedDict()  # call id -> when it was answered `unavailable`
 
         def endpoint():
             return HostnameEndpoint(clock, host, port, timeout=timeout)
 
-        common = dict(clock=clock, timeout=timeout, password=password, username=username)
+        common = dict(clock=clock, timeout=timeout, password=password, username=username,
+                      keepalive=min(KEEPALIVE, presence_ttl / 3.0))
         self._commands = RedisLink(
             "commands", CommandProtocol, endpoint(), db=db,
             on_ready=self._commands_ready, **common,
         )
         self._subscriber = RedisLink(
             "subscriber", SubscriberProtocol, endpoint(),
-            on_ready=self._subscriber_ready, on_message=self._message,
-            keepalive=presence_ttl / 3.0, **common,
+            on_ready=self._subscriber_ready, on_message=self._message, **common,
         )
         self._presence = Presence(
-            clock, self._commands, self._keys, self.instance_id, presence_ttl,
+            clock, self._commands, self._keys, self.instance_id, presence_ttl, self._ttl_ms,
             quit=lambda room, member: self._quit(room, member, None, only_if_present=True),
         )
         self._commands.service.setServiceParent(self)
@@ -118,6 +135,10 @@ class RedisBroker(MultiService):
             presence_ttl=settings.redis.presence_ttl,
             history_size=settings.history.size,
             max_rooms=settings.limits.max_rooms,
+            max_talk_chars=settings.limits.max_talk_chars,
+            max_bytes=settings.history.max_bytes,
+            ttl=settings.history.ttl,
+            max_new_rooms_per_user=settings.limits.max_new_rooms_per_user,
         )
 
     # --- lifecycle ----------------------------------------------------------------
@@ -246,10 +267,22 @@ class RedisBroker(MultiService):
         if room not in self._wanted or self._deliver is None:
             return
         try:
-            delivery = decode_event(message)
+            delivery, reaped, call = decode_message(message)
         except (ValueError, KeyError, TypeError):
             log.error("dropping an undecodable event from {room}", room=printable(room))
             return
+        if reaped and self._presence.is_local(room, delivery.origin):
+            # Another instance took this one for dead (it was stalled, or
+            # cut off from Redis) and reaped a connection that never left.
+            # Its members must not hear a QUIT they would act on while the
+            # connection stays: keep it, and put it back into the room
+            # with an ENTER instead (docs/delivery.md, "stalls").
+            log.info("{user} was reaped from {room} while connected; putting it back",
+                     user=printable(delivery.event.sender), room=printable(room))
+            self._presence.reassert_soon(room)
+            return
+        if call is not None:
+            delivery = self._talk_published(call, delivery)
         self._feed(delivery)
 
     def _feed(self, delivery):
@@ -293,19 +326,14 @@ class RedisBroker(MultiService):
         return self._track(defer.ensureDeferred(self._enter(room, member, since, ref)))
 
     async def _enter(self, room, member, since, ref):
-        since_epoch, since_seq = "", "0"
-        if since is not None:
-            since_key = event_id_key(since)
-            since_epoch = str(min(since_key[0], MAX_LUA_INTEGER))
-            since_seq = str(min(since_key[1], MAX_LUA_INTEGER) if len(since_key) > 1 else 0)
         self._presence.seated(room, member)
         try:
             reply = await self._script(
                 "enter", scripts.ENTER,
                 self._keys.room_keys(room, self.instance_id),
-                [room, member.connection_id, quit_envelope(room, member),
-                 encode_envelope(messages.ENTER, room, member, messages.entered_text(member.name), ref),
-                 self._keys.channel(room), since_epoch, since_seq, str(self._max_rooms)],
+                [room, member.connection_id, member_envelope(room, member),
+                 enter_envelope(room, member, ref), self._keys.channel(room), str(self._max_rooms),
+                 scripts.digest(member.sub), str(self._max_new_rooms_per_user)],
             )
         except BrokerUnavailable:
             # It may have happened anyway (a timeout): make sure it is undone.
@@ -314,35 +342,83 @@ class RedisBroker(MultiService):
         if reply[0] == scripts.ROOM_LIMIT_REACHED:
             self._presence.left(room, member)
             raise RoomLimitReached(room)
+        if reply[0] == scripts.TOO_MANY_NEW_ROOMS:
+            self._presence.left(room, member)
+            raise TooManyNewRooms(self._max_new_rooms_per_user)
         event = decode_event(reply[0]).event
         if since is None:
             return Entered(event)
-        dropped = reply[1]
-        own_key = event_id_key(event.id)
-        replay = tuple(
-            e for e in (decode_event(m).event for m in reply[2:])
-            if since_key < event_id_key(e.id) < own_key
-        )
-        complete = since_key[0] == own_key[0] and (
-            not dropped or since_key >= (own_key[0], int(dropped))
-        )
+        replay, complete = await self._replay(room, event_id_key(since), event_id_key(event.id))
         return Entered(event, replay, complete)
+
+    async def _replay(self, room, since_key, own_key):
+        """
+        The room's TALKs with C{since < id < own}, read in pages after the
+        ENTER, and whether they are all there were.  TALKs evicted while
+        the pages are read are simply missing, and C{dropped} (read last,
+        it only grows) then says the replay is not complete.
+        """
+        epoch, own_seq = own_key[0], own_key[1]
+        since_seq = since_key[1] if len(since_key) > 1 else 0
+        if since_key[0] < epoch:
+            after = 0
+        elif since_key[0] == epoch:
+            after = min(since_seq, own_seq)
+        else:
+            return (), False
+        replay = []
+        start, page = after + 1, self._history_page
+        while start < own_seq:  # bounded: every round moves start past a stored seq
+            entries = await self._command(
+                "XRANGE", self._keys.history(room), f"0-{start}", f"0-{own_seq - 1}", "COUNT", page)
+            for entry_id, fields in entries:
+                message = dict(zip(fields[::2], fields[1::2])).get("m")
+                if message is not None:
+                    replay.append(decode_event(message).event)
+            if len(entries) < page:
+                break
+            start = int(entries[-1][0].split("-")[1]) + 1
+        now_epoch, dropped = await self._command("HMGET", self._keys.meta(room), "epoch", "dropped")
+        replay = tuple(e for e in replay if since_key < event_id_key(e.id) < own_key)
+        complete = (
+            since_key[0] == epoch
+            and now_epoch == str(epoch)
+            and (not dropped or since_key >= (epoch, int(dropped)))
+        )
+        return replay, complete
 
     def talk(self, room, member, text, cid=None, ref=None):
         """IBroker API"""
         return self._track(defer.ensureDeferred(self._talk(room, member, text, cid, ref)))
 
     async def _talk(self, room, member, text, cid, ref):
+        call = f"{self.instance_id}:{next(self._calls)}"
         keys = self._keys.room_keys(room, self.instance_id)
-        keys.append(self._keys.accepted(room, member.sub, cid) if cid is not None else keys[0])
-        reply = await self._script(
+        keys += [self._keys.cids(room, member.sub), self._keys.cid_times(room, member.sub)]
+        answer = self._talks[call] = defer.Deferred()
+        d = self._script(
             "talk", scripts.TALK, keys,
-            [room, member.connection_id, quit_envelope(room, member),
-             encode_envelope(messages.TALK, room, member, text, ref),
-             self._keys.channel(room), self._history_size, int(DEDUP_WINDOW * 1000),
-             "1" if cid is not None else "0"],
+            [room, member.connection_id,
+             encode_envelope(messages.TALK, room, member, text, ref, call=call),
+             self._keys.channel(room), self._history_size, self._max_bytes, text_bytes(text),
+             scripts.digest(cid) if cid is not None else "", int(DEDUP_WINDOW * 1000),
+             DEDUP_MAX, self._ttl_ms],
         )
+        d.addCallback(self._talked, room, member, text)
+        d.addBoth(self._settle_talk, call)
+        return await answer
+
+    def _talked(self, reply, room, member, text):
+        if reply[0] == 2:
+            # A duplicate whose original left history: only its id and time
+            # were kept.
+            return Talked(RoomEvent(
+                type=messages.TALK, id=reply[1], room=room, sender=member.name, message=text,
+                user_count=int(reply[3]), ts=int(reply[2]),
+            ), True)
         duplicate, delivery = reply[0] == 1, decode_event(reply[1])
+        if not duplicate and reply[2] == 0 and self._presence.is_local(room, member.connection_id):
+            self._presence.reassert_soon(room)  # Redis lost it, or it was reaped: put it back
         if not duplicate and room in self._wanted and (
             room not in self._live or self._subscriber.protocol is None
         ):
@@ -352,6 +428,44 @@ class RedisBroker(MultiService):
             # this way instead.
             self._feed(delivery)
         return Talked(delivery.event, duplicate)
+
+    def _settle_talk(self, result, call):
+        """
+        Each TALK gets one answer, whichever comes first: the script's
+        reply, the feed bringing the event it published (then a timeout
+        that follows is moot), or a failure.  A TALK answered `unavailable`
+        may still have run (Redis runs what is in its socket buffer when it
+        resumes); should its event come later, it goes out as a room event
+        without the sender's ref, not as a second answer (L{_talk_published}).
+        """
+        answer = self._talks.pop(call, None)
+        if answer is None or answer.called:
+            if isinstance(result, Failure):
+                result.trap(BrokerUnavailable)
+            return None
+        if isinstance(result, Failure):
+            self._failed_talks[call] = self._clock.seconds()
+            while len(self._failed_talks) > FAILED_TALKS_KEPT or (
+                self._failed_talks
+                and next(iter(self._failed_talks.values())) < self._clock.seconds() - DEDUP_WINDOW
+            ):
+                self._failed_talks.popitem(last=False)
+        if isinstance(result, Failure):
+            answer.errback(result)
+        else:
+            answer.callback(result)
+        return None
+
+    def _talk_published(self, call, delivery):
+        answer = self._talks.pop(call, None)
+        if answer is not None and not answer.called:
+            answer.callback(Talked(delivery.event, False))  # the feed was faster than the reply
+        elif call in self._failed_talks:
+            del self._failed_talks[call]
+            log.info("a TALK answered `unavailable` ran after all: {room} {id}",
+                     room=printable(delivery.event.room), id=delivery.event.id)
+            return Delivery(delivery.event, delivery.origin, None)
+        return delivery
 
     def quit(self, room, member, ref=None):
         """IBroker API"""
@@ -372,7 +486,8 @@ class RedisBroker(MultiService):
             self._keys.room_keys(room, self.instance_id),
             [room, member.connection_id,
              quit_envelope(room, member, ref),
-             self._keys.channel(room), "1" if only_if_present else "0", scripts.IDLE_ROOM_MS],
+             self._keys.channel(room), "1" if only_if_present else "0", scripts.IDLE_ROOM_MS,
+             self._ttl_ms],
         )
         return decode_event(reply).event if reply is not None else None
 
@@ -381,8 +496,10 @@ class RedisBroker(MultiService):
         return self._track(defer.ensureDeferred(self._list_rooms()))
 
     async def _list_rooms(self):
-        names = [n for n in await self._command("SMEMBERS", self._keys.registry)
-                 if messages.is_room_name(n)]
+        names = await self._script(
+            "list rooms", scripts.LIST_ROOMS,
+            [self._keys.registry, self._keys.creators, self._keys.made], [])
+        names = [n for n in names if messages.is_room_name(n)]
         counts = await defer.gatherResults(
             [self._command("HLEN", self._keys.members(name)) for name in names],
             consumeErrors=True,
@@ -403,13 +520,14 @@ class RedisBroker(MultiService):
 
     async def _publish(self, room, sender, text, cid):
         member = Member(f"{self.instance_id}:api", "", sender)  # "": no token's sub
-        keys = self._keys.room_keys(room, self.instance_id)[:4]
-        keys.append(self._keys.api_accepted(room, cid) if cid is not None else keys[0])
+        keys = self._keys.room_keys(room, self.instance_id)
+        keys = keys[:4] + [self._keys.api_accepted(room, cid) if cid is not None else keys[0]] + keys[5:]
         reply = await self._script(
             "publish", scripts.PUBLISH, keys,
             [room, encode_envelope(messages.TALK, room, member, text, system=True),
              self._keys.channel(room), self._history_size, int(DEDUP_WINDOW * 1000),
-             "1" if cid is not None else "0", str(self._max_rooms)],
+             "1" if cid is not None else "0", str(self._max_rooms), self._max_bytes,
+             text_bytes(text), scripts.IDLE_ROOM_MS, self._ttl_ms],
         )
         if reply[0] == scripts.ROOM_LIMIT_REACHED:
             raise RoomLimitReached(room)

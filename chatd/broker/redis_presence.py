@@ -37,10 +37,11 @@ class Presence(TimerService):
     it.
     """
 
-    def __init__(self, clock, commands, keys, instance_id, presence_ttl, quit):
+    def __init__(self, clock, commands, keys, instance_id, presence_ttl, room_ttl_ms, quit):
         """
         @param commands: the L{chatd.broker.redis_link.RedisLink} for commands.
         @param keys: the L{chatd.broker.redis_scripts.Keys}.
+        @param room_ttl_ms: [history] ttl, for rooms a reap leaves empty.
         @param quit: C{quit(room, member)} runs the QUIT script only if the
             member is still present, firing with the event or L{None}.
         """
@@ -50,9 +51,11 @@ class Presence(TimerService):
         self._keys = keys
         self._instance_id = instance_id
         self._presence_ttl = presence_ttl
+        self._room_ttl_ms = room_ttl_ms
         self._quit = quit
         self.local = {}  # room -> {connection id: Member}: what this instance has in presence
         self._unsure = {}  # (room, connection id) -> Member: QUITs to (re)try, only if present
+        self._reassert = set()  # rooms whose local members must be put back (they were reaped)
         self._judge_after = None  # no sweeping before this time (see _heartbeat)
         self._ticking = False
         self._stopping = False
@@ -79,6 +82,30 @@ class Presence(TimerService):
         """
         self.left(room, member)
         self._unsure[(room, member.connection_id)] = member
+
+    def is_local(self, room, connection_id):
+        """Whether C{connection_id} is in C{room} as far as this instance is concerned."""
+        return connection_id in self.local.get(room, ())
+
+    def reassert_soon(self, room):
+        """
+        Put this instance's members of C{room} back into Redis now (and on
+        every tick until it succeeds), each missing one with an ENTER.
+        """
+        self._reassert.add(room)
+        d = defer.ensureDeferred(self._reassert_pending())
+        d.addErrback(lambda f: f.trap(BrokerUnavailable))
+        d.addErrback(lambda f: log.failure("putting members back failed", f))
+
+    async def _reassert_pending(self):
+        for room in sorted(self._reassert):
+            if room in self._reassert:
+                self._reassert.discard(room)
+                try:
+                    await self._reassert_room(room)
+                except BaseException:
+                    self._reassert.add(room)
+                    raise
 
     def connected(self):
         """The command link is usable: register this instance at once, not a period later."""
@@ -114,6 +141,7 @@ class Presence(TimerService):
             return
         try:
             await self._heartbeat()
+            await self._reassert_pending()
             await self._retry_unsure()
             await self._sweep()
         except BrokerUnavailable:
@@ -135,21 +163,22 @@ class Presence(TimerService):
         # may have run out with ours: judge nobody dead until they all had
         # a full TTL to come back, or live users would be reaped.
         self._judge_after = self.clock.seconds() + self._presence_ttl
-        for room in sorted(self.local):
-            members = self.local.get(room)
-            if not members:
-                continue
-            args = [room]
-            for connection_id, member in members.items():
-                args += [connection_id, scripts.quit_envelope(room, member)]
-            added = await self._script(
-                "reassert", scripts.REASSERT,
-                [self._keys.meta(room), self._keys.members(room), self._keys.registry,
-                 self._keys.instance_rooms(self._instance_id)],
-                args,
-            )
-            if added:
-                log.info("put {count} connections back into {room}", count=added, room=printable(room))
+        self._reassert.update(self.local)
+
+    async def _reassert_room(self, room):
+        members = self.local.get(room)
+        if not members:
+            return
+        args = [room, self._keys.channel(room)]
+        for connection_id, member in list(members.items()):
+            args += [connection_id, scripts.member_envelope(room, member),
+                     scripts.enter_envelope(room, member)]
+        added = await self._script(
+            "reassert", scripts.REASSERT,
+            self._keys.room_keys(room, self._instance_id), args,
+        )
+        if added:
+            log.info("put {count} connections back into {room}", count=added, room=printable(room))
 
     async def _retry_unsure(self):
         for (room, connection_id), member in list(self._unsure.items()):
@@ -200,7 +229,8 @@ class Presence(TimerService):
             keys = self._keys.room_keys(room, instance_id) + [heartbeat]
             gone += await self._script(
                 "reap", scripts.REAP_ROOM, keys,
-                [room, instance_id + ":", self._keys.channel(room), scripts.IDLE_ROOM_MS],
+                [room, instance_id + ":", self._keys.channel(room), scripts.IDLE_ROOM_MS,
+                 self._room_ttl_ms],
             )
         await self._script(
             "forget instance", scripts.FORGET_INSTANCE,

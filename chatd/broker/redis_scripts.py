@@ -24,6 +24,7 @@ Cluster, because one room's script also updates the global registry.
 import dataclasses
 import hashlib
 import json
+from typing import NamedTuple, Optional
 
 from chatd import messages
 from chatd.broker.interfaces import Control, Delivery, Member
@@ -45,12 +46,13 @@ IDLE_ROOM_MS = 24 * 3600 * 1000
 # instance reads it back with decode_event, off pub/sub or the history.
 
 
-def encode_envelope(kind, room, member, text, ref=None, system=False):
+def encode_envelope(kind, room, member, text, ref=None, system=False, **extra):
     """
     The part of an event chatd knows before Redis numbers it.  ASCII-only
     JSON: chat text can hold lone surrogates, which UTF-8 cannot carry.
     C{sub} lets a QUIT envelope kept in presence name its member's user
-    (the server API's presence listing); clients never see it.
+    (the server API's presence listing); C{extra} fields (C{reaped},
+    C{call}) are for instances only.  Clients see none of these.
     """
     fields = {
         "type": kind,
@@ -63,6 +65,7 @@ def encode_envelope(kind, room, member, text, ref=None, system=False):
     }
     if system:
         fields["system"] = True
+    fields.update(extra)
     return json.dumps(fields, ensure_ascii=True, separators=(",", ":"))
 
 
@@ -71,10 +74,32 @@ def quit_envelope(room, member, ref=None):
     return encode_envelope(messages.QUIT, room, member, messages.left_text(member.name), ref)
 
 
-def decode_event(message):
+def member_envelope(room, member):
     """
-    A L{Delivery} from the string a script published or stored:
-    C{"<id> <userCount> <ts> <envelope JSON>"}.
+    What a room's C{members} hash keeps for a connection: the QUIT to
+    publish if its instance is reaped, marked C{reaped} so that the
+    instance, should it be alive after all, knows the QUIT is not its own.
+    """
+    return encode_envelope(messages.QUIT, room, member, messages.left_text(member.name),
+                           reaped=True)
+
+
+def enter_envelope(room, member, ref=None):
+    """The ENTER a member's arrival publishes (also when it is put back)."""
+    return encode_envelope(messages.ENTER, room, member, messages.entered_text(member.name), ref)
+
+
+class Published(NamedTuple):
+    """An event as instances see it: the L{Delivery} and what only instances read."""
+
+    delivery: Delivery
+    reaped: bool  # a QUIT that reaping published (see member_envelope)
+    call: Optional[str]  # the TALK call that made it, "<instance id>:<n>"
+
+
+def decode_message(message):
+    """
+    A published or stored event, as L{Published}.
 
     @raise ValueError: for anything else.
     """
@@ -93,7 +118,22 @@ def decode_event(message):
         ts=int(ts),
         system=fields.get("system") is True,
     )
-    return Delivery(event, fields.get("origin"), fields.get("ref"))
+    call = fields.get("call")
+    return Published(
+        Delivery(event, fields.get("origin"), fields.get("ref")),
+        fields.get("reaped") is True,
+        call if isinstance(call, str) else None,
+    )
+
+
+def decode_event(message):
+    """
+    A L{Delivery} from the string a script published or stored:
+    C{"<id> <userCount> <ts> <envelope JSON>"}.
+
+    @raise ValueError: for anything else.
+    """
+    return decode_message(message).delivery
 
 
 def decode_member(connection_id, envelope):
@@ -134,6 +174,11 @@ def decode_control(message):
 # --- the key layout ------------------------------------------------------------------
 
 
+def digest(text):
+    """What stands for a user-chosen string (a sub, a cid) in key names and fields."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 class Keys:
     """
     The names of everything chatd keeps in one Redis database.
@@ -145,12 +190,14 @@ class Keys:
 
     def __init__(self, db=0):
         self.db = db
-        self.registry = PREFIX + "rooms"  # SET of room names (GET /rooms)
+        self.registry = PREFIX + "rooms"  # ZSET room -> when it is forgotten (ms; +inf: has members)
+        self.creators = PREFIX + "rooms:creators"  # HASH room -> sha256(sub) of who made it
+        self.made = PREFIX + "rooms:made"  # HASH sha256(sub) -> how many registry rooms they made
         self.instances = PREFIX + "instances"  # SET of instance ids that may hold presence
         self.channel_prefix = f"{PREFIX}{db}:events:"
 
     def meta(self, room):
-        """HASH: epoch, seq (the last id's parts) and dropped (newest TALK seq evicted)."""
+        """HASH: epoch, seq (the last id's parts), dropped (newest TALK seq evicted), bytes (kept text)."""
         return f"{PREFIX}room:{room}"
 
     def members(self, room):
@@ -158,15 +205,20 @@ class Keys:
         return f"{PREFIX}room:{room}:members"
 
     def history(self, room):
-        """STREAM of the room's TALKs, entry id 0-<seq>, capped at [history] size."""
+        """
+        STREAM of the room's TALKs, entry id 0-<seq>, fields m (the event)
+        and b (its text's UTF-8 bytes); at most [history] size entries and
+        max_bytes of text.
+        """
         return f"{PREFIX}room:{room}:history"
 
-    def accepted(self, room, sub, cid):
-        """STRING: the event a (sub, cid) TALK produced, for ten minutes."""
-        digest = hashlib.sha256(
-            sub.encode("utf-8", "surrogatepass") + b"\0" + cid.encode("utf-8", "surrogatepass")
-        ).hexdigest()
-        return f"{PREFIX}room:{room}:cid:{digest}"
+    def cids(self, room, sub):
+        """HASH: sha256(cid) -> "<event id> <ts>" of the user's TALKs with a cid in the room."""
+        return f"{PREFIX}room:{room}:cids:{digest(sub)}"
+
+    def cid_times(self, room, sub):
+        """ZSET: sha256(cid) -> when it was accepted (ms): which cids to forget first."""
+        return f"{PREFIX}room:{room}:cidtimes:{digest(sub)}"
 
     def channel(self, room):
         return self.channel_prefix + room
@@ -203,13 +255,15 @@ class Keys:
         return f"{PREFIX}instance:{instance_id}:rooms"
 
     def room_keys(self, room, instance_id):
-        """KEYS[1..5] of the room scripts."""
+        """KEYS[1..7] of the room scripts."""
         return [
             self.meta(room),
             self.members(room),
             self.history(room),
             self.registry,
             self.instance_rooms(instance_id),
+            self.creators,
+            self.made,
         ]
 
 
@@ -222,25 +276,26 @@ class Keys:
 _ROOM_PRELUDE = """
 local function now_ms()
   local t = redis.call('TIME')
-  return t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- The room's next id.  A room without an epoch (new, forgotten, or lost
--- with Redis's data) starts a new life whose epoch is the current time in
--- microseconds (16 digits: exact as a Lua number), so its ids are above
--- those of any earlier life, even one lost within the same millisecond;
--- history of an earlier life cannot be addressed with the new ids and goes.
+-- The room's next id.  A room without an epoch (new, forgotten, expired,
+-- or lost with Redis's data) starts a new life whose epoch is the current
+-- time in microseconds (16 digits: exact as a Lua number), so its ids are
+-- above those of any earlier life, even one lost within the same
+-- millisecond; history of an earlier life cannot be addressed with the new
+-- ids and goes.
 local function stamp(meta, history)
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
     local t = redis.call('TIME')
     epoch = t[1] .. string.format('%06d', tonumber(t[2]))
     redis.call('DEL', history)
-    redis.call('HDEL', meta, 'dropped')
+    redis.call('HDEL', meta, 'dropped', 'bytes')
     redis.call('HSET', meta, 'epoch', epoch, 'seq', '0')
   end
   local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  return epoch, seq, now_ms()
+  return epoch, seq, string.format('%d', now_ms())
 end
 
 local function event(epoch, seq, count, ts, envelope)
@@ -258,6 +313,7 @@ local function seat(members, instance_rooms, room, connection, envelope, overwri
   if added == 1 then
     redis.call('HINCRBY', instance_rooms, room, 1)
   end
+  return added == 1
 end
 
 local function unseat(members, instance_rooms, room, connection)
@@ -270,106 +326,194 @@ local function unseat(members, instance_rooms, room, connection)
   return true
 end
 
--- A TALK into the room's capped history stream; what falls out (or, with
--- no history, the TALK itself) is remembered as 'dropped' for `complete`.
-local function keep(meta, history, size, seq, message)
-  if size == 0 then
-    redis.call('HSET', meta, 'dropped', string.format('%d', seq))
-  else
-    local excess = redis.call('XLEN', history) - size + 1
-    if excess > 0 then
-      local evicted = redis.call('XRANGE', history, '-', '+', 'COUNT', excess)
-      if #evicted > 0 then
-        redis.call('HSET', meta, 'dropped', string.sub(evicted[#evicted][1], 3))
-      end
+-- The registry: a room's score is +inf while it has members, else when it
+-- is forgotten.  Who made each room is kept so that one user cannot hold
+-- more than [limits] max_new_rooms_per_user of them.
+local function unregister(registry, creators, made, room)
+  redis.call('ZREM', registry, room)
+  local creator = redis.call('HGET', creators, room)
+  if creator then
+    redis.call('HDEL', creators, room)
+    if redis.call('HINCRBY', made, creator, -1) <= 0 then
+      redis.call('HDEL', made, creator)
     end
-    redis.call('XADD', history, 'MAXLEN', size, '0-' .. string.format('%d', seq), 'm', message)
   end
 end
 
--- Like the embedded broker: a room with nobody in it, no history and
--- nothing dropped is forgotten (its id counter lingers, see IDLE_ROOM_MS).
-local function forget_if_idle(meta, members, history, registry, room, idle_ms)
-  if redis.call('HLEN', members) == 0 and redis.call('EXISTS', history) == 0
-      and redis.call('HEXISTS', meta, 'dropped') == 0 then
-    redis.call('SREM', registry, room)
+-- Rooms whose time is up leave the registry (their keys expired with
+-- them); a bounded number per call, the rest are not counted anyway.
+local function expire_rooms(registry, creators, made, now)
+  local gone = redis.call('ZRANGEBYSCORE', registry, '-inf', now, 'LIMIT', 0, 100)
+  for _, room in ipairs(gone) do
+    unregister(registry, creators, made, room)
+  end
+end
+
+-- Keep a TALK in history: at most size entries and max_bytes of text
+-- (each entry's bytes in its field b, their sum in meta's bytes), the
+-- oldest evicted first and recorded as dropped; a text over max_bytes is
+-- not kept at all.  One eviction per round, each entry evicted once: O(1)
+-- per TALK on average, at most [history] size in one call.
+local function keep(meta, history, size, max_bytes, bytes, seq, message)
+  if size == 0 or bytes > max_bytes then
+    redis.call('HSET', meta, 'dropped', string.format('%d', seq))
+    return
+  end
+  redis.call('XADD', history, '0-' .. string.format('%d', seq), 'm', message, 'b', bytes)
+  local count = redis.call('XLEN', history)
+  local total = redis.call('HINCRBY', meta, 'bytes', bytes)
+  while count > size or total > max_bytes do
+    local oldest = redis.call('XRANGE', history, '-', '+', 'COUNT', 1)
+    if #oldest == 0 then
+      redis.call('HSET', meta, 'bytes', 0)
+      return
+    end
+    local fields, freed = oldest[1][2], 0
+    for i = 1, #fields, 2 do
+      if fields[i] == 'b' then
+        freed = tonumber(fields[i + 1])
+      end
+    end
+    redis.call('XDEL', history, oldest[1][1])
+    redis.call('HSET', meta, 'dropped', string.sub(oldest[1][1], 3))
+    total = redis.call('HINCRBY', meta, 'bytes', -freed)
+    count = count - 1
+  end
+end
+
+local function occupied(meta, history, registry, room)
+  redis.call('ZADD', registry, 'inf', room)
+  redis.call('PERSIST', meta)
+  redis.call('PERSIST', history)
+end
+
+-- The room has nobody left.  With no history and nothing dropped it is
+-- forgotten now (its id counter lingers idle_ms, see IDLE_ROOM_MS);
+-- otherwise it goes, history and all, ttl_ms after this, its last event.
+local function emptied(meta, members, history, registry, creators, made, room, idle_ms, ttl_ms)
+  if redis.call('HLEN', members) > 0 then
+    return
+  end
+  if redis.call('EXISTS', history) == 0 and redis.call('HEXISTS', meta, 'dropped') == 0 then
+    unregister(registry, creators, made, room)
     redis.call('PEXPIRE', meta, idle_ms)
+  else
+    redis.call('ZADD', registry, now_ms() + tonumber(ttl_ms), room)
+    redis.call('PEXPIRE', meta, ttl_ms)
+    redis.call('PEXPIRE', history, ttl_ms)
   end
 end
 """
 
 ROOM_LIMIT_REACHED = "room-limit"
+TOO_MANY_NEW_ROOMS = "user-room-limit"
 
-# KEYS: meta, members, history, registry, instance rooms
-# ARGV: room, connection id, QUIT envelope, ENTER envelope, channel,
-#       since epoch ('' for no replay), since seq, max rooms
-# -> {ENTER event, dropped seq or '', TALK events after since...},
-#    or {ROOM_LIMIT_REACHED} when the room is new and the registry is full
+# One XRANGE of the replay returns at most this many bytes (about): Redis
+# serves every client in turn, so no single call may hold it for long.
+HISTORY_PAGE_BYTES = 1024 * 1024
+
+
+def history_page_entries(max_talk_chars):
+    """How many history entries fit in a page: the worst case is every character escaped (\\uXXXX x 2)."""
+    return max(1, HISTORY_PAGE_BYTES // (max_talk_chars * 12 + 1024))
+
+# The replay is not read here: a script blocks Redis for every client while
+# it runs, and a full history is megabytes.  The broker reads it after the
+# ENTER, in pages (HISTORY_PAGE_BYTES), and the ENTER's id bounds it.
+# KEYS: meta, members, history, registry, instance rooms, creators, made
+# ARGV: room, connection id, member envelope, ENTER envelope, channel,
+#       max rooms, sha256(sub), max new rooms per user
+# -> {ENTER event}, or {ROOM_LIMIT_REACHED} / {TOO_MANY_NEW_ROOMS} when the
+#    room is new and the registry, or this user's share of it, is full
 ENTER = _ROOM_PRELUDE + """
 local room, connection = ARGV[1], ARGV[2]
-if redis.call('SISMEMBER', KEYS[4], room) == 0
-    and redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[8]) then
-  return {'""" + ROOM_LIMIT_REACHED + """'}
+local now = now_ms()
+expire_rooms(KEYS[4], KEYS[6], KEYS[7], now)
+if not redis.call('ZSCORE', KEYS[4], room) then
+  if redis.call('ZCARD', KEYS[4]) - redis.call('ZCOUNT', KEYS[4], '-inf', now)
+      >= tonumber(ARGV[6]) then
+    return {'""" + ROOM_LIMIT_REACHED + """'}
+  end
+  if tonumber(redis.call('HGET', KEYS[7], ARGV[7]) or '0') >= tonumber(ARGV[8]) then
+    return {'""" + TOO_MANY_NEW_ROOMS + """'}
+  end
+  redis.call('HSET', KEYS[6], room, ARGV[7])
+  redis.call('HINCRBY', KEYS[7], ARGV[7], 1)
 end
 local epoch, seq, ts = stamp(KEYS[1], KEYS[3])
 seat(KEYS[2], KEYS[5], room, connection, ARGV[3], true)
-redis.call('SADD', KEYS[4], room)
-redis.call('PERSIST', KEYS[1])
+occupied(KEYS[1], KEYS[3], KEYS[4], room)
 local message = event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, ARGV[4])
 redis.call('PUBLISH', ARGV[5], message)
-local result = {message, redis.call('HGET', KEYS[1], 'dropped') or ''}
-if ARGV[6] ~= '' then
-  local since_epoch, after = tonumber(ARGV[6]), nil
-  if since_epoch < tonumber(epoch) then
-    after = 0
-  elseif since_epoch == tonumber(epoch) then
-    after = math.min(tonumber(ARGV[7]), seq)
+return {message}
+"""
+
+# KEYS: meta, members, history, registry, instance rooms, creators, made,
+#       the user's cids, the user's cid times (the room's for both)
+# ARGV: room, connection id, TALK envelope, channel, history size,
+#       history max bytes, this text's bytes, sha256(cid) or '' for none,
+#       cid window ms, cids kept per user, room ttl ms
+# -> {0, new event, 1 if the talker is in presence else 0},
+#    {1, the original event} for a (sub, cid) seen before, or
+#    {2, original id, original ts, userCount} when history no longer has it
+TALK = _ROOM_PRELUDE + """
+local room, connection, cid = ARGV[1], ARGV[2], ARGV[8]
+local now = now_ms()
+if cid ~= '' then
+  local stale = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now - tonumber(ARGV[9]), 'LIMIT', 0, 100)
+  if #stale > 0 then
+    redis.call('HDEL', KEYS[8], unpack(stale))
+    redis.call('ZREM', KEYS[9], unpack(stale))
   end
-  if after ~= nil and after + 1 < seq then
-    local entries = redis.call('XRANGE', KEYS[3], '0-' .. string.format('%d', after + 1),
-                               '0-' .. string.format('%d', seq - 1))
-    for _, entry in ipairs(entries) do
-      local fields = entry[2]
-      for i = 1, #fields, 2 do
-        if fields[i] == 'm' then
-          table.insert(result, fields[i + 1])
+  local seen = redis.call('HGET', KEYS[8], cid)
+  if seen then
+    local id, ts = string.match(seen, '^(%S+) (%S+)$')
+    local epoch, seq = string.match(id, '^(%d+)-(%d+)$')
+    if redis.call('HGET', KEYS[1], 'epoch') == epoch then
+      local entry = redis.call('XRANGE', KEYS[3], '0-' .. seq, '0-' .. seq)
+      if #entry == 1 then
+        local fields = entry[1][2]
+        for i = 1, #fields, 2 do
+          if fields[i] == 'm' then
+            return {1, fields[i + 1]}
+          end
         end
       end
     end
+    return {2, id, ts, redis.call('HLEN', KEYS[2])}
   end
 end
-return result
-"""
-
-# KEYS: meta, members, history, registry, instance rooms, accepted-cid key
-# ARGV: room, connection id, QUIT envelope, TALK envelope, channel,
-#       history size, cid window ms, '1' when the TALK has a cid
-# -> {0, new event} or {1, the event the same (sub, cid) produced before}
-TALK = _ROOM_PRELUDE + """
-local room, connection = ARGV[1], ARGV[2]
-if ARGV[8] == '1' then
-  local seen = redis.call('GET', KEYS[6])
-  if seen then
-    return {1, seen}
-  end
-end
+-- A talker missing from presence (Redis lost it, or a reap took it) is
+-- not put back here but by its instance, with an ENTER (see REASSERT).
+local present = redis.call('HEXISTS', KEYS[2], connection)
 local epoch, seq, ts = stamp(KEYS[1], KEYS[3])
--- A talker is a member: this heals presence lost with Redis's data.
-seat(KEYS[2], KEYS[5], room, connection, ARGV[3], false)
-redis.call('SADD', KEYS[4], room)
-redis.call('PERSIST', KEYS[1])
-local message = event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, ARGV[4])
-keep(KEYS[1], KEYS[3], tonumber(ARGV[6]), seq, message)
-redis.call('PUBLISH', ARGV[5], message)
-if ARGV[8] == '1' then
-  redis.call('SET', KEYS[6], message, 'PX', ARGV[7])
+local message = event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, ARGV[3])
+keep(KEYS[1], KEYS[3], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), seq, message)
+if redis.call('HLEN', KEYS[2]) > 0 then
+  occupied(KEYS[1], KEYS[3], KEYS[4], room)
+else
+  emptied(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], room, ARGV[11], ARGV[11])
 end
-return {0, message}
+redis.call('PUBLISH', ARGV[4], message)
+if cid ~= '' then
+  redis.call('HSET', KEYS[8], cid, epoch .. '-' .. string.format('%d', seq) .. ' ' .. ts)
+  redis.call('ZADD', KEYS[9], now, cid)
+  local excess = redis.call('ZCARD', KEYS[9]) - tonumber(ARGV[10])
+  if excess > 0 then
+    local oldest = redis.call('ZRANGE', KEYS[9], 0, excess - 1)
+    redis.call('HDEL', KEYS[8], unpack(oldest))
+    redis.call('ZREMRANGEBYRANK', KEYS[9], 0, excess - 1)
+  end
+  redis.call('PEXPIRE', KEYS[8], ARGV[9])
+  redis.call('PEXPIRE', KEYS[9], ARGV[9])
+end
+return {0, message, present}
 """
 
-# KEYS: meta, members, history, registry, instance rooms
+# KEYS: meta, members, history, registry, instance rooms, creators, made
 # ARGV: room, connection id, QUIT envelope, channel, '1' to do nothing
-#       unless the connection is still present (a retried QUIT), idle ms
+#       unless the connection is still present (a retried QUIT), idle ms,
+#       room ttl ms
 # -> the QUIT event, or nil when nothing was done
 QUIT = _ROOM_PRELUDE + """
 local room, connection = ARGV[1], ARGV[2]
@@ -380,19 +524,20 @@ end
 local epoch, seq, ts = stamp(KEYS[1], KEYS[3])
 local message = event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, ARGV[3])
 redis.call('PUBLISH', ARGV[4], message)
-forget_if_idle(KEYS[1], KEYS[2], KEYS[3], KEYS[4], room, ARGV[6])
+emptied(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], room, ARGV[6], ARGV[7])
 return message
 """
 
 # The connections of a dead (or departing) instance leave one room: one
 # QUIT each, emitted by whichever instance runs this first; a second run
 # finds nobody left.
-# KEYS: meta, members, history, registry, the instance's rooms, its heartbeat
-# ARGV: room, connection id prefix ("<instance id>:"), channel, idle ms
+# KEYS: meta, members, history, registry, the instance's rooms, creators,
+#       made, its heartbeat
+# ARGV: room, connection id prefix ("<instance id>:"), channel, idle ms, room ttl ms
 # -> how many left (0 when the heartbeat is back: the instance lives)
 REAP_ROOM = _ROOM_PRELUDE + """
 local room, prefix = ARGV[1], ARGV[2]
-if redis.call('EXISTS', KEYS[6]) == 1 then
+if redis.call('EXISTS', KEYS[8]) == 1 then
   return 0
 end
 local members = redis.call('HGETALL', KEYS[2])
@@ -409,28 +554,39 @@ for i = 1, #members, 2 do
 end
 redis.call('HDEL', KEYS[5], room)
 if gone > 0 then
-  forget_if_idle(KEYS[1], KEYS[2], KEYS[3], KEYS[4], room, ARGV[4])
+  emptied(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], room, ARGV[4], ARGV[5])
 end
 return gone
 """
 
 # Put this instance's live connections back into a room's presence (after
-# Redis lost its data, or after this instance was taken for dead); silent.
-# KEYS: meta, members, registry, instance rooms
-# ARGV: room, then connection id / QUIT envelope pairs -> how many were missing
+# Redis lost its data, or after this instance was taken for dead and
+# reaped): each one that was missing gets an ENTER event, so that every
+# member hears of it with the right count (docs/delivery.md, "stalls").
+# KEYS: meta, members, history, registry, instance rooms, creators, made
+# ARGV: room, channel, then (connection id, member envelope, ENTER envelope)
+#       triples -> how many were missing
 REASSERT = _ROOM_PRELUDE + """
 local room, added = ARGV[1], 0
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
     added = added + 1
+    local epoch, seq, ts = stamp(KEYS[1], KEYS[3])
+    redis.call('PUBLISH', ARGV[2], event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, ARGV[i + 2]))
   end
 end
 if added > 0 then
-  redis.call('HINCRBY', KEYS[4], room, added)
+  redis.call('HINCRBY', KEYS[5], room, added)
 end
-redis.call('SADD', KEYS[3], room)
-redis.call('PERSIST', KEYS[1])
+occupied(KEYS[1], KEYS[3], KEYS[4], room)
 return added
+"""
+
+# KEYS: registry, creators, made -> the names of the rooms it holds
+LIST_ROOMS = _ROOM_PRELUDE + """
+local now = now_ms()
+expire_rooms(KEYS[1], KEYS[2], KEYS[3], now)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. string.format('%d', now), 'inf')
 """
 
 # KEYS: heartbeat, instances; ARGV: instance id, ttl ms
@@ -467,9 +623,10 @@ return grant
 # A TALK from the application's backend: like TALK, but nobody is seated,
 # and a room the registry does not hold is made only below max rooms.
 # KEYS: meta, members, history, registry, accepted-cid key (the meta key
-#       again when there is no cid)
+#       again when there is no cid), creators, made
 # ARGV: room, TALK envelope, channel, history size, cid window ms,
-#       '1' when there is a cid, max rooms
+#       '1' when there is a cid, max rooms, history max bytes, this text's
+#       bytes, idle ms, room ttl ms
 # -> {0, new event}, {1, the event the cid produced before},
 #    or {ROOM_LIMIT_REACHED}
 PUBLISH = _ROOM_PRELUDE + """
@@ -480,15 +637,23 @@ if ARGV[6] == '1' then
     return {1, seen}
   end
 end
-if redis.call('SISMEMBER', KEYS[4], room) == 0
-    and redis.call('SCARD', KEYS[4]) >= tonumber(ARGV[7]) then
+local now = now_ms()
+expire_rooms(KEYS[4], KEYS[6], KEYS[7], now)
+if not redis.call('ZSCORE', KEYS[4], room)
+    and redis.call('ZCARD', KEYS[4]) - redis.call('ZCOUNT', KEYS[4], '-inf', now)
+      >= tonumber(ARGV[7]) then
   return {'""" + ROOM_LIMIT_REACHED + """'}
 end
 local epoch, seq, ts = stamp(KEYS[1], KEYS[3])
-redis.call('SADD', KEYS[4], room)
-redis.call('PERSIST', KEYS[1])
 local message = event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, ARGV[2])
-keep(KEYS[1], KEYS[3], tonumber(ARGV[4]), seq, message)
+keep(KEYS[1], KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[8]), tonumber(ARGV[9]), seq, message)
+if redis.call('HLEN', KEYS[2]) > 0 then
+  occupied(KEYS[1], KEYS[3], KEYS[4], room)
+else
+  -- Nobody in it: registered as an empty room, forgotten ttl from now.
+  redis.call('ZADD', KEYS[4], 'NX', 0, room)
+  emptied(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], room, ARGV[10], ARGV[11])
+end
 redis.call('PUBLISH', ARGV[3], message)
 if ARGV[6] == '1' then
   redis.call('SET', KEYS[5], message, 'PX', ARGV[5])
@@ -499,7 +664,7 @@ return {0, message}
 # KEYS: members, registry; ARGV: room
 # -> false when the registry does not hold the room, else {connection, envelope, ...}
 MEMBERS = """
-if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then
+if not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   return false
 end
 local found = redis.call('HGETALL', KEYS[1])
@@ -512,7 +677,7 @@ return found
 # -> false when the registry does not hold the room, else
 #    {epoch or '', dropped seq or '', kept count, events oldest first...}
 HISTORY = """
-if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 0 then
+if not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   return false
 end
 local epoch = redis.call('HGET', KEYS[1], 'epoch') or ''
