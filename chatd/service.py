@@ -104,25 +104,37 @@ class ChatService(MultiService):
     and the Redis broker's goodbye must come after those QUITs, or the
     rooms would see two QUITs for one connection.
 
+    The webhook service, when there is one, stops between the two: it sends
+    what the others' shutdown produced (the QUITs of closed connections)
+    before the broker goes.
+
     @ivar broker: the broker service, stopped after every other child.
+    @ivar webhooks: the L{chatd.webhooks.WebhookService} or L{None}.
     """
 
-    def __init__(self, broker, *others):
+    def __init__(self, broker, *others, webhooks=None):
         """
         @param broker: the broker; started first, stopped last.
         @param others: the services that use it (listener, clients).
+        @param webhooks: stopped after C{others}, before the broker.
         """
         super().__init__()
         self.broker = broker
+        self.webhooks = webhooks
         broker.setServiceParent(self)
         for service in others:
             service.setServiceParent(self)
+        if webhooks is not None:
+            webhooks.setServiceParent(self)
 
     def stopService(self):
-        """Stop the other children (in reverse), then the broker."""
+        """Stop the other children (in reverse), then the webhooks, then the broker."""
         Service.stopService(self)
-        others = [s for s in reversed(list(self)) if s is not self.broker]
+        last = (self.broker, self.webhooks)
+        others = [s for s in reversed(list(self)) if s not in last]
         stopped = defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others])
+        if self.webhooks is not None:
+            stopped.addCallback(lambda _: self.webhooks.stopService())
         stopped.addCallback(lambda _: self.broker.stopService())
         return stopped
 
@@ -167,7 +179,4 @@ def make_chat_service(settings, reactor=None, tls_options=None):
     listener = strports.service(
         settings.server.endpoint, connection_guard.wrap(listening), reactor=reactor
     )
-    others = [listener, ClientsService(ws_factory, reactor)]
-    if hooks is not None:
-        others.append(hooks)
-    return ChatService(broker, *others)
+    return ChatService(broker, listener, ClientsService(ws_factory, reactor), webhooks=hooks)

@@ -185,6 +185,7 @@ class WebhookService(Service):
         self._in_flight = None  # the Deferred of the attempt under way
         self._retry = None  # the DelayedCall of the next attempt
         self._sending = None  # the _Batch being sent or waiting for its retry
+        self._flushing = None  # while stopping: fires once the queue is sent (or a try failed)
         self.delivered_events = 0
         self.dropped_events = 0
         self.dropped_batches = 0
@@ -246,10 +247,15 @@ class WebhookService(Service):
             self._sending = None
 
     def _next(self):
-        if not self.running or self._sending is not None or not self._queue:
+        if self._sending is not None:
             return
-        self._sending = self._queue[0]
-        self._attempt(self._sending)
+        if not self._queue:
+            if self._flushing is not None:
+                self._flushing.callback(None)
+            return
+        if self.running or self._flushing is not None:
+            self._sending = self._queue[0]
+            self._attempt(self._sending)
 
     def _attempt(self, batch):
         self._retry = None
@@ -289,6 +295,11 @@ class WebhookService(Service):
             return  # stopped
         self.failed_attempts += 1
         why = _why(failure)
+        if self._flushing is not None:
+            # Shutting down: no retries; what is left is logged as lost.
+            self._sending = None
+            self._flushing.callback(None)
+            return
         if batch.dropped or not self.running:
             self._sending = None
             self._next()
@@ -310,10 +321,25 @@ class WebhookService(Service):
 
     def stopService(self):
         """
-        Stop sending: the attempt under way is cancelled and what is still
-        queued is logged as lost (the process is going away).
+        Send what is queued, one attempt per batch and at most C{timeout}
+        seconds in all, then stop: an attempt still under way is cancelled
+        and what is left is logged as lost (the process is going away).
         """
         super().stopService()
+        if not self._queue:
+            return self._stopped(None)
+        self._flushing = defer.Deferred()
+        flushed = self._flushing
+        flushed.addTimeout(self._timeout, self._clock)
+        if self._retry is not None:
+            self._retry.cancel()
+            self._attempt(self._sending)  # its retry, now
+        else:
+            self._next()
+        return flushed.addBoth(self._stopped)
+
+    def _stopped(self, _):
+        self._flushing = None
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None

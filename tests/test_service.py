@@ -105,9 +105,9 @@ class _Pumps:
 class Running:
     """A started service and Autobahn clients connected to its listener in memory."""
 
-    def __init__(self, reactor):
+    def __init__(self, reactor, settings=None):
         self.reactor = reactor
-        self.top = service.make_chat_service(make_settings(), reactor)
+        self.top = service.make_chat_service(settings or make_settings(), reactor)
         self.top.startService()
         self.factory = listening_factory(reactor)
         self.pumps = _Pumps()
@@ -170,6 +170,34 @@ def test_stop_closes_1001_then_listener_then_broker(running):
     assert (alice.closed, bob.closed) == (errors.CLOSE_GOING_AWAY, errors.CLOSE_GOING_AWAY)
     assert stopped.called and not running.top.broker.running
     assert rooms_then == [[]]  # both had QUIT through the broker before it stopped
+
+
+def test_stop_hands_shutdown_quits_to_the_webhook_before_the_broker_stops(reactor):
+    """
+    With a webhook: the QUITs of the connections closed on shutdown are
+    queued for it before it stops, and it stops (sending them, within its
+    timeout) before the broker does.
+    """
+    settings = make_settings(webhook__url="https://backend.example/hook", webhook__events=frozenset({"quit"}))
+    running = Running(reactor, dataclasses.replace(settings, webhook_secret=b"w" * 32))
+    hooks = running.top.webhooks
+    alice = running.connect("alice")
+    running.send(alice, {"type": "ENTER", "room": "lobby"})
+    seen = []
+    original = hooks.stopService
+
+    def stop():
+        seen.append((hooks.queued_events, running.top.broker.running))
+        return original()
+
+    hooks.stopService = stop
+    done = []
+    running.top.stopService().addCallback(done.append)
+    running.pumps.flush()
+    assert seen == [(1, True)]  # alice's QUIT queued; the broker still up
+    assert done == [] and running.top.broker.running  # the POST has no answer (memory reactor)
+    reactor.advance(settings.webhook.timeout)
+    assert len(done) == 1 and not running.top.broker.running
 
 
 def test_stop_waits_out_the_grace_for_silent_clients(running):

@@ -281,16 +281,68 @@ def test_dropping_the_batch_in_flight():
     assert [e["id"] for e in client.events()] == ["3-0"]
 
 
-def test_stop_cancels_and_logs_what_is_lost(logged):
-    """Stopping cancels the POST under way and logs how many events were not delivered."""
+def fired(d):
+    results = []
+    d.addBoth(results.append)
+    return results
+
+
+def test_stop_sends_what_is_queued(logged):
+    """Stopping sends the queue out first (its Deferred fires once it is acknowledged); nothing is lost."""
+    clock = task.Clock()
     client = FakeClient()
-    service = make(client)
+    service = make(client, clock)
     service.accepted(talk(1), "a")
     service.accepted(talk(2), "a")
-    service.stopService()
-    assert client.cancelled == ["d1"]
+    stopped = fired(service.stopService())
+    assert stopped == [] and len(client.posts) == 1
+    client.answer(200)
+    assert [e["id"] for e in client.events()] == ["2-0"]
+    assert stopped == []
+    client.answer(200)
+    assert stopped == [None] and service.delivered_events == 2
+    assert not any("not delivered" in line for line in logged)
+
+
+def test_stop_gives_up_after_timeout(logged):
+    """A backend that does not answer holds shutdown for timeout at most; then the loss is logged."""
+    clock = task.Clock()
+    client = FakeClient()
+    service = make(client, clock, timeout=5.0)
+    service.accepted(talk(1), "a")
+    service.accepted(talk(2), "a")
+    stopped = fired(service.stopService())
+    clock.advance(4.9)
+    assert stopped == []
+    clock.advance(0.1)
+    assert stopped == [None] and client.cancelled == ["d1"]
     assert any("webhook: 2 events not delivered at shutdown" in line for line in logged)
+    clock.advance(60)
+    assert len(client.posts) == 1  # and no retry after stop
     assert not any("retry" in line for line in logged)
+
+
+def test_stop_tries_a_waiting_retry_once(logged):
+    """A batch waiting for its retry is tried once more at once on stop; a failure ends the shutdown."""
+    clock = task.Clock()
+    client = FakeClient()
+    service = make(client, clock)
+    service.accepted(talk(1), "a")
+    client.answer(500)
+    stopped = fired(service.stopService())
+    assert len(client.posts) == 2 and client.posts[1][2][DELIVERY_HEADER] == "d1"
+    client.answer(500)
+    assert stopped == [None]
+    assert any("webhook: 1 events not delivered at shutdown" in line for line in logged)
+    clock.advance(60)
+    assert len(client.posts) == 2
+
+
+def test_stop_with_nothing_queued_is_immediate():
+    """With an empty queue stopping fires at once and sends nothing."""
+    client = FakeClient()
+    assert fired(defer.maybeDeferred(make(client).stopService)) == [None]
+    assert client.posts == []
 
 
 def test_nothing_is_sent_before_start():
