@@ -548,3 +548,28 @@ async def test_catch_ups_do_not_block_redis(brokers, start_redis):
           f"{worst * 1000:.1f} ms over {len(pinger.latencies)} PINGs; slowest Redis calls (us): "
           f"{sorted((entry[2] for entry in slow), reverse=True)[:5]}")
     assert slow == [], [(entry[2], entry[3][:2]) for entry in slow]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cid_memory_is_bounded_per_user(brokers, monkeypatch):
+    """
+    Redis keeps at most DEDUP_MAX cids per user and room (here 3), the
+    oldest forgotten first: a resend of the oldest is then a new TALK.
+    Another user's cids are not touched.
+    """
+    import chatd.broker.redis as redis_broker
+
+    monkeypatch.setattr(redis_broker, "DEDUP_MAX", 3)
+    a = await brokers()
+    alice, bob = member(a, 1, "alice"), member(a, 2, "bob")
+    await a.enter("lobby", alice)
+    await a.enter("lobby", bob)
+    first = await a.talk("lobby", bob, "bob's", cid="c-0")
+    for n in range(4):
+        await a.talk("lobby", alice, f"m{n}", cid=f"c-{n}")
+    port = a._commands.protocol.transport.getPeer().port
+    assert redis_command(port, "HLEN", f"chatd:room:lobby:cids:{digest('alice')}") == 3
+    assert (await a.talk("lobby", alice, "m3", cid="c-3")).duplicate
+    assert not (await a.talk("lobby", alice, "m0", cid="c-0")).duplicate
+    again = await a.talk("lobby", bob, "bob's", cid="c-0")
+    assert again.duplicate and again.event == first.event

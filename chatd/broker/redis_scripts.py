@@ -497,7 +497,13 @@ end
 redis.call('PUBLISH', ARGV[4], message)
 if cid ~= '' then
   redis.call('HSET', KEYS[8], cid, epoch .. '-' .. string.format('%d', seq) .. ' ' .. ts)
-  redis.call('ZADD', KEYS[9], now, cid)
+  -- Scores strictly increase, so the oldest is first even within one ms.
+  local newest = redis.call('ZREVRANGE', KEYS[9], 0, 0, 'WITHSCORES')
+  local score = now
+  if #newest == 2 and tonumber(newest[2]) >= now then
+    score = tonumber(newest[2]) + 1
+  end
+  redis.call('ZADD', KEYS[9], score, cid)
   local excess = redis.call('ZCARD', KEYS[9]) - tonumber(ARGV[10])
   if excess > 0 then
     local oldest = redis.call('ZRANGE', KEYS[9], 0, excess - 1)
