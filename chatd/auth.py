@@ -11,6 +11,7 @@ never from the token header, C{iss}/C{aud} are checked only when configured
 
 import dataclasses
 import re
+import unicodedata
 from typing import FrozenSet, Optional
 
 import jwt
@@ -22,6 +23,21 @@ from chatd.messages import is_room_name
 # \u escapes can spell them, and no UTF-8 encoder (WELCOME, the log) takes them.
 _NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]{1,64}\Z")
 _SUB = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]{1,256}\Z")
+NAME_WITH_FORMAT_CHARACTERS = (
+    "name must not contain invisible format characters (Unicode category Cf: "
+    "zero-width characters, bidi overrides); without a name claim, sub is the name"
+)
+
+
+def has_format_characters(text):
+    """
+    True when C{text} holds a Unicode format character (category Cf):
+    zero-width space and joiners, bidi embeddings, overrides and isolates,
+    the BOM, soft hyphen, tag characters.  They are invisible or reorder
+    what is shown around them, so a display name holding one can pass for
+    another user's name.
+    """
+    return any(unicodedata.category(c) == "Cf" for c in text)
 
 
 class InvalidToken(Exception):
@@ -130,8 +146,11 @@ def is_sub(value):
 
 
 def is_display_name(value):
-    """A display name: printable, 1-64 characters, no outer spaces."""
-    return isinstance(value, str) and _NAME.match(value) is not None and value == value.strip()
+    """A display name: printable, 1-64 characters, no outer spaces, no format characters."""
+    return (
+        isinstance(value, str) and _NAME.match(value) is not None and value == value.strip()
+        and not has_format_characters(value)
+    )
 
 
 def principal_from_claims(claims):
@@ -139,12 +158,11 @@ def principal_from_claims(claims):
     sub = claims.get("sub")
     if not is_sub(sub):
         raise InvalidToken("sub must be a printable string of 1-256 characters")
-    if "name" not in claims:
-        name = sub  # as checked above: the contract allows it up to 256 characters
-    else:
-        name = claims["name"]
-        if not is_display_name(name):
-            raise InvalidToken("name must be a printable string of 1-64 characters")
+    name = claims.get("name", sub)  # sub as checked above: the contract allows it up to 256 characters
+    if isinstance(name, str) and has_format_characters(name):
+        raise InvalidToken(NAME_WITH_FORMAT_CHARACTERS)
+    if "name" in claims and not is_display_name(name):
+        raise InvalidToken("name must be a printable string of 1-64 characters")
     exp = claims.get("exp")
     if isinstance(exp, bool) or not isinstance(exp, (int, float)):
         raise InvalidToken("exp must be a number")

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chatd import config
-from chatd.auth import InvalidToken, Principal, TokenVerifier, principal_from_claims
+from chatd.auth import NAME_WITH_FORMAT_CHARACTERS, InvalidToken, Principal, TokenVerifier, principal_from_claims
 
 SECRET = b"k" * 64  # long enough for HS512 without a warning
 OTHER_SECRET = b"o" * 64
@@ -230,6 +230,35 @@ def test_sub_limits():
 def test_bad_name(name):
     """name must be a printable string of 1-64 characters."""
     assert refusal(token(name=name)) == "name must be a printable string of 1-64 characters"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Ali\u200bce",  # zero-width space
+        "Alice\u200d",  # zero-width joiner, at the end
+        "\u202eecilA",  # right-to-left override: shows as "Alice"
+        "Al\u2066ice\u2069",  # left-to-right isolate
+        "\ufeffAlice",  # byte order mark
+        "Al\u00adice",  # soft hyphen
+        "Alice\U000e0041",  # tag character
+    ],
+)
+def test_name_with_format_characters(name):
+    """A display name holding an invisible or reordering character (Cf) is refused, saying so."""
+    assert refusal(token(name=name)) == NAME_WITH_FORMAT_CHARACTERS
+
+
+def test_sub_as_name_with_format_characters():
+    """Without a name claim sub is the display name, so the same rule applies to it."""
+    assert refusal(token(sub="ali\u200bce")) == NAME_WITH_FORMAT_CHARACTERS
+    assert verifier().verify(token(sub="ali\u200bce", name="Alice")).sub == "ali\u200bce"
+
+
+def test_visible_non_ascii_names():
+    """Letters, marks and emoji without joiners are fine: only Cf is refused."""
+    for name in ("Zoë", "José", "李小龍", "Ñandú 🦩", "\u0645\u062d\u0645\u062f"):
+        assert verifier().verify(token(name=name)).name == name
 
 
 def test_name_of_64_characters():
