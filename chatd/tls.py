@@ -7,6 +7,9 @@ and P-384 only, the chain served as given.  tests/test_tls.py checks the
 result with sslyze's Mozilla checker.
 """
 
+import os
+import stat
+
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -30,6 +33,11 @@ INTERMEDIATE_CIPHERS = ":".join([
 INTERMEDIATE_GROUPS = b"X25519:P-256:P-384"
 
 log = Logger()
+
+# Permission bits a private key file must not have: anything for others,
+# write for the group.  Group read stays allowed (Debian's ssl-cert group:
+# keys 0640 root:ssl-cert); ssh and PostgreSQL refuse keys the same way.
+KEY_FORBIDDEN_MODE = stat.S_IRWXO | stat.S_IWGRP
 
 def limit_groups(context):
     """
@@ -75,6 +83,30 @@ class _IntermediateOptions(ssl.CertificateOptions):
         return context
 
 
+def _read_private_key(path, filename):
+    """
+    The key file's bytes, refused (as ssh refuses an unprotected key) when
+    its mode lets others read or write it.
+
+    @raise ConfigError: naming [tls] private_key.
+    """
+    try:
+        with open(filename, "rb") as f:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)  # the file read, not the path again
+            if mode & KEY_FORBIDDEN_MODE:
+                raise ConfigError(
+                    path, "tls", "private_key",
+                    f"{filename} is accessible to others (mode {mode:04o}); "
+                    "chmod 600 it (or 640 for a group such as ssl-cert)",
+                )
+            return f.read()
+    except OSError as e:
+        raise ConfigError(
+            path, "tls", "private_key",
+            f"cannot read {filename} as uid {os.geteuid()}: {e.strerror}",
+        ) from None
+
+
 def certificate_options(settings):
     """
     The listener's TLS options from C{[tls] certificate} (a PEM chain, leaf
@@ -93,8 +125,7 @@ def certificate_options(settings):
         certs = x509.load_pem_x509_certificates(chain_pem)
     except ValueError:
         raise ConfigError(path, "tls", "certificate", "not a valid PEM certificate") from None
-    with open(settings.tls.private_key, "rb") as f:
-        key_pem = f.read()
+    key_pem = _read_private_key(path, settings.tls.private_key)
     try:
         # No password: an encrypted key is refused here (TypeError) instead
         # of OpenSSL prompting on the terminal (or hanging).

@@ -38,6 +38,13 @@ def sections(dev_dir):
     }
 
 
+def write_key(path, pem, mode=0o600):
+    """A private key file with C{mode}, whatever the umask."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
+        f.write(pem)
+    os.chmod(path, mode)
+
+
 def run_twistd(cwd, config_path):
     """twistd -n chatd --config PATH in C{cwd}: (exit status, stdout + stderr)."""
     proc = subprocess.run(
@@ -125,7 +132,7 @@ def test_certificate_key_mismatch(tmp_path, sections):
     other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    (tmp_path / "other.pem").write_bytes(other)
+    write_key(tmp_path / "other.pem", other)
     sections["tls"]["private_key"] = "other.pem"
     write_config(tmp_path / "chatd.ini", sections)
     status, output = run_twistd(tmp_path, "chatd.ini")
@@ -139,11 +146,39 @@ def test_encrypted_private_key(tmp_path, sections):
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(b"passphrase"),
     )
-    (tmp_path / "encrypted.pem").write_bytes(key)
+    write_key(tmp_path / "encrypted.pem", key)
     sections["tls"]["private_key"] = "encrypted.pem"
     write_config(tmp_path / "chatd.ini", sections)
     status, output = run_twistd(tmp_path, "chatd.ini")
-    assert_one_line_refusal(status, output, "chatd.ini: [tls] private_key:")
+    line = assert_one_line_refusal(status, output, "chatd.ini: [tls] private_key:")
+    assert line.endswith("not a valid, unencrypted PEM private key")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o601, 0o620, 0o666])
+def test_private_key_open_to_others(tmp_path, sections, mode):
+    """
+    A private key others may read or write (or its group write) is refused
+    at start-up with one line naming the file and its mode, as ssh does.
+    """
+    with open(sections["tls"]["private_key"], "rb") as f:
+        write_key(tmp_path / "open.pem", f.read(), mode)
+    sections["tls"]["private_key"] = "open.pem"
+    write_config(tmp_path / "chatd.ini", sections)
+    status, output = run_twistd(tmp_path, "chatd.ini")
+    line = assert_one_line_refusal(status, output, "chatd.ini: [tls] private_key:")
+    assert f"open.pem is accessible to others (mode {mode:04o}); chmod 600" in line
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o640])
+def test_private_key_modes_accepted(tmp_path, sections, mode):
+    """Owner-only keys, and group-readable ones (Debian's ssl-cert group), are accepted."""
+    with open(sections["tls"]["private_key"], "rb") as f:
+        write_key(tmp_path / "key.pem", f.read(), mode)
+    sections["tls"]["private_key"] = str(tmp_path / "key.pem")
+    write_config(tmp_path / "chatd.ini", sections)
+    options = tap.Options()
+    options.parseOptions(["--config", str(tmp_path / "chatd.ini")])
+    assert options["tls_options"] is not None
 
 
 # --- in process ------------------------------------------------------------------

@@ -126,7 +126,7 @@ def make_pki(directory):
         f.write(ca.public_bytes(serialization.Encoding.PEM))
     with open(paths["fullchain.pem"], "wb") as f:
         f.write(leaf.public_bytes(serialization.Encoding.PEM))
-    with open(paths["privkey.pem"], "wb") as f:
+    with open(os.open(paths["privkey.pem"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(
             key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
