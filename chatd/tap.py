@@ -7,7 +7,10 @@ forks or changes directory: a bad file stops start-up with one line naming
 file, section and key, and exit status 1.
 """
 
+import errno
+import os
 import re
+import socket
 import sys
 
 from twisted.python import usage
@@ -58,15 +61,67 @@ def _check_endpoint(settings, section, description):
         raise config.ConfigError(
             settings.path, section, "endpoint", f"port {port} is not between 0 and 65535"
         )
+    why = _cannot_listen(settings.server.endpoint)
+    if why is not None:
+        raise config.ConfigError(settings.path, "server", "endpoint", why)
+
+
+def _unescape(text):
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def _parts(description):
+    """A description's kind, named and positional arguments (unescaped)."""
+    kind, *parts = re.split(r"(?<!\\):", description)
+    named = {k: _unescape(v) for k, _, v in (p.partition("=") for p in parts if "=" in p)}
+    positional = [_unescape(p) for p in parts if "=" not in p]
+    return kind.lower(), named, positional
+
+
+def _cannot_listen(description):
+    """
+    Why the listener could not be opened, or None.
+
+    twistd opens the listener after start-up has begun, and a failure there
+    is a 40-line traceback.  So the usual causes are tried first, here: a
+    trial bind (with SO_REUSEADDR, as Twisted's TCP port sets it) for a port
+    in use, an address not on this host or a privileged port, and the
+    directory of a UNIX socket.  The real bind can still lose a race; this
+    is for the mistakes an operator makes.
+    """
+    kind, named, positional = _parts(description)
+    if kind == "unix":
+        address = named.get("address", positional[0] if positional else "")
+        directory = os.path.dirname(os.path.abspath(address))
+        if not os.path.isdir(directory):
+            return f"directory {directory} for the UNIX socket does not exist"
+        return None
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    port = _tcp_port(description)
+    interface = named.get("interface", "::" if kind == "tcp6" else "")
+    family = socket.AF_INET6 if kind == "tcp6" or ":" in interface else socket.AF_INET
+    where = f"[{interface}]:{port}" if family == socket.AF_INET6 else f"{interface or '*'}:{port}"
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as trial:
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            trial.bind((interface, port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            return f"{where} is already in use"
+        if e.errno == errno.EADDRNOTAVAIL:
+            return f"{interface} is not an address of this host"
+        if e.errno == errno.EACCES:
+            return f"no permission to listen on {where} (ports below 1024 need root)"
+        return f"cannot listen on {where}: {e.strerror or e}"
+    return None
 
 
 def _tcp_port(description):
     """The port of a tcp/tcp6/ssl description Twisted has parsed already, else None."""
-    kind, *parts = re.split(r"(?<!\\):", description)
-    if kind.lower() not in ("tcp", "tcp6", "ssl"):
+    kind, named, positional = _parts(description)
+    if kind not in ("tcp", "tcp6", "ssl"):
         return None
-    named = dict(part.split("=", 1) for part in parts if "=" in part)
-    positional = [part for part in parts if "=" not in part]
     port = named.get("port", positional[0] if positional else None)
     return int(port) if port is not None else None
 

@@ -6,6 +6,7 @@ because the promise is about what an operator sees.
 """
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -125,6 +126,35 @@ def test_bad_endpoint(tmp_path, sections, endpoint, why):
     write_config(tmp_path / "chatd.ini", sections)
     status, output = run_twistd(tmp_path, "chatd.ini")
     assert_one_line_refusal(status, output, f"chatd.ini: [server] endpoint: {why}")
+
+
+def test_port_in_use(tmp_path, sections):
+    """A port another process listens on: one line naming [server] endpoint, exit 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        sections["server"]["endpoint"] = f"tcp:{port}:interface=127.0.0.1"
+        write_config(tmp_path / "chatd.ini", sections)
+        status, output = run_twistd(tmp_path, "chatd.ini")
+    line = assert_one_line_refusal(status, output, "chatd.ini: [server] endpoint:")
+    assert line.endswith(f"127.0.0.1:{port} is already in use")
+
+
+@pytest.mark.parametrize(
+    "endpoint,why",
+    [("tcp:0:interface=192.0.2.1", "192.0.2.1 is not an address of this host"),  # TEST-NET-1
+     ("tcp6:0:interface=2001\\:db8\\:\\:1", "2001:db8::1 is not an address of this host"),
+     ("unix:{tmp}/no/such/dir/chatd.sock", "directory {tmp}/no/such/dir for the UNIX socket does not exist"),
+     ("unix:address={tmp}/gone/chatd.sock", "directory {tmp}/gone for the UNIX socket does not exist")],
+)
+def test_cannot_listen(tmp_path, sections, endpoint, why):
+    """An address not on this host, or a UNIX socket in a missing directory: one line, exit 1."""
+    sections["server"]["endpoint"] = endpoint.format(tmp=tmp_path)
+    write_config(tmp_path / "chatd.ini", sections)
+    status, output = run_twistd(tmp_path, "chatd.ini")
+    line = assert_one_line_refusal(status, output, "chatd.ini: [server] endpoint:")
+    assert line.endswith(why.format(tmp=tmp_path))
 
 
 def test_certificate_key_mismatch(tmp_path, sections):
