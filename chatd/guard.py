@@ -34,9 +34,13 @@ WebSocket factories; the factory that wraps the listener
 (L{ConnectionGuard.wrap}) is built last, around them.
 """
 
+import json
+
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFactory
+from twisted.web import http
 
+from chatd import errors
 from chatd.limits import CapReached, ConnectionCaps, TokenBucket
 
 log = Logger()
@@ -284,3 +288,30 @@ class ConnectionGuard:
         if suppressed:
             log.info("{count} connection guard lines were left out", count=suppressed)
         log.info(format, **fields)
+
+
+class HeaderLimitChannel(http.HTTPChannel):
+    """
+    twisted.web's HTTP/1.1 channel, answering a request or header line over
+    C{MAX_LENGTH} (16 KiB, LineReceiver's limit) with 431 and a JSON body.
+
+    LineReceiver's default C{lineLengthExceeded} calls
+    C{transport.loseConnection()} behind the channel's back, with the
+    channel still registered as the transport's producer: nothing is
+    answered and the connection stays open until the guard's deadline.
+    C{HTTPChannel.loseConnection} unregisters first.  (Headers over 16 KiB
+    in all, each line shorter, already get twisted.web's 400.)
+    """
+
+    def lineLengthExceeded(self, line):
+        body = json.dumps({
+            "error": "header_too_large",
+            "message": f"a request or header line is over {self.MAX_LENGTH} bytes",
+        }).encode()
+        self.transport.write(
+            b"HTTP/1.1 %d Request Header Fields Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (errors.HTTP_HEADER_TOO_LARGE, len(body), body)
+        )
+        self.loseConnection()

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
 
-from chatd import errors, tickets
+from chatd import errors, guard, tickets
 from chatd.auth import InvalidToken
 from chatd.errors import BrokerUnavailable
 from chatd.logs import printable, redact_uri
@@ -236,6 +236,7 @@ class ChatSite(server.Site):
     """
 
     displayTracebacks = False
+    protocol = guard.HeaderLimitChannel  # HTTP/1.1 only: chatd offers no ALPN h2
 
     def __init__(self, resource, access_log=True, request_factory=None, reactor=None):
         """

@@ -7,6 +7,8 @@ buffer budget (L{chatd.limits.SendBudget}) and the handshake guard
 tests/test_abuse.py shows the same behaviour on a real twistd over TLS.
 """
 
+import json
+
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol
@@ -250,3 +252,47 @@ def test_ipv6_addresses_share_their_64():
     listener.buildProtocol(first).makeConnection(StringTransport(peerAddress=first))
     assert listener.buildProtocol(IPv6Address("TCP", "2001:db8::2", 2)) is None
     assert listener.buildProtocol(IPv6Address("TCP", "2001:db8:0:1::1", 3)) is not None
+
+
+# --- on a real chatd ---------------------------------------------------------------
+
+
+def _raw_request(server, request, timeout):
+    """Send C{request} over TLS to C{server}; (seconds until the answer or EOF, the bytes)."""
+    import socket
+    import time
+
+    from tests.support import client_tls
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as raw:
+        with client_tls().wrap_socket(raw) as tls:
+            started = time.monotonic()
+            tls.sendall(request)
+            data = b""
+            try:
+                while len(data) < 65536:
+                    chunk = tls.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+            except (socket.timeout, ConnectionResetError):
+                pass
+            return time.monotonic() - started, data
+
+
+def test_header_line_over_16k_is_431_at_once(start_chatd):
+    """
+    A header line over twisted.web's 16 KiB line limit is answered 431 with
+    a JSON body; twisted.web's default answered nothing and the client
+    waited for the handshake deadline (10 s by default, 30 s here: the
+    socket's 20 s timeout would expire first).
+    """
+    server = start_chatd(websocket__handshake_timeout="30")
+    request = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 17000 + b"\r\n\r\n")
+    _, data = _raw_request(server, request, timeout=20)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431 "), data[:200]
+    assert b"application/json" in head
+    assert json.loads(body)["error"] == "header_too_large"
+    # The server carries on.
+    assert _raw_request(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 10)[1].startswith(b"HTTP/1.1 200")
