@@ -5,6 +5,11 @@ C{twistd chatd}: command-line options and C{makeService}, nothing else.
 Configuration is loaded and checked in C{postOptions}, before twistd logs,
 forks or changes directory: a bad file stops start-up with one line naming
 file, section and key, and exit status 1.
+
+The log: unless C{--logger} names another, C{postOptions} makes
+L{log_observer} twistd's logger: the observer twistd would make itself
+(stdout, C{--logfile} or C{--syslog}) behind L{chatd.logs.EscapingObserver},
+so no event, chatd's or a library's, writes control characters raw.
 """
 
 import errno
@@ -15,7 +20,11 @@ import sys
 
 from twisted.python import usage
 
-from chatd import config, tls
+from chatd import config, logs, tls
+
+# twistd's own options (the parent of ours), for log_observer: twistd calls
+# a --logger with no arguments.
+_server_options = None
 
 
 class Options(usage.Options):
@@ -44,6 +53,56 @@ class Options(usage.Options):
             from chatd import jsonlog
 
             self.parent["logger"] = jsonlog.for_twistd(self.parent)
+        else:
+            _escape_twistd_log(self.parent)
+
+
+def _escape_twistd_log(server_options):
+    """Make L{log_observer} twistd's logger, unless the command line chose one."""
+    global _server_options
+    if server_options is None or server_options.get("logger") is not None:
+        return  # not under twistd (tests), or the operator's own --logger
+    _server_options = server_options
+    server_options["logger"] = f"{__name__}.log_observer"  # twistd imports it by name
+
+
+def log_observer():
+    """
+    twistd's C{--logger}: the observer twistd would make from its options
+    (syslog, C{--logfile} with rotation on SIGUSR1, or stdout with C{-n}),
+    wrapped in L{chatd.logs.EscapingObserver}.
+    """
+    from twisted.logger import LegacyLogObserverWrapper, textFileLogObserver
+    from twisted.python import logfile
+
+    options = _server_options or {}
+    if options.get("syslog"):
+        from twisted.python import syslog
+
+        emit = syslog.SyslogObserver(options.get("prefix") or "chatd").emit
+        return logs.EscapingObserver(LegacyLogObserverWrapper(emit))
+    name = options.get("logfile") or ""
+    nodaemon = options.get("nodaemon", False)
+    if name == "-" or (nodaemon and not name):
+        if not nodaemon:
+            sys.exit("Daemons cannot log to stdout, exiting!")
+        return logs.EscapingObserver(textFileLogObserver(sys.stdout))
+    out = logfile.LogFile.fromFullPath(name or "twistd.log")
+    _rotate_on_sigusr1(out)
+    return logs.EscapingObserver(textFileLogObserver(out))
+
+
+def _rotate_on_sigusr1(out):
+    """As twistd does for its log file: SIGUSR1 rotates it, unless a handler is set."""
+    import signal
+
+    if not signal.getsignal(signal.SIGUSR1):
+        def rotate(signum, frame):
+            from twisted.internet import reactor
+
+            reactor.callFromThread(out.rotate)
+
+        signal.signal(signal.SIGUSR1, rotate)
 
 
 def _check_endpoint(settings, section, description):

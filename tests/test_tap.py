@@ -288,3 +288,48 @@ def test_json_log_format_installs_the_json_logger(tmp_path, sections):
     from chatd import jsonlog
 
     assert options["logger"] is jsonlog.twistd_observer
+
+
+def test_logfile_is_written_through_the_escaping_observer(tmp_path, sections):
+    """
+    With --logfile, twistd's own choice, the log goes to that file (chatd's
+    logger replaces twistd's default observer with the same one, wrapped),
+    and a SIGTERM still stops the process cleanly (its last line logged).
+    """
+    from tests.support import free_port, http, stop_pid, wait_for
+
+    def serving():
+        try:
+            return http("GET", f"https://127.0.0.1:{port}/healthz", timeout=1)[0] == 200
+        except OSError:
+            return False
+
+    port = free_port()
+    sections["server"]["endpoint"] = f"tcp:{port}:interface=127.0.0.1"
+    write_config(tmp_path / "chatd.ini", sections)
+    log_path = tmp_path / "chatd.log"
+    proc = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "--logfile", str(log_path), "chatd", "--config", "chatd.ini"],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(serving, 20, "chatd to serve")
+        assert "Starting factory" in log_path.read_text()
+    finally:
+        stop_pid(proc)  # twistd re-raises SIGTERM after its clean shutdown: -15
+    assert proc.stdout.read() == b""
+    assert "Server Shut Down." in log_path.read_text()
+
+
+def test_text_log_installs_the_escaping_logger(tmp_path, sections):
+    """With the default text log, tap makes its escaping observer twistd's --logger."""
+    from twisted.scripts.twistd import ServerOptions
+
+    path = tmp_path / "chatd.ini"
+    write_config(path, sections)
+    options = ServerOptions()
+    options.parseOptions(["-n", "chatd", "--config", str(path)])
+    assert options["logger"] is tap.log_observer
+    from chatd import logs
+
+    assert isinstance(tap.log_observer(), logs.EscapingObserver)
