@@ -44,7 +44,8 @@ REFERENCE = os.path.join(HERE, "reference.py")
 # chatd's per-user limits are for people, not for one generator: lifted.
 CHATD_OVERRIDES = dict(
     limits__rate="1000000", limits__burst="1000000", limits__max_connections="100000",
-    limits__max_connections_per_ip="100000", limits__max_send_buffer_bytes=str(64 << 20),
+    limits__max_connections_per_ip="100000", limits__max_pending_per_ip="100000",
+    limits__max_send_buffer_bytes=str(64 << 20),
     server__access_log="off",
 )
 

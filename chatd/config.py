@@ -292,6 +292,7 @@ SCHEMA = {
         "abuse_strikes": _Key(_integer(1), "50", "rate_limited errors before close 1008"),
         "max_connections": _Key(_integer(1), "10000", "open connections in all"),
         "max_connections_per_ip": _Key(_integer(1), "100", "open connections per client IP"),
+        "max_pending_per_ip": _Key(_integer(1), "16", "connections per client IP (IPv6: /64) not yet WebSockets"),
         "max_send_buffer_bytes": _Key(_integer(1024), "4194304", "unsent bytes before close 4008"),
     },
     "websocket": {

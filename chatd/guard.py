@@ -16,11 +16,15 @@ L{ConnectionGuard} guards the whole listening factory, TLS included
     accept to open a WebSocket or complete an HTTP request, and as long again
     after each HTTP request it completes (so keep-alive connections idle at
     most that long); over it the connection is aborted;
-  - caps the connections in that stage, in all and per client address, at
-    C{[limits] max_connections} and C{max_connections_per_ip} (open
-    WebSockets are capped separately, in L{chatd.ws}, where a refusal can be
-    answered with 503/429; here the connection is closed unanswered, since
-    not even TLS has been spoken);
+  - caps the connections in that stage (none of them authenticated yet) per
+    client address (IPv6: per /64) at C{[limits] max_pending_per_ip} (or
+    C{max_connections_per_ip} if smaller): over it a new connection is closed
+    unanswered, since not even TLS has been spoken.  In all they are capped
+    at C{max_connections}; when that is full, the connection that has been
+    waiting longest is aborted to make room, so idle sockets from many
+    addresses cannot lock everyone out for a whole deadline (open WebSockets
+    are capped separately, in L{chatd.ws}, where a refusal can be answered
+    with 503/429);
   - caps HTTP request bodies at L{MAX_REQUEST_BODY_BYTES} (twisted.web has
     no limit and spools large bodies to a temporary file; chatd's API takes
     no body at all).
@@ -147,6 +151,7 @@ class ConnectionGuard:
         self.pending = ConnectionCaps(max_total, max_per_address)
         self.clock = clock
         self._by_peer = {}
+        self._waiting = {}  # pending connections, oldest first (dicts keep order)
         self._log_budget = _LogBudget(clock)
 
     @classmethod
@@ -155,7 +160,7 @@ class ConnectionGuard:
         return cls(
             settings.websocket.handshake_timeout,
             limits.max_connections,
-            limits.max_connections_per_ip,
+            min(limits.max_connections_per_ip, limits.max_pending_per_ip),
             clock,
         )
 
@@ -168,10 +173,16 @@ class ConnectionGuard:
         return GuardedFactory(factory, self)
 
     def admissible(self, addr):
-        """Whether a connection from C{addr} fits the handshake caps (logged when not)."""
+        """
+        Whether a connection from C{addr} may start its handshake: not when
+        its address holds its share already (logged); when every slot is
+        taken, the longest waiting connection is aborted to make room.
+        """
         try:
             self.pending.check(_host(addr))
         except CapReached as refused:
+            if refused.status == errors.HTTP_UNAVAILABLE and self._evict_oldest():
+                return True
             self._note(
                 "refused connection from {peer}: {reason} ({count} still in handshake)",
                 peer=_host(addr), reason=refused.reason, count=self.pending.count(_host(addr)),
@@ -192,7 +203,7 @@ class ConnectionGuard:
             return
         connection.upgraded = True
         connection.setTimeout(None)
-        self.pending.release(connection)
+        self._release(connection)
 
     def request_done(self, address):
         """An HTTP request on the connection from C{address} finished: re-arm."""
@@ -260,6 +271,7 @@ class ConnectionGuard:
             # factory that connects synchronously could get here.
             connection.transport.abortConnection()
             return
+        self._waiting[connection] = None
         if key is None:
             # Not an IP listener: nothing can find this connection again to
             # cancel its deadline, so it gets none (docs/security.md).
@@ -268,17 +280,39 @@ class ConnectionGuard:
         connection.setTimeout(self.timeout)
 
     def _disconnected(self, connection):
-        self.pending.release(connection)
+        self._release(connection)
         key = _peer_key(connection.getPeer())
         if self._by_peer.get(key) is connection:
             del self._by_peer[key]
 
     def _expired(self, connection):
-        self.pending.release(connection)
+        self._release(connection)
         self._note(
             "dropped {peer}: no WebSocket or HTTP request within {timeout} s",
             peer=_host(connection.getPeer()), timeout=self.timeout,
         )
+
+    def _release(self, connection):
+        self.pending.release(connection)
+        self._waiting.pop(connection, None)
+
+    def _evict_oldest(self):
+        """
+        Abort the connection that has waited longest in its handshake and
+        free its slot now (its connectionLost comes later); False if there
+        is none to abort.
+        """
+        if not self._waiting:
+            return False
+        oldest = next(iter(self._waiting))
+        self._release(oldest)
+        oldest.setTimeout(None)
+        self._note(
+            "dropped {peer}: longest waiting of {count} connections in handshake, to make room",
+            peer=_host(oldest.getPeer()), count=self.pending.max_total,
+        )
+        oldest.transport.abortConnection()
+        return True
 
     def _note(self, format, **fields):
         """Log an event a client can cause at will, within the log budget."""

@@ -227,13 +227,41 @@ def test_lost_connection_cancels_its_deadline():
 
 
 def test_handshake_cap_per_address_and_total():
-    """Connections still in their handshake are capped per address and in all."""
+    """
+    Connections still in their handshake are capped per address; with every
+    slot taken, the longest waiting is aborted to make room for a new one.
+    """
     guard, listener, _ = make_guard(max_total=3, max_per_address=2)
-    assert connect(listener, port=1)[0] is not None
+    _, first = connect(listener, port=1)
     assert connect(listener, port=2)[0] is not None
     assert connect(listener, port=3)[0] is None  # third from the same address
-    assert connect(listener, host="198.51.100.2", port=4)[0] is not None
-    assert connect(listener, host="198.51.100.3", port=5)[0] is None  # all three slots taken
+    _, other = connect(listener, host="198.51.100.2", port=4)
+    assert not first.disconnecting
+    assert connect(listener, host="198.51.100.3", port=5)[0] is not None  # all three slots taken
+    assert first.disconnecting and not other.disconnecting
+    assert len(guard.pending) == 3
+
+
+def test_eviction_takes_the_longest_waiting_not_an_upgraded_one():
+    """An upgraded connection is out of the handshake stage and never evicted."""
+    guard, listener, _ = make_guard(max_total=2, max_per_address=5)
+    _, upgraded = connect(listener, host="198.51.100.1", port=1)
+    guard.upgraded(upgraded.getPeer())
+    _, waiting = connect(listener, host="198.51.100.2", port=2)
+    _, newer = connect(listener, host="198.51.100.3", port=3)
+    assert connect(listener, host="198.51.100.4", port=4)[0] is not None
+    assert waiting.disconnecting and not newer.disconnecting and not upgraded.disconnecting
+
+
+def test_pending_cap_per_address_from_settings():
+    """The cap in effect is [limits] max_pending_per_ip, or max_connections_per_ip if smaller."""
+    from chatd import config
+
+    settings = config.replace(config.defaults(), limits__max_pending_per_ip=16, limits__max_connections_per_ip=100)
+    guard = ConnectionGuard.from_settings(settings, Clock())
+    assert guard.pending.max_per_address == 16 and guard.pending.max_total == 10000
+    settings = config.replace(settings, limits__max_connections_per_ip=3)
+    assert ConnectionGuard.from_settings(settings, Clock()).pending.max_per_address == 3
 
 
 def test_upgrade_frees_a_handshake_slot():
@@ -296,3 +324,72 @@ def test_header_line_over_16k_is_431_at_once(start_chatd):
     assert json.loads(body)["error"] == "header_too_large"
     # The server carries on.
     assert _raw_request(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 10)[1].startswith(b"HTTP/1.1 200")
+
+
+def _still_open(sock):
+    """True if the server has not closed C{sock} (nothing to read, no EOF)."""
+    import socket
+
+    sock.setblocking(False)
+    try:
+        data = sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(True)
+    return bool(data)
+
+
+def _healthz_from(server, source):
+    """GET /healthz over TLS from loopback address C{source}: the status line."""
+    from tests import rawws
+    from tests.support import client_tls
+
+    with client_tls().wrap_socket(rawws.tcp_connect(server.port, source=source)) as tls:
+        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return tls.recv(4096).split(b"\r\n", 1)[0]
+
+
+def test_idle_sockets_per_address_are_bounded(start_chatd):
+    """
+    A real chatd at the defaults: one address holds at most
+    max_pending_per_ip (16) sockets that never start TLS; the 17th is
+    closed at once (it used to be held, up to 100, for the whole 10 s
+    deadline), and another address still gets its answer.
+    """
+    from tests import rawws
+
+    server = start_chatd()
+    idle = [rawws.tcp_connect(server.port, source="127.0.0.5") for _ in range(16)]
+    extra = rawws.tcp_connect(server.port, source="127.0.0.5")
+    try:
+        assert rawws.ended(extra, 5)
+        assert all(_still_open(sock) for sock in idle)
+        assert _healthz_from(server, "127.0.0.6") == b"HTTP/1.1 200 OK"
+    finally:
+        for sock in idle + [extra]:
+            sock.close()
+    assert "too many connections from your address" in server.log_text()
+
+
+def test_full_handshake_stage_drops_the_longest_waiting(start_chatd):
+    """
+    Idle sockets from many addresses fill every handshake slot: a new client
+    is still served, and the socket that waited longest is the one dropped
+    (it used to be the newcomer refused, until the deadline freed a slot).
+    """
+    from tests import rawws
+
+    server = start_chatd(limits__max_connections="4")
+    idle = [rawws.tcp_connect(server.port, source=f"127.0.0.{10 + i}") for i in range(4)]
+    try:
+        assert all(_still_open(sock) for sock in idle)
+        assert _healthz_from(server, "127.0.0.20") == b"HTTP/1.1 200 OK"
+        assert rawws.ended(idle[0], 5)
+        assert all(_still_open(sock) for sock in idle[1:])
+    finally:
+        for sock in idle:
+            sock.close()
+    assert "longest waiting of 4 connections in handshake" in server.log_text()
