@@ -120,9 +120,9 @@ def _check_endpoint(settings, section, description):
         raise config.ConfigError(
             settings.path, section, "endpoint", f"port {port} is not between 0 and 65535"
         )
-    why = _cannot_listen(settings.server.endpoint)
+    why = _cannot_listen(description)
     if why is not None:
-        raise config.ConfigError(settings.path, "server", "endpoint", why)
+        raise config.ConfigError(settings.path, section, "endpoint", why)
 
 
 def _unescape(text):

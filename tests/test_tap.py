@@ -266,7 +266,8 @@ def test_options_refusal_in_process(tmp_path, capsys):
 @pytest.mark.parametrize(
     "endpoint,why",
     [("tcp:notaport", "not a Twisted server endpoint"),
-     ("tcp:70000:interface=127.0.0.1", "port 70000 is not between 0 and 65535")],
+     ("tcp:70000:interface=127.0.0.1", "port 70000 is not between 0 and 65535"),
+     ("tcp:0:interface=192.0.2.1", "192.0.2.1 is not an address of this host")],
 )
 def test_bad_admin_endpoint(tmp_path, sections, endpoint, why):
     """A bad [admin] endpoint stops start-up naming [admin] endpoint."""
