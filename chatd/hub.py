@@ -93,6 +93,10 @@ class Hub:
         """
         return self._seats.rooms_of(connection_id)
 
+    def room_count(self):
+        """Rooms with a local member."""
+        return self._seats.room_count()
+
     def local_users(self, room):
         """@return: how many of this instance's connections have a seat in C{room}."""
         return self._seats.count(room)

@@ -177,6 +177,10 @@ class SeatRegistry:
             del self._by_room[room]
         return dropped, was_last
 
+    def room_count(self):
+        """How many rooms have a seat (a metric, read at scrape time)."""
+        return len(self._by_room)
+
     def get(self, room, connection_id):
         """The connection's seat in C{room}, or L{None}."""
         return self._by_room.get(room, {}).get(connection_id)

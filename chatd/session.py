@@ -69,9 +69,11 @@ class Session:
     @param verifier: checks AUTH's fresh tokens (C{verify(token)}).
     @param limits: the C{[limits]} settings.
     @param clock: an C{IReactorTime}, for the rate limit and the expiry.
+    @param metrics: a L{chatd.metrics.Metrics} counting messages by type and
+        ERRORs by code, or L{None}.
     """
 
-    def __init__(self, principal, connection, hub, verifier, limits, clock):
+    def __init__(self, principal, connection, hub, verifier, limits, clock, metrics=None):
         self.principal = principal
         self.member = Member(connection.connection_id, principal.sub, principal.name)
         self._connection = connection
@@ -86,6 +88,7 @@ class Session:
         )
         self._expiry = None
         self._closed = False
+        self._metrics = metrics
 
     def open(self):
         """The connection is open: WELCOME, and close at the token's exp."""
@@ -109,6 +112,8 @@ class Session:
             events with the message's C{ref}.
         """
         if not self._bucket.take():
+            if self._metrics is not None:
+                self._metrics.count_received(None)  # not read: "other"
             if not self._patience.take():
                 self._connection.close(errors.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
                 return defer.succeed(None)
@@ -117,8 +122,12 @@ class Session:
         try:
             command = messages.parse_client_message(text, self._limits.max_talk_chars)
         except ProtocolError as e:
+            if self._metrics is not None:
+                self._metrics.count_received(None)
             self._send_error(e)
             return defer.succeed(None)
+        if self._metrics is not None:
+            self._metrics.count_received(command.__class__.__name__.upper())
         d = defer.ensureDeferred(self._dispatch(command))
         d.addErrback(self._failed, command)
         return d
@@ -174,6 +183,8 @@ class Session:
 
     def _send_error(self, error):
         if not self._closed:
+            if self._metrics is not None:
+                self._metrics.count_error(error.code)
             self._connection.send_text(messages.error(error.code, error.message, error.ref))
 
     def _failed(self, failure, command):

@@ -21,6 +21,7 @@ from chatd import errors, guard, tickets
 from chatd.auth import InvalidToken
 from chatd.errors import BrokerUnavailable
 from chatd.logs import printable, redact_uri
+from chatd.proxies import TrustedProxies
 
 log = Logger()
 
@@ -162,14 +163,19 @@ class RoomsResource(_Authenticated):
 
 
 class HealthResource(_JSONResource):
-    """GET /healthz: 200 while the broker can serve, 503 while it cannot."""
+    """GET /healthz: 200 while the broker can serve, 503 while it cannot or while draining."""
 
-    def __init__(self, broker, instance_id):
+    def __init__(self, broker, instance_id, drain_state=None):
         super().__init__()
         self._broker = broker
         self._instance_id = instance_id
+        self._drain_state = drain_state
 
     def render_GET(self, request):
+        if self._drain_state is not None and self._drain_state.draining:
+            return _json(
+                request, errors.HTTP_UNAVAILABLE, {"status": "draining", "instance": self._instance_id}
+            )
         if self._broker.is_available():
             return _json(request, http.OK, {"status": "ok", "instance": self._instance_id})
         return _json(
@@ -238,9 +244,11 @@ class ChatSite(server.Site):
     displayTracebacks = False
     protocol = guard.HeaderLimitChannel  # HTTP/1.1 only: chatd offers no ALPN h2
 
-    def __init__(self, resource, access_log=True, request_factory=None, reactor=None):
+    def __init__(self, resource, access_log=True, request_factory=None, reactor=None, proxies=None):
         """
         @param access_log: log each request (C{[server] access_log}).
+        @param proxies: L{chatd.proxies.TrustedProxies}: who the client is
+            in the log line.
         @param request_factory: the Site's C{requestFactory} (the guard's,
             L{chatd.guard.ConnectionGuard.guard_requests}); twisted.web's
             Request when L{None}.
@@ -249,13 +257,17 @@ class ChatSite(server.Site):
         """
         super().__init__(resource, requestFactory=request_factory, reactor=reactor)
         self.access_log = access_log
+        self.proxies = proxies if proxies is not None else TrustedProxies()
 
     def log(self, request):
         if not self.access_log:
             return
         log.info(
             "{peer} {method} {path} {status} {size}",
-            peer=getattr(request.getClientAddress(), "host", "-"),
+            peer=self.proxies.client(
+                getattr(request.getClientAddress(), "host", "-"),
+                request.requestHeaders.getRawHeaders(b"x-forwarded-for"),
+            ),
             method=printable(request.method.decode("latin-1"), 16),
             path=redact_uri(request.uri),
             status=request.code,
@@ -265,7 +277,7 @@ class ChatSite(server.Site):
 
 def make_site(
     settings, broker, verifier, ws_factory, echo_factory=None, request_factory=None, reactor=None,
-    api_resource=None,
+    api_resource=None, drain_state=None, proxies=None,
 ):
     """
     The resource tree of the one listener, in a L{ChatSite}.
@@ -276,16 +288,18 @@ def make_site(
     @param reactor: passed to L{ChatSite}.
     @param api_resource: the server API (L{chatd.api.ApiResource}) for
         C{/api}, or L{None} when it is off (then C{/api/} is a 404).
+    @param drain_state: the L{chatd.drain.DrainState} C{/healthz} reports.
+    @param proxies: passed to L{ChatSite}.
     """
     root = Root(PageResource())
     auth = Directory()
     auth.putChild(b"ticket", TicketResource(verifier, broker, settings.auth.ticket_ttl))
     root.putChild(b"auth", auth)
     root.putChild(b"rooms", RoomsResource(verifier, broker))
-    root.putChild(b"healthz", HealthResource(broker, broker.instance_id))
+    root.putChild(b"healthz", HealthResource(broker, broker.instance_id, drain_state))
     root.putChild(b"ws", WebSocketResource(ws_factory))
     if echo_factory is not None:
         root.putChild(b"echo", WebSocketResource(echo_factory))
     if api_resource is not None:
         root.putChild(b"api", api_resource)
-    return ChatSite(root, settings.server.access_log, request_factory, reactor)
+    return ChatSite(root, settings.server.access_log, request_factory, reactor, proxies)

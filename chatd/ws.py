@@ -31,6 +31,8 @@ from chatd import errors, handshake, messages
 from chatd.errors import BrokerUnavailable
 from chatd.hub import IConnection
 from chatd.limits import CapReached, ConnectionCaps, SendBudget
+from chatd.metrics import Metrics
+from chatd.proxies import TrustedProxies
 from chatd.logs import printable, redact_uri
 from chatd.observer import OneShotObserverList
 from chatd.session import Session
@@ -90,6 +92,7 @@ class _GuardedMixin:
     otherwise dropped at once.
     """
 
+    client = None  # the client's address: the TCP peer, or as a trusted proxy says
     _budget = None
 
     def close(self, code, reason):
@@ -117,7 +120,7 @@ class _GuardedMixin:
     def _send_buffer_full(self, unsent):
         self._log.warn(
             "websocket {peer} is not reading: {unsent} bytes queued over a full buffer; closing {code}",
-            peer=_peer_host(self.transport), unsent=unsent, code=errors.CLOSE_SLOW_CONSUMER,
+            peer=self.client or _peer_host(self.transport), unsent=unsent, code=errors.CLOSE_SLOW_CONSUMER,
         )
         if self.state == self.STATE_OPEN:
             # Queued behind what it has not read; no more writes are made
@@ -151,6 +154,9 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
     session = None
     connection_id = None
     _left = None
+    _opened = None
+    _received = 0
+    _sent = 0
 
     def onConnect(self, request):
         d = defer.ensureDeferred(self._on_connect(request))
@@ -160,7 +166,12 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
     async def _on_connect(self, request):
         factory = self.factory
         origin = request.headers.get("origin")
+        self.client = factory.proxies.client(
+            _peer_host(self.transport), request.headers.get("x-forwarded-for")
+        )
         try:
+            if factory.drain_state is not None and factory.drain_state.draining:
+                raise handshake.Deny(errors.HTTP_UNAVAILABLE, "server draining, reconnect")
             handshake.check_origin(origin, factory.settings.server.allowed_origins)
             ticket = handshake.ticket_from_params(request.params)
             factory.admit(self)
@@ -170,9 +181,10 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
                 raise handshake.Deny(errors.HTTP_UNAVAILABLE, "chat unavailable") from None
             self.principal = handshake.check_grant(grant, factory.clock.seconds())
         except handshake.Deny as deny:
+            factory.metrics.count_rejected(deny.status)
             self._log.info(
                 "websocket {peer} {path} refused {status}: {reason}",
-                peer=_peer_host(self.transport), path=redact_uri(request.path),
+                peer=self.client, path=redact_uri(request.path),
                 status=deny.status, reason=deny.reason,
             )
             raise ConnectionDeny(deny.status, deny.reason)
@@ -188,13 +200,15 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         self._guard_open()
         factory = self.factory
         self.connection_id = factory.new_connection_id()
+        self._opened = factory.clock.seconds()
         self._log.info(
             "websocket {peer} {user} connected as {connection}",
-            peer=_peer_host(self.transport), user=printable(self.principal.name),
+            peer=self.client, user=printable(self.principal.name),
             connection=self.connection_id,
         )
         self.session = Session(
-            self.principal, self, factory.hub, factory.verifier, factory.settings.limits, factory.clock
+            self.principal, self, factory.hub, factory.verifier, factory.settings.limits, factory.clock,
+            metrics=factory.metrics,
         )
         self.session.open()
 
@@ -205,13 +219,22 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
             self.close(errors.CLOSE_UNSUPPORTED_DATA, "text frames only")
             return
         # Autobahn validated UTF-8 already (invalid: close 1007).
+        self._received += 1
         self.session.received(payload.decode("utf-8"))
 
     def onClose(self, wasClean, code, reason):
-        self.factory.release(self, self._leave())
+        factory = self.factory
+        factory.release(self, self._leave())
         if self.connection_id is not None:
+            factory.metrics.count_close(code)
+            # One line per session, for the log shippers (docs/operations.md).
             self._log.info(
-                "websocket {connection} closed ({code})", connection=self.connection_id, code=code
+                "websocket {connection} of {user} from {peer} ended after {duration} s: "
+                "close {code}, {received} messages in, {sent} out",
+                event="websocket_session_ended",
+                connection=self.connection_id, user=printable(self.principal.name), peer=self.client,
+                duration=round(factory.clock.seconds() - self._opened, 3), code=code,
+                received=self._received, sent=self._sent,
             )
 
     def _leave(self):
@@ -238,11 +261,15 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         """IConnection API"""
         if self.state == self.STATE_OPEN:
             self.sendMessage(text.encode("utf-8"))
+            self._sent += 1
+            self.factory.metrics.events_sent += 1
 
     def send_shared(self, text):
         """IConnection API: C{text} is framed once for all who get it (see L{ChatServerFactory.frame})."""
         if self.state == self.STATE_OPEN:
             self.sendPreparedMessage(self.factory.frame(text))
+            self._sent += 1
+            self.factory.metrics.events_sent += 1
 
     def when_drained(self):
         if self._budget is None:
@@ -292,7 +319,8 @@ class ChatServerFactory(WebSocketServerFactory):
 
     protocol = ChatServerProtocol
 
-    def __init__(self, settings, broker, hub, verifier, guard, clock):
+    def __init__(self, settings, broker, hub, verifier, guard, clock,
+                 metrics=None, drain_state=None, proxies=None):
         """
         @param broker: the L{chatd.broker.interfaces.IBroker} tickets are
             redeemed at.
@@ -301,8 +329,17 @@ class ChatServerFactory(WebSocketServerFactory):
         @param guard: the listener's L{chatd.guard.ConnectionGuard}, told of
             each open, or L{None}.
         @param clock: an C{IReactorTime}.
+        @param metrics: the service's L{chatd.metrics.Metrics} (a private
+            one when L{None}).
+        @param drain_state: the L{chatd.drain.DrainState}: while draining,
+            upgrades get 503.
+        @param proxies: L{chatd.proxies.TrustedProxies}, who the client is
+            for the per-address cap and the logs.
         """
         super().__init__()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.drain_state = drain_state
+        self.proxies = proxies if proxies is not None else TrustedProxies()
         self.settings = settings
         self.broker = broker
         self.hub = hub
@@ -347,7 +384,7 @@ class ChatServerFactory(WebSocketServerFactory):
             are open.
         """
         try:
-            self.caps.admit(protocol, _peer_host(protocol.transport))
+            self.caps.admit(protocol, protocol.client or _peer_host(protocol.transport))
         except CapReached as refused:
             raise handshake.Deny(refused.status, refused.reason) from None
         if not self.connections and self._empty.fired:
