@@ -87,11 +87,9 @@ class Reloader:
         outcome = {"jwt": self._reload_jwt_key()}
         if self._server_tls is not None:
             outcome["tls"] = self._reload_tls()
-        refused = sorted(name for name, ok in outcome.items() if not ok)
-        if refused:
-            status = "serving; reload refused for " + ", ".join(refused)
-        else:
-            status = "serving; reloaded " + ", ".join(sorted(outcome))
+        status = "serving; " + ", ".join(
+            f"{name} {'reloaded' if ok else 'kept'}" for name, ok in sorted(outcome.items())
+        )
         log.info("reload done: {status}", status=status)
         if self._notifier is not None:
             self._notifier.ready(status)

@@ -24,16 +24,17 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import server
 
-from chatd import errors, guard, tls, web, ws
+from chatd import admin, drain, errors, guard, systemd, tls, web, ws
 from chatd.api import ApiResource
 from chatd.api_backend import BrokerApiBackend, ControlDispatcher
 from chatd.auth import TokenVerifier
 from chatd.hub import Hub
+from chatd.metrics import Metrics, certificate_expiry
+from chatd.proxies import TrustedProxies
+from chatd.reload import ReloadableServerTLS, Reloader, ReloadService
 from chatd.webhooks import AcceptingBroker, WebhookService
 
 log = Logger()
-
-SHUTDOWN_GRACE = 3.0  # seconds clients get to answer the 1001 close
 
 
 def make_broker(settings, reactor):
@@ -64,34 +65,37 @@ def _connections_of(ws_factory):
 
 
 class ClientsService(Service):
-    """Owns the WebSocket clients' lifetime: on stop, close each with 1001."""
+    """
+    Owns the WebSocket clients' lifetime: on stop, the drain (see
+    L{chatd.drain}): the state says draining at once (probes and upgrades
+    answer 503), systemd hears STOPPING=1, and the clients are closed with
+    1001 across C{[server] drain_time}.
+    """
 
-    def __init__(self, factory, clock):
+    def __init__(self, factory, clock, drain_time=0.0, drain_state=None, notifier=None):
         """
         @param factory: the L{ws.ChatServerFactory} whose connections these are.
-        @param clock: the C{IReactorTime} the grace period runs on.
+        @param clock: the C{IReactorTime} the drain runs on.
+        @param drain_time: seconds to spread the closes over.
+        @param drain_state: the L{drain.DrainState} to set.
+        @param notifier: a L{systemd.Notifier}.
         """
         self._factory = factory
         self._clock = clock
+        self._drain_time = drain_time
+        self._drain_state = drain_state if drain_state is not None else drain.DrainState()
+        self._notifier = notifier
 
     def stopService(self):
-        """Close every client with 1001; fires once all left, or the grace is over."""
+        """The drain; fires once all left, or at drain_time + GRACE."""
         super().stopService()
-        if not self._factory.connections:
-            return None
-        log.info("closing {count} websocket connections", count=len(self._factory.connections))
-        self._factory.close_all(errors.CLOSE_GOING_AWAY, "server shutting down")
-        drained = self._factory.when_empty()
-        drained.addTimeout(SHUTDOWN_GRACE, self._clock)
-        drained.addErrback(self._grace_over)
-        return drained
-
-    def _grace_over(self, failure):
-        """Past the grace period the listener and broker stop regardless."""
-        failure.trap(defer.TimeoutError)
-        log.warn(
-            "{count} websocket connections still open after {grace}s; stopping anyway",
-            count=len(self._factory.connections), grace=SHUTDOWN_GRACE,
+        self._drain_state.draining = True
+        if self._notifier is not None:
+            self._notifier.stopping(f"draining {len(self._factory.connections)} connections")
+        return drain.drain(
+            self._factory.connections,
+            lambda protocol: protocol.close(errors.CLOSE_GOING_AWAY, "server going away"),
+            self._drain_time, self._clock, self._factory.when_empty,
         )
 
 
@@ -112,34 +116,56 @@ class ChatService(MultiService):
     @ivar webhooks: the L{chatd.webhooks.WebhookService} or L{None}.
     """
 
-    def __init__(self, broker, *others, webhooks=None):
+    def __init__(self, broker, clients, *others, webhooks=None, notifier=None):
         """
         @param broker: the broker; started first, stopped last.
-        @param others: the services that use it (listener, clients).
+        @param clients: the L{ClientsService}; stopped (drained) first, while
+            the listeners still answer (503 to upgrades and probes).
+        @param others: the other services that use the broker (listeners).
         @param webhooks: stopped after C{others}, before the broker.
+        @param notifier: a L{systemd.Notifier}, told READY=1 once started
+            and the broker is usable.
         """
         super().__init__()
         self.broker = broker
+        self.clients = clients
         self.webhooks = webhooks
+        self._notifier = notifier if notifier is not None else systemd.Notifier(None)
         broker.setServiceParent(self)
         for service in others:
             service.setServiceParent(self)
+        clients.setServiceParent(self)
         if webhooks is not None:
             webhooks.setServiceParent(self)
 
+    def startService(self):
+        """
+        Start every child (a listener that cannot bind raises here), then
+        READY=1 once the broker can serve (Redis connected and subscribed).
+        """
+        super().startService()
+        when_available = getattr(self.broker, "when_available", None)
+        ready = defer.maybeDeferred(when_available) if when_available else defer.succeed(None)
+        ready.addCallback(lambda _: self._notifier.ready("serving"))
+        ready.addErrback(lambda f: log.failure("readiness", f))
+
     def stopService(self):
-        """Stop the other children (in reverse), then the webhooks, then the broker."""
+        """
+        Drain the clients, then stop the other children (in reverse), then
+        the webhooks, then the broker.
+        """
         Service.stopService(self)
-        last = (self.broker, self.webhooks)
+        last = (self.broker, self.clients, self.webhooks)
         others = [s for s in reversed(list(self)) if s not in last]
-        stopped = defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others])
+        stopped = defer.maybeDeferred(self.clients.stopService)
+        stopped.addBoth(lambda _: defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others]))
         if self.webhooks is not None:
             stopped.addCallback(lambda _: self.webhooks.stopService())
         stopped.addCallback(lambda _: self.broker.stopService())
         return stopped
 
 
-def make_chat_service(settings, reactor=None, tls_options=None):
+def make_chat_service(settings, reactor=None, tls_options=None, environ=None):
     """
     Build chatd from its settings.
 
@@ -149,6 +175,8 @@ def make_chat_service(settings, reactor=None, tls_options=None):
     @param tls_options: the listener's TLS options when C{[server] tls} is
         on; made from C{[tls]} when L{None} (twistd's C{Options} make them
         before start-up, so a bad key stops it with one line).
+    @param environ: the environment systemd's variables are read from
+        (C{NOTIFY_SOCKET}, C{WATCHDOG_USEC}); C{os.environ} when L{None}.
     @return: a L{ChatService}, not started.
     """
     if reactor is None:
@@ -158,25 +186,51 @@ def make_chat_service(settings, reactor=None, tls_options=None):
     # What this instance's hub and server API accept goes to the webhook from here.
     chat_broker = broker if hooks is None else AcceptingBroker(broker, hooks)
     hub = Hub(chat_broker, max_pending_bytes=settings.limits.max_send_buffer_bytes)
+    metrics = Metrics()
+    chat_broker.set_feed(metrics.timed_feed(hub.deliver, hub.local_users))
+    drain_state = drain.DrainState(broker.is_available)
+    proxies = TrustedProxies(settings.server.trusted_proxies)
+    notifier = systemd.Notifier.from_environ(environ)
     verifier = TokenVerifier.from_settings(settings)
     connection_guard = guard.ConnectionGuard.from_settings(settings, reactor)
-    ws_factory = ws.ChatServerFactory(settings, chat_broker, hub, verifier, connection_guard, reactor)
+    ws_factory = ws.ChatServerFactory(
+        settings, chat_broker, hub, verifier, connection_guard, reactor,
+        metrics=metrics, drain_state=drain_state, proxies=proxies,
+    )
     chat_broker.set_control(ControlDispatcher(_connections_of(ws_factory), hub.kick))
     api_resource = ApiResource.from_settings(settings, BrokerApiBackend(chat_broker))
+    metrics.watch(
+        connections=lambda: len(ws_factory.connections), rooms=hub.room_count,
+        broker_up=broker.is_available,
+    )
     echo_factory = None
     if settings.conformance.echo:
         echo_factory = ws.EchoServerFactory(settings, connection_guard, reactor)
     site = web.make_site(
         settings, broker, verifier, ws_factory, echo_factory,
         request_factory=connection_guard.guard_requests(server.Request), reactor=reactor,
-        api_resource=api_resource,
+        api_resource=api_resource, drain_state=drain_state, proxies=proxies,
     )
     listening = site
+    server_tls = None
     if settings.server.tls:
         if tls_options is None:
             tls_options = tls.certificate_options(settings)
-        listening = TLSMemoryBIOFactory(tls_options, False, site)
-    listener = strports.service(
+        server_tls = ReloadableServerTLS(tls_options)
+        metrics.certificate_expiry = certificate_expiry(tls_options.certificate)
+        listening = TLSMemoryBIOFactory(server_tls, False, site)
+    others = [strports.service(
         settings.server.endpoint, connection_guard.wrap(listening), reactor=reactor
+    )]
+    if settings.admin.endpoint:
+        admin_site = admin.make_admin_site(metrics, drain_state.readiness)
+        others.append(strports.service(settings.admin.endpoint, admin_site, reactor=reactor))
+    reloader = Reloader(
+        settings, verifier, server_tls, notifier, metrics, lambda: drain_state.draining
     )
-    return ChatService(broker, listener, ClientsService(ws_factory, reactor), webhooks=hooks)
+    others.append(ReloadService(reloader, reactor))
+    watchdog = systemd.WatchdogService.from_environ(notifier, reactor, environ)
+    if watchdog is not None:
+        others.append(watchdog)
+    clients = ClientsService(ws_factory, reactor, settings.server.drain_time, drain_state, notifier)
+    return ChatService(broker, clients, *others, webhooks=hooks, notifier=notifier)

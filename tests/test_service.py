@@ -19,10 +19,11 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from chatd import config, errors, guard, service, tls, web
+from chatd import config, drain, errors, guard, service, tls, web
 from chatd.auth import Principal
 
 SECRET = b"s" * 32
+DRAIN_TIME = config.defaults().server.drain_time
 
 
 def make_settings(dev_dir=None, **overrides):
@@ -166,6 +167,7 @@ def test_stop_closes_1001_then_listener_then_broker(running):
     rooms_then = spy_on_broker_stop(running.top)
     stopped = running.top.stopService()
     assert not stopped.called and running.top.broker.running
+    running.reactor.advance(DRAIN_TIME)  # every 1001 is sent within drain_time
     running.pumps.flush()  # the clients answer the close
     assert (alice.closed, bob.closed) == (errors.CLOSE_GOING_AWAY, errors.CLOSE_GOING_AWAY)
     assert stopped.called and not running.top.broker.running
@@ -193,6 +195,7 @@ def test_stop_hands_shutdown_quits_to_the_webhook_before_the_broker_stops(reacto
     hooks.stopService = stop
     done = []
     running.top.stopService().addCallback(done.append)
+    reactor.advance(DRAIN_TIME)  # every 1001 is sent within drain_time
     running.pumps.flush()
     assert seen == [(1, True)]  # alice's QUIT queued; the broker still up
     assert done == [] and running.top.broker.running  # the POST has no answer (memory reactor)
@@ -201,10 +204,10 @@ def test_stop_hands_shutdown_quits_to_the_webhook_before_the_broker_stops(reacto
 
 
 def test_stop_waits_out_the_grace_for_silent_clients(running):
-    """A client that never answers the 1001 holds the stop for SHUTDOWN_GRACE, no longer."""
+    """A client that never answers the 1001 holds the stop for drain_time + GRACE, no longer."""
     running.connect("alice")
     stopped = running.top.stopService()  # nothing pumped: the client never answers
-    running.reactor.advance(service.SHUTDOWN_GRACE - 0.1)
+    running.reactor.advance(DRAIN_TIME + drain.GRACE - 0.1)
     assert not stopped.called and running.top.broker.running
     running.reactor.advance(0.2)
     assert stopped.called and not running.top.broker.running
