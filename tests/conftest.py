@@ -67,12 +67,12 @@ def start_chatd(tmp_path, dev_dir):
     """
     started = []
 
-    def start(name=None, wait=True, **overrides):
+    def start(name=None, wait=True, env=None, wrapper=(), **overrides):
         server = support.Chatd(
             str(tmp_path), dev_dir[0], dev_dir[1], name=name or f"chatd{len(started)}", **overrides
         )
         started.append(server)
-        return server.start(wait=wait)
+        return server.start(wait=wait, env=env, wrapper=wrapper)
 
     yield start
     for server in started:

@@ -147,12 +147,17 @@ class Chatd:
     def ws_base(self):
         return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.port}"
 
-    def start(self, wait=True):
+    def start(self, wait=True, env=None, wrapper=()):
+        """
+        @param env: extra environment variables (NOTIFY_SOCKET, say).
+        @param wrapper: argv put before twistd's (systemd-socket-activate, say).
+        """
         write_config(self.config_path, self.sections)
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "chatd", "--config", self.config_path],
+            [*wrapper, TWISTD, "-n", "--pidfile=", "chatd", "--config", self.config_path],
             cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT,
+            env=dict(os.environ, **(env or {})),
         )
         if wait:
             self.wait_ready()
