@@ -65,13 +65,15 @@ class TrustedProxies:
     def client(self, peer_host, forwarded_for):
         """
         @param peer_host: the TCP peer's address, as text.
-        @param forwarded_for: the C{X-Forwarded-For} values (a list, one per
-            header line, as C{Headers.getRawHeaders} gives them, bytes or
-            text), or L{None}.
+        @param forwarded_for: the C{X-Forwarded-For} value (text or bytes,
+            as Autobahn gives it), or the values (a list, one per header
+            line, as C{Headers.getRawHeaders} gives them), or L{None}.
         @return: the client's address as text.
         """
         if not forwarded_for or not self.trusts(peer_host):
             return peer_host
+        if isinstance(forwarded_for, (str, bytes)):
+            forwarded_for = [forwarded_for]
         entries = []
         for value in forwarded_for:
             if isinstance(value, bytes):

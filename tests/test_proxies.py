@@ -28,6 +28,12 @@ def test_trusted_peer_gives_the_rightmost_untrusted_address():
     assert NGINX.client("127.0.0.1", header) == "198.51.100.7"
 
 
+def test_one_value_as_text():
+    """A single header value (Autobahn's form) reads as the list it holds."""
+    assert NGINX.client("127.0.0.1", "6.6.6.6, 198.51.100.7") == "198.51.100.7"
+    assert NGINX.client("127.0.0.1", b"198.51.100.7") == "198.51.100.7"
+
+
 def test_several_header_lines_are_one_list():
     """Two X-Forwarded-For lines read as one comma-separated list, in order."""
     assert NGINX.client("127.0.0.1", [b"6.6.6.6", b"198.51.100.7"]) == "198.51.100.7"
