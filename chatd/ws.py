@@ -30,12 +30,16 @@ from zope.interface import implementer
 from chatd import errors, handshake, messages
 from chatd.errors import BrokerUnavailable
 from chatd.hub import IConnection
-from chatd.limits import CapReached, ConnectionCaps, SendBudget
-from chatd.metrics import Metrics
-from chatd.proxies import TrustedProxies
+from chatd.limits import CapReached, ConnectionCaps, SendBudget, TokenBucket
 from chatd.logs import printable, redact_uri
+from chatd.metrics import Metrics
 from chatd.observer import OneShotObserverList
+from chatd.proxies import TrustedProxies
 from chatd.session import Session
+
+
+REFUSAL_LOG_RATE = 2.0  # refused upgrades logged per second, after
+REFUSAL_LOG_BURST = 20  # this many at once
 
 
 def _peer_host(transport):
@@ -182,9 +186,8 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
             self.principal = handshake.check_grant(grant, factory.clock.seconds())
         except handshake.Deny as deny:
             factory.metrics.count_rejected(deny.status)
-            self._log.info(
-                "websocket {peer} {path} refused {status}: {reason}",
-                peer=self.client, path=redact_uri(request.path),
+            factory.note_refusal(
+                self._log, peer=self.client, path=redact_uri(request.path),
                 status=deny.status, reason=deny.reason,
             )
             raise ConnectionDeny(deny.status, deny.reason)
@@ -351,11 +354,27 @@ class ChatServerFactory(WebSocketServerFactory):
             settings.limits.max_connections, settings.limits.max_connections_per_ip
         )
         self.connections = set()
+        # Refusals are logged at most REFUSAL_LOG_RATE a second (after a
+        # burst): a flood of bad upgrades must not also flood the log.
+        self._refusal_log = TokenBucket(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST, clock)
+        self._refusals_not_logged = 0
         self._empty = OneShotObserverList()
         self._ids = itertools.count(1)
         self._framed_text = None
         self._framed = None
         self.setProtocolOptions(**_protocol_options(settings))
+
+    def note_refusal(self, logger, **fields):
+        """One log line for a refused upgrade, within the refusal log budget."""
+        if not self._refusal_log.take():
+            self._refusals_not_logged += 1
+            return
+        if self._refusals_not_logged:
+            logger.info("{count} websocket refusals were not logged", count=self._refusals_not_logged)
+            self._refusals_not_logged = 0
+        logger.info(
+            "websocket {peer} {path} refused {status}: {reason}", event="websocket_refused", **fields
+        )
 
     def new_connection_id(self):
         """A connection id unique across instances (the broker's instance id, a counter)."""

@@ -2,7 +2,7 @@
 """
 chatd.jsonlog: events from a real twisted.logger Logger, written as JSON
 lines: the contract's keys, stable names, structured fields, and no secret
-in any value.
+in any value; then a real twistd chatd with log_format = json.
 """
 
 import io
@@ -11,7 +11,7 @@ import json
 from twisted.logger import Logger, LogPublisher
 
 from chatd import jsonlog
-from tests.support import mint_token
+from tests.support import mint_token, wait_for, ws_refusal
 
 SECRET = b"k" * 32
 
@@ -86,3 +86,31 @@ def test_observer_factory_targets(tmp_path):
     observer = jsonlog.observer_for(str(path), nodaemon=True)
     Logger(namespace="chatd.test", observer=observer).info("hello {n}", n=1)
     assert json.loads(path.read_text())["n"] == 1
+
+
+def test_real_chatd_logs_json_lines(start_chatd, clients):
+    """
+    A real twistd chatd with log_format = json: every line of its output is
+    one JSON object; a session's end is one line with its numbers; a refused
+    handshake is logged; the ticket appears nowhere.
+    """
+    server = start_chatd(server__log_format="json")
+    ticket = server.ticket("alice")
+    alice = server.connect(ticket=ticket)
+    clients.append(alice)
+    alice.enter("lobby")
+    alice.talk("lobby", "hi")
+    alice.close()
+    assert ws_refusal(server.ws_base + "/ws?ticket=forged-ticket-value") == 401
+    wait_for(lambda: "websocket_session_ended" in server.log_text(), 5, "the session line")
+    server.stop()
+    text = server.log_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for record in records:
+        assert {"ts", "level", "event", "msg"} <= set(record), record
+    (ended,) = [r for r in records if r["event"] == "websocket_session_ended"]
+    assert ended["user"] == "alice" and ended["code"] in (1000, 1005)
+    assert ended["received"] == 2 and ended["sent"] >= 3  # ENTER, TALK in; WELCOME, ENTER, TALK out
+    assert ended["duration"] >= 0 and ended["peer"] == "127.0.0.1"
+    assert any(r.get("status") == 401 for r in records)
+    assert ticket not in text and "forged-ticket-value" not in text

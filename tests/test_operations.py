@@ -344,3 +344,37 @@ def test_socket_activation(start_chatd, clients):
     bob.enter("lobby")
     said = alice.talk("lobby", "through the inherited socket")
     assert bob.recv_until(lambda f: f.get("type") == "TALK")[-1]["id"] == said["id"]
+
+
+def _refused_upgrade(port):
+    """One plain-HTTP upgrade with a bad ticket; the status line's code."""
+    with socket.create_connection(("127.0.0.1", port), timeout=support.RECV_TIMEOUT) as sock:
+        sock.sendall(
+            b"GET /ws?ticket=nope HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chatd.v1\r\n\r\n"
+        )
+        return int(sock.recv(64).split()[1])
+
+
+def test_refusal_flood_does_not_flood_the_log(start_chatd):
+    """
+    200 refused upgrades as fast as one client can: every one is answered
+    401, but the log gets at most the budget (a burst of 20, then 2 a
+    second) and a count of the lines left out.
+    """
+    server = start_chatd(server__tls="off")
+    started = time.monotonic()
+    for _ in range(200):
+        assert _refused_upgrade(server.port) == 401
+    elapsed = time.monotonic() - started
+    logged = server.log_text().count("refused 401")
+
+    def summary_logged():
+        # The count of lines left out comes with the next line the budget allows.
+        _refused_upgrade(server.port)
+        return "websocket refusals were not logged" in server.log_text()
+
+    wait_for(summary_logged, 5, "the count of lines left out", interval=0.3)
+    assert 20 <= logged <= 20 + 2 * (time.monotonic() - started) + 1, (logged, elapsed)
+    assert logged < 201
