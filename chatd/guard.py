@@ -146,23 +146,40 @@ class ConnectionGuard:
     @ivar clock: the C{IReactorTime} the deadlines run on.
     """
 
-    def __init__(self, timeout, max_total, max_per_address, clock):
+    def __init__(self, timeout, max_total, max_per_address, clock, trusted_proxy=lambda host: False):
+        """
+        @param trusted_proxy: C{host -> bool}: a trusted proxy's
+            connections carry many clients, so each counts as its own
+            address here (the total cap still applies; the WebSocket side
+            counts the forwarded client, see L{chatd.proxies}).
+        """
         self.timeout = timeout
         self.pending = ConnectionCaps(max_total, max_per_address)
         self.clock = clock
+        self._trusted_proxy = trusted_proxy
         self._by_peer = {}
         self._waiting = {}  # pending connections, oldest first (dicts keep order)
         self._log_budget = _LogBudget(clock)
 
     @classmethod
     def from_settings(cls, settings, clock):
+        from chatd.proxies import TrustedProxies
+
         limits = settings.limits
         return cls(
             settings.websocket.handshake_timeout,
             limits.max_connections,
             min(limits.max_connections_per_ip, limits.max_pending_per_ip),
             clock,
+            TrustedProxies(settings.server.trusted_proxies).trusts,
         )
+
+    def _cap_key(self, addr):
+        """What the per-address cap counts: the host, or the connection from a trusted proxy."""
+        host = _host(addr)
+        if self._trusted_proxy(host):
+            return f"{host} port {getattr(addr, 'port', '')}"
+        return host
 
     def wrap(self, factory):
         """
@@ -179,13 +196,13 @@ class ConnectionGuard:
         taken, the longest waiting connection is aborted to make room.
         """
         try:
-            self.pending.check(_host(addr))
+            self.pending.check(self._cap_key(addr))
         except CapReached as refused:
             if refused.status == errors.HTTP_UNAVAILABLE and self._evict_oldest():
                 return True
             self._note(
                 "refused connection from {peer}: {reason} ({count} still in handshake)",
-                peer=_host(addr), reason=refused.reason, count=self.pending.count(_host(addr)),
+                peer=_host(addr), reason=refused.reason, count=self.pending.count(self._cap_key(addr)),
             )
             return False
         return True
@@ -265,7 +282,7 @@ class ConnectionGuard:
         peer = connection.getPeer()
         key = _peer_key(peer)
         try:
-            self.pending.admit(connection, _host(peer))
+            self.pending.admit(connection, self._cap_key(peer))
         except CapReached:
             # admissible() checked in this same reactor turn; only a wrapped
             # factory that connects synchronously could get here.

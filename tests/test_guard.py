@@ -264,6 +264,19 @@ def test_pending_cap_per_address_from_settings():
     assert ConnectionGuard.from_settings(settings, Clock()).pending.max_per_address == 3
 
 
+def test_trusted_proxy_is_not_one_address():
+    """A trusted proxy's connections each count alone (it carries many clients); the total cap holds."""
+    clock = Clock()
+    guard = ConnectionGuard(10.0, 4, 1, clock, trusted_proxy=lambda host: host == "127.0.0.1")
+    listener = guard.wrap(Factory.forProtocol(_Recorder))
+    listener.doStart()
+    for port in (1, 2, 3):
+        assert connect(listener, host="127.0.0.1", port=port)[0] is not None
+    assert connect(listener, host="198.51.100.1", port=4)[0] is not None
+    assert connect(listener, host="198.51.100.1", port=5)[0] is None  # per address, untrusted
+    assert connect(listener, host="127.0.0.1", port=6)[0] is None  # the total
+
+
 def test_upgrade_frees_a_handshake_slot():
     """An opened WebSocket no longer counts against the handshake caps."""
     guard, listener, _ = make_guard(max_total=10, max_per_address=1)
