@@ -378,3 +378,14 @@ def test_refusal_flood_does_not_flood_the_log(start_chatd):
     wait_for(summary_logged, 5, "the count of lines left out", interval=0.3)
     assert 20 <= logged <= 20 + 2 * (time.monotonic() - started) + 1, (logged, elapsed)
     assert logged < 201
+
+
+def test_admin_port_taken_stops_start_up(start_chatd):
+    """An admin endpoint that cannot be bound stops chatd with a non-zero exit, like the main one."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = start_chatd(wait=False, admin__endpoint=f"tcp:{port}:interface=127.0.0.1")
+        assert server.proc.wait(support.START_TIMEOUT) != 0
+    assert "Address already in use" in server.log_text() or "CannotListenError" in server.log_text()
