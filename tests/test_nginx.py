@@ -40,6 +40,8 @@ def test_websocket_location():
     assert "proxy_buffering off;" in ws
     timeout = int(re.search(r"proxy_read_timeout (\d+)s;", ws).group(1))
     assert timeout > 30 + 20  # [websocket] ping_interval + ping_timeout defaults
+    stomp = text.split("location /ws-stomp/ {", 1)[1].split("}", 1)[0]
+    assert "proxy_set_header Upgrade $http_upgrade;" in stomp and "proxy_buffering off;" in stomp
     for path in ("location = / {", "location /auth/ {", "location = /rooms {"):
         assert path in text, path
 
