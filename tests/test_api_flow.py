@@ -189,6 +189,8 @@ def test_one_instance(start_chatd, key_file, clients):
     status, answer = api(server, "POST", "/api/publish", {"room": "lobby", "message": 7})
     assert (status, answer) == (400, {"error": "bad_request", "message": "message must be a string, got number"})
     assert api(server, "POST", "/api/publish", b"{not json")[0] == 400
+    status, answer = api(server, "POST", "/api/publish", {"room": "lobby", "message": "x" * 4001, "extra": 1})
+    assert (status, answer["message"]) == (400, "message is longer than 4000 characters")
     status, made = api(server, "POST", "/api/publish", {"room": "notices", "message": "first", "sender": "Ops"})
     assert status == 200
 
@@ -338,3 +340,29 @@ def test_webhooks_two_instances_deliver_once(start_chatd, start_redis, hook_secr
     assert sorted(e["id"] for e in events) == sorted(sent)
     assert {e["message"][0]: e["sub"] for e in events} == {"a": "alice", "b": "bob"}
     assert hook.nothing_new()
+
+
+def test_broker_outage_is_503(start_chatd, start_redis, key_file, clients):
+    """With Redis gone every API call that needs it answers 503 unavailable; back, it serves again."""
+    redis = start_redis()
+    server = start_chatd(api__key_file=key_file, redis__url=redis.url, redis__timeout=1,
+                         redis__presence_ttl=PRESENCE_TTL)
+    assert api(server, "POST", "/api/publish", {"room": "lobby", "message": "before"})[0] == 200
+    port = redis.port
+    redis.stop()
+    wait_for(lambda: http("GET", server.base + "/healthz", timeout=3)[0] == 503, 10, "/healthz 503")
+    for method, path, body in (
+        ("POST", "/api/publish", {"room": "lobby", "message": "lost?"}),
+        ("GET", "/api/rooms", None),
+        ("GET", "/api/rooms/lobby", None),
+        ("GET", "/api/rooms/lobby/history", None),
+        ("POST", "/api/disconnect", {"sub": "alice"}),
+        ("POST", "/api/rooms/lobby/kick", {"sub": "alice"}),
+    ):
+        status, answer = api(server, method, path, body)
+        assert (status, answer["error"]) == (503, "unavailable"), (method, path, answer)
+    assert api(server, "GET", "/api/rooms", key="wrong" * 10)[0] == 401  # the key is checked first
+    start_redis(port=port)
+    wait_for(lambda: http("GET", server.base + "/healthz", timeout=3)[0] == 200, 15, "/healthz 200")
+    assert api(server, "POST", "/api/publish", {"room": "lobby", "message": "after"})[0] == 200
+    assert "Traceback" not in server.log_text()
