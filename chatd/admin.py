@@ -105,13 +105,17 @@ class AdminSite(server.Site):
         pass
 
 
-def make_admin_site(metrics, readiness):
+def make_admin_site(metrics, readiness, api_resource=None):
     """
     @param metrics: a L{chatd.metrics.Metrics}.
     @param readiness: see L{ReadyResource}.
+    @param api_resource: the server API (L{chatd.api.ApiResource}) to serve
+        at C{/api} here too, or L{None}; it checks its keys itself.
     """
     root = _Root()
     root.putChild(b"metrics", MetricsResource(metrics))
     root.putChild(b"livez", LiveResource())
     root.putChild(b"readyz", ReadyResource(readiness))
+    if api_resource is not None:
+        root.putChild(b"api", api_resource)
     return AdminSite(root)

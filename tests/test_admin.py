@@ -76,3 +76,23 @@ def test_unknown_path_and_method(site):
     assert status == 404
     status, headers, body = request(site, b"POST /readyz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     assert status == 405 and headers["allow"] == "GET, HEAD"
+
+
+def test_server_api_on_the_admin_listener(state):
+    """With the server API on, /api/ is served here too, keys checked; without it, /api/ is a 404."""
+    from chatd.api import ApiResource
+
+    class Rooms:
+        def list_rooms(self):
+            return [("lobby", 3)]
+
+    key = "k" * 32
+    site = admin.make_admin_site(Metrics(), lambda: state["ready"], ApiResource([key], Rooms(), 4000, 500))
+    # HTTP/1.0: the API answers later (NOT_DONE_YET), which 1.1 would chunk.
+    raw = f"GET /api/rooms HTTP/1.0\r\nHost: x\r\nX-API-Key: {key}\r\n\r\n"
+    status, _, body = request(site, raw.encode())
+    assert (status, json.loads(body)) == (200, {"rooms": [{"name": "lobby", "users": 3}]})
+    status, _, body = get(site, "/api/rooms")
+    assert (status, json.loads(body)["error"]) == (401, "invalid_key")
+    status, _, _ = get(admin.make_admin_site(Metrics(), lambda: state["ready"]), "/api/rooms")
+    assert status == 404
