@@ -33,6 +33,21 @@ def start_instances(start_chatd, redis, count=2, **overrides):
     return servers
 
 
+def alice_and_bob_in_lobby(start_chatd, redis, clients):
+    """
+    Instances A and B on C{redis}, alice on A and bob on B, both in the
+    lobby (alice has read bob's ENTER).  Returns a, b, alice, bob and bob's
+    ENTER event.
+    """
+    a, b = start_instances(start_chatd, redis)
+    alice, bob = a.connect("alice", name="Alice"), b.connect("bob", name="Bob")
+    clients.extend([alice, bob])
+    alice.enter("lobby")
+    bob_in = bob.enter("lobby")
+    alice.recv()
+    return a, b, alice, bob, bob_in
+
+
 def health(server):
     try:
         return http("GET", server.base + "/healthz", timeout=2)[0]
@@ -161,12 +176,7 @@ def test_redis_restart_keeps_clients(start_redis, start_chatd, clients):
     same connections, presence is rebuilt, and `since` reports the loss.
     """
     redis = start_redis()
-    a, b = start_instances(start_chatd, redis)
-    alice, bob = a.connect("alice", name="Alice"), b.connect("bob", name="Bob")
-    clients.extend([alice, bob])
-    alice.enter("lobby")
-    bob.enter("lobby")
-    alice.recv()
+    a, b, alice, bob, _ = alice_and_bob_in_lobby(start_chatd, redis, clients)
     before = alice.talk("lobby", "before")
     assert bob.recv()["id"] == before["id"]
     unused_ticket = a.ticket("carol")
@@ -212,12 +222,7 @@ def test_redis_restart_keeps_clients(start_redis, start_chatd, clients):
 def test_stopped_redis_is_unavailable_not_stuck(start_redis, start_chatd, clients):
     """SIGSTOP of redis-server: ERROR unavailable and 503 within the timeout, then recovery."""
     redis = start_redis()
-    a, b = start_instances(start_chatd, redis)
-    alice, bob = a.connect("alice", name="Alice"), b.connect("bob", name="Bob")
-    clients.extend([alice, bob])
-    alice.enter("lobby")
-    bob_in = bob.enter("lobby")
-    alice.recv()
+    a, b, alice, bob, bob_in = alice_and_bob_in_lobby(start_chatd, redis, clients)
 
     os.kill(redis.proc.pid, signal.SIGSTOP)
     try:
@@ -311,12 +316,7 @@ def test_stalled_instance_keeps_its_users(start_redis, start_chatd, clients):
     real departure later is one QUIT that leaves both counts right.
     """
     redis = start_redis()
-    a, b = start_instances(start_chatd, redis)
-    alice, bob = a.connect("alice", name="Alice"), b.connect("bob", name="Bob")
-    clients.extend([alice, bob])
-    alice.enter("lobby")
-    bob.enter("lobby")
-    alice.recv()  # bob's ENTER
+    a, b, alice, bob, _ = alice_and_bob_in_lobby(start_chatd, redis, clients)
     os.kill(a.proc.pid, signal.SIGSTOP)
     try:
         stalled = time.monotonic()

@@ -403,6 +403,23 @@ local function emptied(meta, members, history, registry, creators, made, room, i
     redis.call('PEXPIRE', history, ttl_ms)
   end
 end
+
+-- A TALK (a user's or the server API's) made an event: numbered, kept in
+-- history, and the room's lifetime follows whether anyone is in it (an
+-- empty room is registered, to be forgotten ttl_ms from now).
+-- K: the room scripts' KEYS (meta, members, history, registry, _, creators, made)
+local function talk(K, room, envelope, size, max_bytes, bytes, ttl_ms)
+  local epoch, seq, ts = stamp(K[1], K[3])
+  local message = event(epoch, seq, redis.call('HLEN', K[2]), ts, envelope)
+  keep(K[1], K[3], tonumber(size), tonumber(max_bytes), tonumber(bytes), seq, message)
+  if redis.call('HLEN', K[2]) > 0 then
+    occupied(K[1], K[3], K[4], room)
+  else
+    redis.call('ZADD', K[4], 'NX', 0, room)
+    emptied(K[1], K[2], K[3], K[4], K[6], K[7], room, ttl_ms, ttl_ms)
+  end
+  return message, epoch, seq, ts
+end
 """
 
 ROOM_LIMIT_REACHED = "room-limit"
@@ -486,14 +503,7 @@ end
 -- A talker missing from presence (Redis lost it, or a reap took it) is
 -- not put back here but by its instance, with an ENTER (see REASSERT).
 local present = redis.call('HEXISTS', KEYS[2], connection)
-local epoch, seq, ts = stamp(KEYS[1], KEYS[3])
-local message = event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, ARGV[3])
-keep(KEYS[1], KEYS[3], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), seq, message)
-if redis.call('HLEN', KEYS[2]) > 0 then
-  occupied(KEYS[1], KEYS[3], KEYS[4], room)
-else
-  emptied(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], room, ARGV[11], ARGV[11])
-end
+local message, epoch, seq, ts = talk(KEYS, room, ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[11])
 redis.call('PUBLISH', ARGV[4], message)
 if cid ~= '' then
   redis.call('HSET', KEYS[8], cid, epoch .. '-' .. string.format('%d', seq) .. ' ' .. ts)
@@ -650,16 +660,7 @@ if not redis.call('ZSCORE', KEYS[4], room)
       >= tonumber(ARGV[7]) then
   return {'""" + ROOM_LIMIT_REACHED + """'}
 end
-local epoch, seq, ts = stamp(KEYS[1], KEYS[3])
-local message = event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, ARGV[2])
-keep(KEYS[1], KEYS[3], tonumber(ARGV[4]), tonumber(ARGV[8]), tonumber(ARGV[9]), seq, message)
-if redis.call('HLEN', KEYS[2]) > 0 then
-  occupied(KEYS[1], KEYS[3], KEYS[4], room)
-else
-  -- Nobody in it: registered as an empty room, forgotten ttl from now.
-  redis.call('ZADD', KEYS[4], 'NX', 0, room)
-  emptied(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], room, ARGV[10], ARGV[11])
-end
+local message = talk(KEYS, room, ARGV[2], ARGV[4], ARGV[8], ARGV[9], ARGV[11])
 redis.call('PUBLISH', ARGV[3], message)
 if ARGV[6] == '1' then
   redis.call('SET', KEYS[5], message, 'PX', ARGV[5])
