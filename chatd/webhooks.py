@@ -369,6 +369,7 @@ class AcceptingBroker:
     def __init__(self, broker, webhooks):
         self._broker = broker
         self._webhooks = webhooks
+        broker.set_own_events(webhooks.accepted)  # reaped QUITs and the like: ours too
 
     def __getattr__(self, name):
         return getattr(self._broker, name)

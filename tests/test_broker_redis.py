@@ -217,13 +217,16 @@ async def test_server_api_across_instances(brokers):
 async def test_dead_instance_leaves_every_room(brokers):
     """
     An instance that vanishes without goodbye: its connections get one QUIT
-    each, emitted once even with two instances sweeping, within about
-    presence_ttl plus one upkeep period.
+    each, emitted (and reported as its own by the sweeper) once even with
+    two instances sweeping, within about presence_ttl plus one upkeep period.
     """
     reactor = _reactor()
     a = await brokers(presence_ttl=1.0)
     c = await brokers(presence_ttl=1.0)
     doomed = await brokers(presence_ttl=1.0)
+    reported = []  # what the sweepers report as their own events (for the webhook)
+    for broker in (a, c):
+        broker.set_own_events(lambda event, sub: reported.append((event.room, event.type, event.id, sub)))
     for room in ("lobby", "ops"):
         await a.subscribe(room)
     await a.enter("lobby", member(a, 1))
@@ -244,6 +247,8 @@ async def test_dead_instance_leaves_every_room(brokers):
         ("lobby", "User1"), ("lobby", "User2"), ("ops", "User3")
     ]
     assert [e.user_count for e in quits if e.room == "ops"] == [0]
+    # Each reaped QUIT was reported once, by the one instance that made it.
+    assert sorted(reported) == sorted((e.room, "QUIT", e.id, f"user{e.sender[-1]}") for e in quits)
     assert await a.list_rooms() == [("lobby", 2)]
     port = a._commands.protocol.transport.getPeer().port
     assert doomed.instance_id not in redis_command(port, "SMEMBERS", "chatd:instances")

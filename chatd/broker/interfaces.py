@@ -194,6 +194,16 @@ class IBroker(Interface):
         instance (this one's included).
         """
 
+    def set_own_events(handler):
+        """
+        Name the callable C{handler(event, sub)} that receives each event
+        the broker makes happen on its own, not as the answer to a call:
+        the QUITs of a dead instance's connections when this instance reaps
+        them, the ENTERs of this instance's connections put back after Redis
+        lost them, a QUIT recorded late.  This instance accepted those (it
+        hands them to the webhook); no other instance reports them.
+        """
+
     def disconnect(sub, reason=""):
         """
         Void the tickets issued for C{sub} and not yet redeemed, then send

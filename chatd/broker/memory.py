@@ -202,6 +202,9 @@ class MemoryBroker(MultiService):
         """IBroker API"""
         self._control = handler
 
+    def set_own_events(self, handler):
+        """IBroker API: one instance; every event comes from a call, so this is never called."""
+
     def disconnect(self, sub, reason=""):
         """IBroker API"""
         self._tickets.void(sub)

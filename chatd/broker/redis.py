@@ -91,6 +91,7 @@ class RedisBroker(MultiService):
         self._keys = scripts.Keys(db)
         self._deliver = None
         self._control = None
+        self._own_events = None
         self._wanted = set()  # rooms the hub subscribed to
         self._live = set()  # ...whose SUBSCRIBE Redis confirmed on this subscriber connection
         self._in_flight = set()
@@ -114,6 +115,7 @@ class RedisBroker(MultiService):
         self._presence = Presence(
             clock, self._commands, self._keys, self.instance_id, presence_ttl, self._ttl_ms,
             quit=lambda room, member: self._quit(room, member, None, only_if_present=True),
+            on_event=self._own_event,
         )
         self._commands.service.setServiceParent(self)
         self._subscriber.service.setServiceParent(self)
@@ -267,10 +269,11 @@ class RedisBroker(MultiService):
         if room not in self._wanted or self._deliver is None:
             return
         try:
-            delivery, reaped, call = decode_message(message)
+            published = decode_message(message)
         except (ValueError, KeyError, TypeError):
             log.error("dropping an undecodable event from {room}", room=printable(room))
             return
+        delivery, reaped, call = published.delivery, published.reaped, published.call
         if reaped and self._presence.is_local(room, delivery.origin):
             # Another instance took this one for dead (it was stalled, or
             # cut off from Redis) and reaped a connection that never left.
@@ -611,3 +614,11 @@ class RedisBroker(MultiService):
             self._control(control)
         except Exception:
             log.failure("carrying out {op} failed", op=printable(control.op))
+
+    def set_own_events(self, handler):
+        """IBroker API"""
+        self._own_events = handler
+
+    def _own_event(self, event, sub):
+        if self._own_events is not None:
+            self._own_events(event, sub)

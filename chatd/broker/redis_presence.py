@@ -37,13 +37,16 @@ class Presence(TimerService):
     it.
     """
 
-    def __init__(self, clock, commands, keys, instance_id, presence_ttl, room_ttl_ms, quit):
+    def __init__(self, clock, commands, keys, instance_id, presence_ttl, room_ttl_ms, quit, on_event=None):
         """
         @param commands: the L{chatd.broker.redis_link.RedisLink} for commands.
         @param keys: the L{chatd.broker.redis_scripts.Keys}.
         @param room_ttl_ms: [history] ttl, for rooms a reap leaves empty.
         @param quit: C{quit(room, member)} runs the QUIT script only if the
             member is still present, firing with the event or L{None}.
+        @param on_event: C{on_event(event, sub)} for each event this timer
+            made happen (reaped QUITs, ENTERs put back, late QUITs): this
+            instance accepted them (for the webhook).
         """
         TimerService.__init__(self, presence_ttl / 3.0, self.tick)
         self.clock = clock
@@ -53,6 +56,7 @@ class Presence(TimerService):
         self._presence_ttl = presence_ttl
         self._room_ttl_ms = room_ttl_ms
         self._quit = quit
+        self._on_event = on_event
         self.local = {}  # room -> {connection id: Member}: what this instance has in presence
         self._unsure = {}  # (room, connection id) -> Member: QUITs to (re)try, only if present
         self._reassert = set()  # rooms whose local members must be put back (they were reaped)
@@ -173,12 +177,13 @@ class Presence(TimerService):
         for connection_id, member in list(members.items()):
             args += [connection_id, scripts.member_envelope(room, member),
                      scripts.enter_envelope(room, member)]
-        added = await self._script(
+        published = await self._script(
             "reassert", scripts.REASSERT,
             self._keys.room_keys(room, self._instance_id), args,
         )
-        if added:
-            log.info("put {count} connections back into {room}", count=added, room=printable(room))
+        self._made(published)
+        if published:
+            log.info("put {count} connections back into {room}", count=len(published), room=printable(room))
 
     async def _retry_unsure(self):
         for (room, connection_id), member in list(self._unsure.items()):
@@ -188,6 +193,7 @@ class Presence(TimerService):
             event = await self._quit(room, member)
             self._unsure.pop((room, connection_id), None)
             if event is not None:
+                self._report(event, member.sub)
                 log.info("recorded the late QUIT of {user} from {room}",
                          user=printable(member.name), room=printable(room))
 
@@ -227,14 +233,33 @@ class Presence(TimerService):
             if not messages.is_room_name(room):
                 continue
             keys = self._keys.room_keys(room, instance_id) + [heartbeat]
-            gone += await self._script(
+            published = await self._script(
                 "reap", scripts.REAP_ROOM, keys,
                 [room, instance_id + ":", self._keys.channel(room), scripts.IDLE_ROOM_MS,
                  self._room_ttl_ms],
             )
+            self._made(published)
+            gone += len(published or ())
         await self._script(
             "forget instance", scripts.FORGET_INSTANCE,
             [heartbeat, self._keys.instance_rooms(instance_id), self._keys.instances],
             [instance_id],
         )
         return gone
+
+    def _made(self, published_messages):
+        """Report the events a script published for this timer."""
+        for message in published_messages or ():
+            try:
+                published = scripts.decode_message(message)
+            except (ValueError, KeyError, TypeError):
+                continue
+            self._report(published.delivery.event, published.sub or "")
+
+    def _report(self, event, sub):
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(event, sub)
+        except Exception:
+            log.failure("reporting {type} in {room} failed", type=event.type, room=printable(event.room))

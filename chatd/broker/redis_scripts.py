@@ -95,6 +95,7 @@ class Published(NamedTuple):
     delivery: Delivery
     reaped: bool  # a QUIT that reaping published (see member_envelope)
     call: Optional[str]  # the TALK call that made it, "<instance id>:<n>"
+    sub: Optional[str] = None  # the actor's user (for the webhook)
 
 
 def decode_message(message):
@@ -123,6 +124,7 @@ def decode_message(message):
         Delivery(event, fields.get("origin"), fields.get("ref")),
         fields.get("reaped") is True,
         call if isinstance(call, str) else None,
+        fields.get("sub") if isinstance(fields.get("sub"), str) else None,
     )
 
 
@@ -550,29 +552,29 @@ return message
 # KEYS: meta, members, history, registry, the instance's rooms, creators,
 #       made, its heartbeat
 # ARGV: room, connection id prefix ("<instance id>:"), channel, idle ms, room ttl ms
-# -> how many left (0 when the heartbeat is back: the instance lives)
+# -> the QUIT events published (none when the heartbeat is back: the instance lives)
 REAP_ROOM = _ROOM_PRELUDE + """
 local room, prefix = ARGV[1], ARGV[2]
 if redis.call('EXISTS', KEYS[8]) == 1 then
-  return 0
+  return {}
 end
 local members = redis.call('HGETALL', KEYS[2])
-local gone = 0
+local published = {}
 for i = 1, #members, 2 do
   local connection = members[i]
   if string.sub(connection, 1, #prefix) == prefix then
     redis.call('HDEL', KEYS[2], connection)
     local epoch, seq, ts = stamp(KEYS[1], KEYS[3])
-    redis.call('PUBLISH', ARGV[3],
-               event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, members[i + 1]))
-    gone = gone + 1
+    local message = event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, members[i + 1])
+    redis.call('PUBLISH', ARGV[3], message)
+    table.insert(published, message)
   end
 end
 redis.call('HDEL', KEYS[5], room)
-if gone > 0 then
+if #published > 0 then
   emptied(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], room, ARGV[4], ARGV[5])
 end
-return gone
+return published
 """
 
 # Put this instance's live connections back into a room's presence (after
@@ -581,21 +583,22 @@ return gone
 # member hears of it with the right count (docs/delivery.md, "stalls").
 # KEYS: meta, members, history, registry, instance rooms, creators, made
 # ARGV: room, channel, then (connection id, member envelope, ENTER envelope)
-#       triples -> how many were missing
+#       triples -> the ENTER events of those that were missing
 REASSERT = _ROOM_PRELUDE + """
-local room, added = ARGV[1], 0
+local room, published = ARGV[1], {}
 for i = 3, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
-    added = added + 1
     local epoch, seq, ts = stamp(KEYS[1], KEYS[3])
-    redis.call('PUBLISH', ARGV[2], event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, ARGV[i + 2]))
+    local message = event(epoch, seq, redis.call('HLEN', KEYS[2]), ts, ARGV[i + 2])
+    redis.call('PUBLISH', ARGV[2], message)
+    table.insert(published, message)
   end
 end
-if added > 0 then
-  redis.call('HINCRBY', KEYS[5], room, added)
+if #published > 0 then
+  redis.call('HINCRBY', KEYS[5], room, #published)
 end
 occupied(KEYS[1], KEYS[3], KEYS[4], room)
-return added
+return published
 """
 
 # KEYS: registry, creators, made -> the names of the rooms it holds
