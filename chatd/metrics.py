@@ -75,6 +75,7 @@ class Metrics:
         self._connections = lambda: 0
         self._rooms = lambda: 0
         self._broker_up = lambda: True
+        self._webhooks = None  # the WebhookService, when [webhook] url is set
         self.fanout = Histogram(
             "chatd_fanout_seconds",
             "Seconds from an event coming off the broker feed until written to the last local member.",
@@ -82,14 +83,19 @@ class Metrics:
         )
         self.registry.register(_Collector(self))
 
-    def watch(self, connections=None, rooms=None, broker_up=None):
+    def watch(self, connections=None, rooms=None, broker_up=None, webhooks=None):
         """
         Callables read at scrape time for the gauges.
 
         @param connections: returns the number of open WebSockets.
         @param rooms: returns the number of rooms with a local member.
         @param broker_up: returns whether the broker can serve.
+        @param webhooks: the L{chatd.webhooks.WebhookService}, whose counters
+            are read at scrape time (the C{chatd_webhook_*} families appear
+            only with it).
         """
+        if webhooks is not None:
+            self._webhooks = webhooks
         if connections is not None:
             self._connections = connections
         if rooms is not None:
@@ -193,6 +199,21 @@ class _Collector:
                 "When the served TLS certificate expires (seconds since the epoch).",
                 value=m.certificate_expiry,
             )
+        hooks = m._webhooks
+        if hooks is not None:
+            yield GaugeMetricFamily(
+                "chatd_webhook_queued_events", "Events waiting to be sent to the webhook.",
+                value=hooks.queued_events,
+            )
+            for name, documentation, value in (
+                ("chatd_webhook_delivered_events", "Events the webhook acknowledged (2xx).", hooks.delivered_events),
+                ("chatd_webhook_dropped_events", "Events dropped because the webhook queue was full.", hooks.dropped_events),
+                ("chatd_webhook_dropped_batches", "Batches dropped because the webhook queue was full.", hooks.dropped_batches),
+                ("chatd_webhook_failed_attempts", "Webhook POSTs without a 2xx in time (each is retried).", hooks.failed_attempts),
+            ):
+                family = CounterMetricFamily(name, documentation)
+                family.add_metric([], value)
+                yield family
         build = GaugeMetricFamily("chatd_build_info", "chatd's version; always 1.", labels=["version"])
         build.add_metric([m.version], 1)
         yield build

@@ -201,7 +201,7 @@ def make_chat_service(settings, reactor=None, tls_options=None, environ=None):
     api_resource = ApiResource.from_settings(settings, BrokerApiBackend(chat_broker))
     metrics.watch(
         connections=lambda: len(ws_factory.connections), rooms=hub.room_count,
-        broker_up=broker.is_available,
+        broker_up=broker.is_available, webhooks=hooks,
     )
     echo_factory = None
     if settings.conformance.echo:
@@ -223,7 +223,7 @@ def make_chat_service(settings, reactor=None, tls_options=None, environ=None):
         settings.server.endpoint, connection_guard.wrap(listening), reactor=reactor
     )]
     if settings.admin.endpoint:
-        admin_site = admin.make_admin_site(metrics, drain_state.readiness)
+        admin_site = admin.make_admin_site(metrics, drain_state.readiness, api_resource=api_resource)
         others.append(strports.service(settings.admin.endpoint, admin_site, reactor=reactor))
     reloader = Reloader(
         settings, verifier, server_tls, notifier, metrics, lambda: drain_state.draining

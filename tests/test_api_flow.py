@@ -366,3 +366,23 @@ def test_broker_outage_is_503(start_chatd, start_redis, key_file, clients):
     wait_for(lambda: http("GET", server.base + "/healthz", timeout=3)[0] == 200, 15, "/healthz 200")
     assert api(server, "POST", "/api/publish", {"room": "lobby", "message": "after"})[0] == 200
     assert "Traceback" not in server.log_text()
+
+
+def test_admin_listener_serves_the_api_and_webhook_metrics(start_chatd, key_file, hook_secret_file, receiver, clients):
+    """With [admin] endpoint set the API answers there too (keys checked), and /metrics counts the webhook."""
+    from tests.support import free_port
+
+    hook = receiver()
+    admin_port = free_port()
+    server = start_chatd(
+        api__key_file=key_file, admin__endpoint=f"tcp:{admin_port}:interface=127.0.0.1",
+        webhook__url=hook.url, webhook__secret_file=hook_secret_file,
+    )
+    admin = f"http://127.0.0.1:{admin_port}"
+    status, _, answer = http("POST", admin + "/api/publish", body=json.dumps({"room": "ops", "message": "hi"}).encode(),
+                             headers={"X-API-Key": KEY, "Content-Type": "application/json"})
+    assert status == 200 and "id" in answer
+    assert http("GET", admin + "/api/rooms")[0] == 401
+    assert [e["message"] for e in hook.events_until(lambda seen: len(seen) >= 1)] == ["hi"]
+    wait_for(lambda: b"chatd_webhook_delivered_events_total 1.0" in http("GET", admin + "/metrics")[2],
+             10, "the delivery counted")

@@ -113,3 +113,20 @@ def test_certificate_expiry_from_a_certificate(dev_dir):
     assert metrics_module.certificate_expiry(cert) == expected
     assert metrics_module.certificate_expiry(crypto.load_certificate(crypto.FILETYPE_PEM, pem)) == expected
     assert expected > time.time()
+
+
+def test_webhook_counters():
+    """With a webhook service watched, its queue and counters are scraped; without, no family appears."""
+    assert not any(name.startswith("chatd_webhook") for name in scrape(Metrics()))
+
+    class Hooks:
+        queued_events, delivered_events, dropped_events, dropped_batches, failed_attempts = 4, 90, 6, 2, 11
+
+    m = Metrics()
+    m.watch(webhooks=Hooks())
+    s = scrape(m)
+    assert s["chatd_webhook_queued_events"][frozenset()] == 4
+    assert s["chatd_webhook_delivered_events_total"][frozenset()] == 90
+    assert s["chatd_webhook_dropped_events_total"][frozenset()] == 6
+    assert s["chatd_webhook_dropped_batches_total"][frozenset()] == 2
+    assert s["chatd_webhook_failed_attempts_total"][frozenset()] == 11
