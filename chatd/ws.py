@@ -99,10 +99,18 @@ class _GuardedMixin:
     client = None  # the client's address: the TCP peer, or as a trusted proxy says
     _budget = None
 
+    _close_on_open = None  # (code, reason): close() came during the opening handshake
+
     def close(self, code, reason):
-        """C{close()} that can send any close code, once, only while open."""
+        """
+        C{close()} that can send any close code, once.  A connection still
+        in its opening handshake (its ticket redeemed, say, when the server
+        API disconnects its user) is closed as soon as it opens.
+        """
         if self.state == self.STATE_OPEN:
             self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:120], isReply=False)
+        elif self.state == self.STATE_CONNECTING and self._close_on_open is None:
+            self._close_on_open = (code, reason)
 
     def _guard_open(self):
         factory = self.factory
@@ -201,6 +209,9 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
 
     def onOpen(self):
         self._guard_open()
+        if self._close_on_open is not None:
+            self.close(*self._close_on_open)
+            return
         factory = self.factory
         self.connection_id = factory.new_connection_id()
         self._opened = factory.clock.seconds()

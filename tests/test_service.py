@@ -203,6 +203,30 @@ def test_stop_hands_shutdown_quits_to_the_webhook_before_the_broker_stops(reacto
     assert len(done) == 1 and not running.top.broker.running
 
 
+def test_disconnect_during_the_opening_handshake(running, monkeypatch):
+    """
+    The server API disconnects a user whose ticket was redeemed while the
+    upgrade is still under way: the connection is closed with 4003 as it
+    opens and never gets a WELCOME; another user's opening is untouched.
+    """
+    from chatd import handshake
+
+    choose = handshake.choose_subprotocol
+
+    def disconnect_then_choose(offered, supported):
+        if not running.top.broker.disconnect("mallory", "banned").called:  # the memory broker: at once
+            raise AssertionError("the disconnect did not happen at once")
+        return choose(offered, supported)
+
+    monkeypatch.setattr(handshake, "choose_subprotocol", disconnect_then_choose)
+    mallory = running.connect("mallory")
+    alice = running.connect("alice")
+    running.pumps.flush()
+    assert mallory.closed == errors.CLOSE_DISCONNECTED
+    assert [f["type"] for f in mallory.received] == []
+    assert alice.closed is None and alice.received[0]["type"] == "WELCOME"
+
+
 def test_stop_waits_out_the_grace_for_silent_clients(running):
     """A client that never answers the 1001 holds the stop for drain_time + GRACE, no longer."""
     running.connect("alice")
