@@ -375,8 +375,9 @@ class Receiver(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, statuses=()):
+    def __init__(self, statuses=(), answer=b"ok"):
         super().__init__()
+        self.answer = answer
         self.statuses = list(statuses)
         self.requests = []  # (delivery id, signature, body)
         self.arrived = defer.DeferredQueue()
@@ -392,7 +393,7 @@ class Receiver(resource.Resource):
         if status == "hang":
             return server.NOT_DONE_YET
         request.setResponseCode(status)
-        return b"ok"
+        return self.answer
 
 
 @pytest.fixture
@@ -560,3 +561,23 @@ def test_accepting_broker_reports_what_this_instance_accepted():
         ("ENTER", "Alice entered", "alice-sub"), ("TALK", "hi", "alice-sub"),
         ("TALK", "notice", "system"), ("QUIT", "Alice left", "alice-sub"),
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_huge_answer_is_not_kept(receiver_at):
+    """A backend answering 200 with a 2 MB body: acknowledged (the body is read past, not kept), and the next batch goes."""
+    from twisted.internet import reactor
+
+    receiver = Receiver(answer=b"x" * (2 * 1024 * 1024))
+    service = real_service(receiver_at(receiver))
+    try:
+        service.accepted(talk(1), "alice")
+        await arrival(receiver)
+        service.accepted(talk(2), "alice")
+        await arrival(receiver)
+        deadline = reactor.seconds() + TIMEOUT
+        while service.delivered_events < 2 and reactor.seconds() < deadline:
+            await task.deferLater(reactor, 0.05)
+        assert service.delivered_events == 2 and service.failed_attempts == 0
+    finally:
+        await service.stopService()
