@@ -22,6 +22,7 @@ from chatd.auth import InvalidToken
 from chatd.errors import BrokerUnavailable
 from chatd.logs import printable, redact_uri
 from chatd.proxies import TrustedProxies
+from chatd.stomp.transport import SockJSResource
 
 log = Logger()
 
@@ -298,6 +299,10 @@ def make_site(
     root.putChild(b"rooms", RoomsResource(verifier, broker))
     root.putChild(b"healthz", HealthResource(broker, broker.instance_id, drain_state))
     root.putChild(b"ws", WebSocketResource(ws_factory))
+    if settings.stomp.enabled:
+        # The same factory as /ws: one set of caps, one 1001 drain.
+        sockjs_root = SockJSResource(WebSocketResource(ws_factory), NotFound())
+        root.putChild(settings.stomp.sockjs_path[1:].encode("ascii"), sockjs_root)
     if echo_factory is not None:
         root.putChild(b"echo", WebSocketResource(echo_factory))
     if api_resource is not None:

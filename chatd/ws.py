@@ -36,6 +36,7 @@ from chatd.metrics import Metrics
 from chatd.observer import OneShotObserverList
 from chatd.proxies import TrustedProxies
 from chatd.session import Session
+from chatd.stomp import transport as stomp_transport
 
 
 REFUSAL_LOG_RATE = 2.0  # refused upgrades logged per second, after
@@ -169,6 +170,7 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
     _opened = None
     _received = 0
     _sent = 0
+    stomp = None  # a StompWire when this connection speaks STOMP (docs/stomp.md)
 
     def onConnect(self, request):
         d = defer.ensureDeferred(self._on_connect(request))
@@ -185,13 +187,20 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
             if factory.drain_state is not None and factory.drain_state.draining:
                 raise handshake.Deny(errors.HTTP_UNAVAILABLE, "server draining, reconnect")
             handshake.check_origin(origin, factory.settings.server.allowed_origins)
-            ticket = handshake.ticket_from_params(request.params)
+            stomp = stomp_transport.choose(request.path, request.protocols, factory.settings.stomp)
+            # [stomp] connect_auth: a STOMP client may bring its JWT in CONNECT instead.
+            ticketless = (
+                stomp is not None and factory.settings.stomp.connect_auth and "ticket" not in request.params
+            )
+            ticket = None if ticketless else handshake.ticket_from_params(request.params)
             factory.admit(self)
-            try:
-                grant = await factory.broker.redeem_ticket(ticket)
-            except BrokerUnavailable:
-                raise handshake.Deny(errors.HTTP_UNAVAILABLE, "chat unavailable") from None
-            self.principal = handshake.check_grant(grant, factory.clock.seconds())
+            self.principal = None
+            if ticket is not None:
+                try:
+                    grant = await factory.broker.redeem_ticket(ticket)
+                except BrokerUnavailable:
+                    raise handshake.Deny(errors.HTTP_UNAVAILABLE, "chat unavailable") from None
+                self.principal = handshake.check_grant(grant, factory.clock.seconds())
         except handshake.Deny as deny:
             factory.metrics.count_rejected(deny.status)
             factory.note_refusal(
@@ -199,6 +208,9 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
                 status=deny.status, reason=deny.reason,
             )
             raise ConnectionDeny(deny.status, deny.reason)
+        if stomp is not None:
+            self.stomp = stomp_transport.StompWire(self, stomp.sockjs)
+            return stomp.subprotocol
         return handshake.choose_subprotocol(request.protocols, (messages.SUBPROTOCOL,))
 
     def _connect_failed(self, failure, request):
@@ -217,9 +229,13 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         self._opened = factory.clock.seconds()
         self._log.info(
             "websocket {peer} {user} connected as {connection}",
-            peer=self.client, user=printable(self.principal.name),
+            peer=self.client,
+            user=printable(self.principal.name) if self.principal else "(CONNECT to tell)",
             connection=self.connection_id,
         )
+        if self.stomp is not None:
+            self.session = self.stomp.open(self.principal)
+            return
         self.session = Session(
             self.principal, self, factory.hub, factory.verifier, factory.settings.limits, factory.clock,
             metrics=factory.metrics,
@@ -229,6 +245,10 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
     def onMessage(self, payload, isBinary):
         if self.session is None:
             return
+        if self.stomp is not None:
+            self._received += 1
+            self.stomp.received(payload, isBinary)
+            return
         if isBinary:
             self.close(errors.CLOSE_UNSUPPORTED_DATA, "text frames only")
             return
@@ -236,8 +256,16 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         self._received += 1
         self.session.received(payload.decode("utf-8"))
 
+    def close(self, code, reason):
+        """C{close()}; a STOMP over SockJS connection says C{c[code, reason]} first."""
+        if self.stomp is not None and self.state == self.STATE_OPEN:
+            self.stomp.closing(code, reason)
+        super().close(code, reason)
+
     def onClose(self, wasClean, code, reason):
         factory = self.factory
+        if self.stomp is not None:
+            self.stomp.stop()
         factory.release(self, self._leave())
         if self.connection_id is not None:
             factory.metrics.count_close(code)
@@ -246,10 +274,23 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
                 "websocket {connection} of {user} from {peer} ended after {duration} s: "
                 "close {code}, {received} messages in, {sent} out",
                 event="websocket_session_ended",
-                connection=self.connection_id, user=printable(self.principal.name), peer=self.client,
+                connection=self.connection_id, user=printable(self._user_name()), peer=self.client,
                 duration=round(factory.clock.seconds() - self._opened, 3), code=code,
                 received=self._received, sent=self._sent,
             )
+
+    def _user_name(self):
+        """The display name; a connect_auth STOMP connection knows it from CONNECT on."""
+        if self.principal is not None:
+            return self.principal.name
+        if self.stomp is not None and self.stomp.session is not None:
+            return self.stomp.session.user or "-"
+        return "-"
+
+    def count_sent(self):
+        """One more frame written to this client (for the session log line and the metrics)."""
+        self._sent += 1
+        self.factory.metrics.events_sent += 1
 
     def _leave(self):
         """
@@ -373,6 +414,7 @@ class ChatServerFactory(WebSocketServerFactory):
         self._ids = itertools.count(1)
         self._framed_text = None
         self._framed = None
+        self.stomp_shared = stomp_transport.SharedFrames(self.prepareMessage)
         self.setProtocolOptions(**_protocol_options(settings))
 
     def note_refusal(self, logger, **fields):

@@ -477,3 +477,108 @@ class Nginx:
         if self.proc is not None:
             stop_pid(self.proc)
             self.log.close()
+
+
+# --- real STOMP clients in Node (tests/stomp-clients, installed by `make test`) ---
+
+STOMP_CLIENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stomp-clients")
+
+
+class StompAgent:
+    """
+    A real STOMP client in Node (tests/stomp-clients/agent.js): @stomp/stompjs
+    7 over ws, or stompjs 2.3.3 over sockjs-client.  Driven by one JSON line
+    per command; its events are read by a thread into a queue, so every wait
+    has a deadline.  TLS is verified against the tests' certificate.  Stopped
+    by PID.
+
+    @ivar raw: the frames as the client logged them (C{">>> ..."} sent,
+        C{"<<< ..."} received), in order.
+    """
+
+    def __init__(self, lib, url, ca_file, log_path, protocols=None):
+        import queue
+        import threading
+
+        node = shutil.which("node")
+        if node is None or not os.path.isdir(os.path.join(STOMP_CLIENTS, "node_modules")):
+            raise AssertionError("Node or the STOMP clients are missing: run `make test` (npm ci)")
+        options = {"lib": lib, "url": url}
+        if protocols is not None:
+            options["protocols"] = list(protocols)
+        self.raw = []
+        self.events = queue.Queue()
+        self._log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [node, "agent.js", json.dumps(options)], cwd=STOMP_CLIENTS,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+            env=dict(os.environ, NODE_EXTRA_CA_CERTS=ca_file),
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.next("ready", timeout=START_TIMEOUT)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            event = json.loads(line)
+            if event["ev"] == "raw":
+                self.raw.append(event["text"])
+            else:
+                self.events.put(event)
+        self.events.put({"ev": "exited"})
+
+    def do(self, op, **fields):
+        """Send one command to the client."""
+        self.proc.stdin.write((json.dumps(dict(fields, op=op)) + "\n").encode())
+        self.proc.stdin.flush()
+
+    def next(self, kind=None, timeout=RECV_TIMEOUT):
+        """The next event (of C{kind}, when given: others before it fail the test)."""
+        import queue
+
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no {kind or 'event'} from the STOMP client in {timeout}s") from None
+        if event["ev"] == "exception" or (kind is not None and event["ev"] != kind):
+            raise AssertionError(f"expected {kind}, got {event}")
+        return event
+
+    def until(self, predicate, timeout=RECV_TIMEOUT, limit=1000):
+        """Events up to and including the first that matches; bounded."""
+        seen = []
+        deadline = time.monotonic() + timeout
+        for _ in range(limit):
+            event = self.next(timeout=max(0.01, deadline - time.monotonic()))
+            if event["ev"] == "message":
+                event = dict(event, body=json.loads(event["body"]))
+            seen.append(event)
+            if predicate(event):
+                return seen
+        raise AssertionError(f"no matching event in {limit}: {seen[-5:]}")
+
+    def quiet(self, timeout=0.3):
+        """True when no event arrives within C{timeout} (a bounded negative check)."""
+        import queue
+
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return True
+        raise AssertionError(f"unexpected event: {event}")
+
+    def messages(self, count, timeout=RECV_TIMEOUT):
+        """The next C{count} MESSAGE events, bodies parsed."""
+        got = []
+        for _ in range(count):
+            event = self.next("message", timeout)
+            got.append(dict(event, body=json.loads(event["body"])))
+        return got
+
+    def stop(self):
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.do("exit")
+        status = stop_pid(self.proc)
+        self._log.close()
+        return status

@@ -44,6 +44,8 @@ class FakeStompConnection:
         self.raw.append(data)
         self.frames.extend(self._parser.feed(data))
 
+    send_shared_frame = send_frame
+
     def close(self, code, reason):
         self.closes.append((code, reason))
 

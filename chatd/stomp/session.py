@@ -56,10 +56,13 @@ class IStompConnection(Interface):
     connection_id = Attribute("Unique across instances.")
 
     def send_frame(data):
+        """Send one STOMP frame (or a heart-beat), as bytes."""
+
+    def send_shared_frame(data):
         """
-        Send one STOMP frame (or a heart-beat), as bytes.  The same bytes
-        object may go to many connections (one MESSAGE for one event), so
-        the transport may frame it once.
+        Send a MESSAGE frame of the event being fanned out: the very same
+        bytes object goes to every connection alike, so the transport may
+        frame it once (see L{EventFrames}).
         """
 
     def close(code, reason):
@@ -142,9 +145,12 @@ class StompSession:
         C{websocket.handshake_timeout}).
     @param clock: an C{IReactorTime}.
     @param event_frames: the instance's L{EventFrames}.
+    @param metrics: the service's L{chatd.metrics.Metrics}, handed to the
+        chatd.v1 session (commands by type, errors by code), or L{None}.
     """
 
-    def __init__(self, connection, principal, hub, verifier, settings, clock, event_frames=None):
+    def __init__(self, connection, principal, hub, verifier, settings, clock, event_frames=None,
+                 metrics=None):
         self._connection = connection
         self._principal = principal
         self._hub = hub
@@ -153,6 +159,7 @@ class StompSession:
         self._limits = settings.limits
         self._clock = clock
         self._event_frames = event_frames if event_frames is not None else EventFrames()
+        self._metrics = metrics
         self._routes = mapping.Routes.from_settings(settings.stomp)
         self._parser = frames.FrameParser(settings.limits.max_message_bytes)
         self._subscriptions = mapping.Subscriptions()
@@ -289,7 +296,9 @@ class StompSession:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._version = self._parser.version = version
-        self._session = Session(principal, self._side, self._hub, self._verifier, self._limits, self._clock)
+        self._session = Session(
+            principal, self._side, self._hub, self._verifier, self._limits, self._clock, metrics=self._metrics
+        )
         self._send(frames.connected(version, frames.SERVER_HEART_BEAT, SERVER, principal.name))
         self._session.open()  # its WELCOME is dropped; it closes 4001 at exp
         self._start_heart_beats(send_ms, expect_ms)
@@ -380,7 +389,8 @@ class StompSession:
             return
         subscription = self._subscriptions.of_room(self._event_frames.room_of(text))
         if subscription is not None:
-            self._write(self._event_frames.message(text, subscription.destination, subscription.id, self._version))
+            data = self._event_frames.message(text, subscription.destination, subscription.id, self._version)
+            self._connection.send_shared_frame(data)
 
     def _closed_by_session(self, code, reason):
         if code == errors.CLOSE_TOKEN_EXPIRED:
@@ -425,10 +435,7 @@ class StompSession:
     # --- sending and closing -------------------------------------------------
 
     def _send(self, frame):
-        self._write(frames.encode(frame, self._version or frames.V12))
-
-    def _write(self, data):
-        self._connection.send_frame(data)
+        self._connection.send_frame(frames.encode(frame, self._version or frames.V12))
 
     def _fail(self, error, receipt=None, close_code=None):
         """ERROR, then close, as STOMP prescribes; once."""
