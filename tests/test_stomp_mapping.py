@@ -223,6 +223,8 @@ def test_event_body_is_the_seed_clients_shape():
         "userCount": 3, "id": "7-2", "ts": 1700000000000,
     }
     assert "\u00e9" in mapping.event_body(event)  # compact: not \\u-escaped
+    system = messages.RoomEvent("TALK", "7-3", "lobby", "ops", "maintenance", 3, 1, system=True)
+    assert json.loads(mapping.event_body(system))["system"] is True
 
 
 def test_replay_body():

@@ -46,6 +46,9 @@ class FakeStompConnection:
 
     send_shared_frame = send_frame
 
+    def when_drained(self):
+        return defer.succeed(None)
+
     def close(self, code, reason):
         self.closes.append((code, reason))
 

@@ -308,20 +308,22 @@ class Subscriptions:
 def event_body(event):
     """
     A L{messages.RoomEvent} as a MESSAGE body: the Spring seed clients'
-    ChatMessage shape plus chatd's C{id} and C{ts}.  Encode once per event:
-    only the headers differ between subscribers.
+    ChatMessage shape plus chatd's C{id} and C{ts} (and C{system}, as in
+    chatd.v1, for a TALK the application's backend posted).  Encode once per
+    event: only the headers differ between subscribers.
     """
-    return messages.encode(
-        {
-            "type": event.type,
-            "roomId": event.room,
-            "sender": event.sender,
-            "message": event.message,
-            "userCount": event.user_count,
-            "id": event.id,
-            "ts": event.ts,
-        }
-    )
+    body = {
+        "type": event.type,
+        "roomId": event.room,
+        "sender": event.sender,
+        "message": event.message,
+        "userCount": event.user_count,
+        "id": event.id,
+        "ts": event.ts,
+    }
+    if event.system:
+        body["system"] = True
+    return messages.encode(body)
 
 
 def replay_body(room, count, complete):

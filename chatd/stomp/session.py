@@ -68,6 +68,9 @@ class IStompConnection(Interface):
     def close(code, reason):
         """Close with a WebSocket close C{code} and a short C{reason}, once."""
 
+    def when_drained():
+        """As L{chatd.hub.IConnection.when_drained}: the send buffer is low again."""
+
 
 class EventFrames:
     """
@@ -129,6 +132,10 @@ class _SessionSide:
     def close(self, code, reason):
         """IConnection API"""
         self._stomp._closed_by_session(code, reason)
+
+    def when_drained(self):
+        """IConnection API"""
+        return self._stomp._connection.when_drained()
 
 
 class StompSession:

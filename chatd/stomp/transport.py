@@ -207,6 +207,10 @@ class StompWire:
         """IStompConnection API"""
         self._protocol.close(code, reason)
 
+    def when_drained(self):
+        """IStompConnection API"""
+        return self._protocol.when_drained()
+
 
 # --- the SockJS resource ----------------------------------------------------------
 
