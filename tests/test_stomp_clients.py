@@ -137,3 +137,107 @@ def test_sockjs_info_and_fallbacks(chatd):
     assert support.http("POST", chatd.base + "/ws-stomp/000/abcdefgh/xhr_send", body=b'["x"]')[0] == 404
     status, _, body = support.http("GET", chatd.base + "/ws-stomp/")
     assert status == 200 and body == b"Welcome to SockJS!\n"
+
+
+def wait_raw(agent, line, timeout):
+    """Until the client logged C{line} (bounded)."""
+    return support.wait_for(lambda: line in agent.raw, timeout, f"{line!r} from the client")
+
+
+def test_stompjs7_heart_beats_both_ways(chatd, agents):
+    """Negotiated 10000,10000: chatd sends an EOL every 10 s and takes the client's."""
+    ann = agents(chatd, sub="ann")
+    connect(ann, heartbeat=[10000, 10000])
+    wait_raw(ann, "<<< PONG", 15)
+    wait_raw(ann, ">>> PING", 15)
+    subscribe(ann, "hb", receipt="still-here")
+    assert ann.until(lambda e: e["ev"] == "receipt")[-1]["headers"]["receipt-id"] == "still-here"
+
+
+def test_stompjs7_reconnects_with_since(chatd, agents, clients):
+    """Disconnect (RECEIPT, clean close), miss two TALKs, come back with since: replay, REPLAY marker, live."""
+    bob = chatd.connect("bob")  # keeps the room (and its history) alive meanwhile
+    clients.append(bob)
+    bob.enter("r")
+    ann = agents(chatd, sub="ann", name="Ann")
+    connect(ann)
+    subscribe(ann, "r")
+    last_seen = ann.messages(1)[0]["headers"]["message-id"]
+    ann.do("disconnect")
+    events = ann.until(lambda e: e["ev"] == "closed")
+    assert events[-1]["code"] == 1000
+    assert any(line.startswith(">>> DISCONNECT") for line in ann.raw)
+    assert any(line.startswith("<<< RECEIPT") for line in ann.raw)
+    missed = [bob.talk("r", "one")["id"], bob.talk("r", "two")["id"]]
+
+    again = agents(chatd, sub="ann", name="Ann")
+    connect(again)
+    subscribe(again, "r", since=last_seen)
+    bodies = [m["body"] for m in again.messages(4)]
+    assert [b["type"] for b in bodies] == ["TALK", "TALK", "REPLAY", "ENTER"]
+    assert [b["id"] for b in bodies[:2]] == missed
+    assert bodies[2] == {"type": "REPLAY", "roomId": "r", "count": 2, "complete": True}
+    assert bodies[3]["sender"] == "Ann" and bodies[3]["userCount"] == 2
+
+
+def test_stomp_and_json_across_two_instances(start_redis, start_chatd, agents, clients):
+    """Redis: @stomp/stompjs on instance A, stompjs 2.3.3/SockJS and a chatd.v1 client on B, one room, one order."""
+    redis = start_redis()
+    a = start_chatd(name="a", redis__url=redis.url)
+    b = start_chatd(name="b", redis__url=redis.url)
+    ann = agents(a, sub="ann", name="Ann")
+    connect(ann)
+    subscribe(ann, "x")
+    ann.messages(1)
+    old = agents(b, "stompjs2-sockjs", sub="old", name="Old")
+    connect(old)
+    subscribe(old, "x")
+    carl = b.connect("carl")
+    clients.append(carl)
+    carl.enter("x")
+    talk(ann, "x", "from A", receipt="a1")
+    ann_events = ann.until(lambda e: e["ev"] == "receipt")
+    talk(old, "x", "from B")
+    carl.recv_until(lambda f: f.get("message") == "from B")
+    ann_events += ann.until(lambda e: e["ev"] == "message" and e["body"]["message"] == "from B")
+    ann_saw = [e["body"] for e in ann_events if e["ev"] == "message"]
+    old_saw = [e["body"] for e in old.until(lambda e: e["ev"] == "message" and e["body"]["message"] == "from B")
+               if e["ev"] == "message"]
+    assert [(e["type"], e["sender"]) for e in ann_saw] == [
+        ("ENTER", "Old"), ("ENTER", "carl"), ("TALK", "Ann"), ("TALK", "Old"),
+    ]
+    assert old_saw == ann_saw  # the same events, ids and order on both instances
+    assert ann_saw[-1]["userCount"] == 3
+
+
+def test_connect_auth_takes_a_jwt_in_connect(start_chatd, agents):
+    """[stomp] connect_auth = on: no ticket on the URL, the JWT in CONNECT (a forged one: ERROR, close)."""
+    chatd = start_chatd(stomp__connect_auth="on")
+    ann = agents(chatd, sub="ann", ticket=False)
+    headers = connect(ann, headers={"Authorization": "Bearer " + chatd.token("ann", name="Ann")})
+    assert headers["user-name"] == "Ann"
+    eve = agents(chatd, sub="eve", ticket=False)
+    eve.do("connect", headers={"passcode": "not.a.jwt"})
+    events = eve.until(lambda e: e["ev"] == "closed")
+    error = next(e for e in events if e["ev"] == "error")
+    assert error["headers"]["message"] == "unauthorized" and "malformed" in error["body"]
+    # connect_auth never lets chatd.v1 in without a ticket.
+    assert support.ws_refusal(chatd.ws_base + "/ws") == 401
+
+
+def test_ticket_required_by_default(chatd):
+    """Without connect_auth a STOMP upgrade needs a ticket like /ws: 401 before the upgrade."""
+    for path in ("/ws-stomp/websocket", "/ws-stomp/000/abcdefgh/websocket"):
+        assert support.ws_refusal(chatd.ws_base + path) == 401, path
+
+
+def test_refusal_is_error_then_close(chatd, agents):
+    """A SEND into a topic: stompjs sees ERROR forbidden with the receipt-id, then the close."""
+    ann = agents(chatd, sub="ann")
+    connect(ann)
+    ann.do("send", destination="/topic/lobby", body="hi", headers={"receipt": "nope"})
+    events = ann.until(lambda e: e["ev"] == "closed")
+    error = next(e for e in events if e["ev"] == "error")
+    assert error["headers"]["message"] == "forbidden" and error["headers"]["receipt-id"] == "nope"
+    assert "is a topic" in error["body"]
+    assert events[-1]["code"] == 1000
