@@ -3,13 +3,17 @@
 chatd.stomp.transport: which upgrades speak STOMP, the SockJS resource's
 routes, and the wire between a protocol and a STOMP session (SockJS's o, h,
 a[...] and c[...], client arrays, surrogate pairs split across messages,
-frames prepared once per event) on a Clock with a stand-in protocol.
+frames prepared once per event) on a Clock with a stand-in protocol; and the
+real ChatServerProtocol in process (Autobahn's memory agent, as in
+tests/test_ws.py): subprotocol choice, connect_auth, the 1001 drain.
 """
 
 import json
 import types
 
 import pytest
+import txaio
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
@@ -21,6 +25,8 @@ from chatd.stomp import frames, transport
 from chatd.stomp.frames import Frame, FrameParser
 from chatd.stomp.transport import Choice, SharedFrames, SockJSResource, StompWire
 from tests.fakes import FakeVerifier, RecordingBroker
+from tests.support import mint_token
+from tests.test_ws import ORIGIN, World, clocked  # noqa: F401 (clocked: a fixture)
 
 STOMP = config.defaults().stomp
 ALICE = Principal(sub="alice", name="Alice", exp=10**10)
@@ -244,3 +250,109 @@ def test_shared_frames_prepared_once_per_event():
     assert in_sockjs is not plain and shared.prepared(data, True) is in_sockjs
     equal_copy = bytes(bytearray(data))
     assert equal_copy == data and shared.prepared(equal_copy, False) is not plain  # by identity
+
+
+# --- the real protocol, in process (Autobahn's memory agent, as tests/test_ws.py) --------
+
+
+class RawClient(WebSocketClientProtocol):
+    """Keeps every message as bytes, and how it closed."""
+
+    def __init__(self):
+        super().__init__()
+        self.received = []
+        self.closed = None
+
+    def onMessage(self, payload, isBinary):
+        self.received.append(payload)
+
+    def onClose(self, wasClean, code, reason):
+        self.closed = code
+
+
+def open_raw(world, path, protocols, query=None):
+    """A RawClient at C{path} offering C{protocols}, once its handshake is over."""
+    if query is None:
+        query = "ticket=" + world.ticket()
+    made = []
+
+    def client():
+        made.append(RawClient())
+        return made[-1]
+
+    options = {"protocols": protocols, "origin": ORIGIN}
+    world.agent.open(f"ws://localhost:8080{path}?{query}", options, protocol_class=client)
+    world.pumps.flush()
+    [client] = made
+    return client
+
+
+def stomp_world(**overrides):
+    world = World(**overrides)
+    txaio.config.loop = world.reactor
+    return world
+
+
+CONNECT = frames.encode(Frame("CONNECT", (("accept-version", "1.2"), ("heart-beat", "0,0"))))
+
+
+def test_ws_speaks_stomp_when_only_stomp_is_offered(clocked):  # noqa: F811
+    """On /ws, v11.stomp and v12.stomp offered (no chatd.v1): v12.stomp, then STOMP frames."""
+    world = stomp_world()
+    client = open_raw(world, "/ws", ["v11.stomp", "v12.stomp"])
+    assert client.websocket_protocol_in_use == "v12.stomp"
+    assert client.received == []  # no WELCOME: STOMP waits for CONNECT
+    client.sendMessage(CONNECT)
+    world.pumps.flush()
+    [connected] = client.received
+    assert connected.startswith(b"CONNECTED\nversion:1.2\n")
+
+
+def test_ws_prefers_chatd_v1(clocked):  # noqa: F811
+    """chatd.v1 offered next to STOMP: chatd.v1 and its WELCOME."""
+    world = stomp_world()
+    client = open_raw(world, "/ws", ["v12.stomp", "chatd.v1"])
+    assert client.websocket_protocol_in_use == "chatd.v1"
+    assert json.loads(client.received[0])["type"] == "WELCOME"
+
+
+def test_stomp_off_leaves_ws_to_chatd_v1(clocked):  # noqa: F811
+    """[stomp] enabled = off: a STOMP-only offer gets no subprotocol and chatd.v1's WELCOME."""
+    world = stomp_world(stomp__enabled=False)
+    client = open_raw(world, "/ws", ["v12.stomp"])
+    assert client.websocket_protocol_in_use is None
+    assert json.loads(client.received[0])["type"] == "WELCOME"
+
+
+def test_connect_auth_upgrade_without_ticket(clocked):  # noqa: F811
+    """connect_auth: STOMP opens without a ticket and CONNECT's JWT names the user; chatd.v1 still needs one."""
+    world = stomp_world(stomp__connect_auth=True)
+    token = mint_token(world.settings.jwt_key, "dora")
+    client = open_raw(world, "/ws", ["v12.stomp"], query="")
+    assert client.state == client.STATE_OPEN
+    client.sendMessage(frames.encode(Frame("CONNECT", (("accept-version", "1.2"), ("passcode", token)))))
+    world.pumps.flush()
+    assert b"user-name:dora" in client.received[0]
+    refused = open_raw(world, "/ws", ["chatd.v1"], query="")
+    assert refused.state == refused.STATE_CLOSED
+    assert int(refused.http_status_line.split()[1]) == errors.HTTP_UNAUTHORIZED
+
+
+def test_no_ticket_is_401_for_stomp_by_default(clocked):  # noqa: F811
+    """Without connect_auth, a STOMP upgrade without a ticket is 401, like /ws."""
+    world = stomp_world()
+    client = open_raw(world, "/ws", ["v12.stomp"], query="")
+    assert client.state == client.STATE_CLOSED
+    assert int(client.http_status_line.split()[1]) == errors.HTTP_UNAUTHORIZED
+
+
+def test_shutdown_close_is_1001_with_sockjs_c_first(clocked):  # noqa: F811
+    """The 1001 drain reaches STOMP connections too; over SockJS c[1001,...] comes first."""
+    world = stomp_world()
+    client = open_raw(world, "/ws-stomp/000/abcdefgh/websocket", [])
+    assert client.received == [b"o"]
+    world.factory.close_all(errors.CLOSE_GOING_AWAY, "server shutting down")
+    world.pumps.flush()
+    assert client.received[-1] == b'c[1001,"server shutting down"]'
+    assert client.closed == errors.CLOSE_GOING_AWAY
+
