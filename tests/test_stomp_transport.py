@@ -121,6 +121,7 @@ class FakeProtocol:
         self.prepared_sent = []
         self.closes = []
         self.connection_id = "i:1"
+        self.counted = 0
         self.maxMessagePayloadSize = self.maxFramePayloadSize = 65536
 
     def sendMessage(self, payload, isBinary=False):
@@ -129,6 +130,9 @@ class FakeProtocol:
     def sendPreparedMessage(self, prepared):
         self.prepared_sent.append(prepared)
         self.sent.append(prepared.payload)
+
+    def count_sent(self):
+        self.counted += 1
 
     def close(self, code, reason):
         """As ChatServerProtocol.close: the wire says c[...] first, once."""
@@ -333,6 +337,10 @@ def test_connect_auth_upgrade_without_ticket(clocked):  # noqa: F811
     client.sendMessage(frames.encode(Frame("CONNECT", (("accept-version", "1.2"), ("passcode", token)))))
     world.pumps.flush()
     assert b"user-name:dora" in client.received[0]
+    client.sendClose(1000)
+    world.pumps.flush()
+    # Closed and logged (the session line names the user CONNECT gave, not a ticket's).
+    assert client.closed == 1000 and world.factory.connections == set()
     refused = open_raw(world, "/ws", ["chatd.v1"], query="")
     assert refused.state == refused.STATE_CLOSED
     assert int(refused.http_status_line.split()[1]) == errors.HTTP_UNAUTHORIZED
