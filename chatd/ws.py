@@ -8,9 +8,13 @@ HTTP status and never upgraded.  Library defaults this module overrides, on
 purpose: Autobahn's unlimited frame and message sizes, C{failByDrop} (which
 drops TCP instead of closing with 1009/1007), its Origin check (400, we want
 403, "null" included), and C{sendClose}'s refusal of 1001/1003/1009 (we use
-C{sendCloseFrame}), and its unbounded send buffer (see L{_GuardedMixin}).
-Handshakes never reach twisted.web's access log, so each outcome is logged
-here, redacted.
+C{sendCloseFrame}), its unbounded send buffer (see L{_GuardedMixin}), its
+fragment bookkeeping (each fragment after the first is charged
+L{FRAGMENT_COST} against the message limit), its C{Server} header (name and
+version; ours is "chatd"), and its refusal logging (which quotes request
+headers raw; ours is one escaped line per refusal, within a budget per kind:
+L{_RefusalLog}).  Handshakes never reach twisted.web's access log, so each
+outcome is logged here, redacted.
 
 Caps on open WebSockets (total: 503, per client address: 429) are taken in
 C{onConnect}, before the ticket is redeemed, so a refused client neither
@@ -25,6 +29,7 @@ from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflat
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.web import http
 from zope.interface import implementer
 
 from chatd import errors, handshake, messages
@@ -39,8 +44,62 @@ from chatd.session import Session
 from chatd.stomp import transport as stomp_transport
 
 
-REFUSAL_LOG_RATE = 2.0  # refused upgrades logged per second, after
+REFUSAL_LOG_RATE = 2.0  # refused upgrades of one kind logged per second, after
 REFUSAL_LOG_BURST = 20  # this many at once
+
+# The Server header of the upgrade answer: no library names or versions.
+SERVER_NAME = "chatd"
+
+# What each fragment of a message after the first costs beyond its payload
+# while Autobahn holds it (a bytes object and a list slot, about 50 bytes on
+# CPython, rounded up): charged against max_message_bytes, so a message sent
+# as many tiny fragments is refused (1009) once it holds as much memory as
+# the largest allowed message, not 50 times that.
+FRAGMENT_COST = 64
+
+
+class _RefusalLog:
+    """
+    One line per refused upgrade, within a budget per kind (status and
+    reason): a client can be refused at will, and the log must not be its
+    amplifier, nor may a flood of one kind hide the others.  The kinds are
+    chatd's reasons and Autobahn's statuses, a small fixed set.  The number
+    of lines of a kind left out is logged before the next one of that kind.
+    """
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._kinds = {}  # (status, reason) -> [TokenBucket, lines left out]
+
+    def note(self, logger, peer, path, status, reason, detail=""):
+        """
+        Log that an upgrade from C{peer} to C{path} was refused with
+        C{status}, if the budget of its kind allows.
+
+        @param reason: one of a fixed set of texts (it names the kind).
+        @param detail: free text that may hold what the client sent
+            (Autobahn quotes headers in its reasons): escaped here.
+        """
+        kind = self._kinds.get((status, reason))
+        if kind is None:
+            kind = self._kinds[(status, reason)] = [
+                TokenBucket(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST, self._clock), 0
+            ]
+        if not kind[0].take():
+            kind[1] += 1
+            return
+        if kind[1]:
+            logger.info(
+                "{count} websocket refusals were not logged ({status}: {reason})",
+                count=kind[1], status=status, reason=reason,
+            )
+            kind[1] = 0
+        if detail:
+            reason = f"{reason} ({printable(detail, 300)})"
+        logger.info(
+            "websocket {peer} {path} refused {status}: {reason}", event="websocket_refused",
+            peer=peer, path=path, status=status, reason=reason,
+        )
 
 
 def _peer_host(transport):
@@ -99,6 +158,52 @@ class _GuardedMixin:
 
     client = None  # the client's address: the TCP peer, or as a trusted proxy says
     _budget = None
+    _fragments = 0
+    _refusal = None  # the Deny chatd refused the upgrade with, if any
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        """
+        Autobahn's, with one change: Autobahn logs C{reason}, which quotes
+        request headers as sent (the Origin, say), in two lines; here the
+        refusal is one line, escaped and within the refusal budget, and a
+        reason Autobahn made is not echoed in the status line.
+        """
+        # An answered refusal ends the connection as planned: with
+        # wasClean, Autobahn's "dropping connection" line is debug and
+        # leaves the reason out (else a warning quoting it).
+        self.wasClean = True
+        self.wasNotCleanReason = printable(reason, 300)
+        if self._refusal is None:
+            # Autobahn's own refusal of a malformed request.
+            self.factory.metrics.count_rejected(code)
+            self.factory.refusals.note(
+                self._log, self.client or _peer_host(self.transport),
+                redact_uri(getattr(self, "http_request_uri", None) or "-"),
+                code, "malformed upgrade", detail=reason,
+            )
+            reason = http.RESPONSES.get(code, b"Refused").decode("ascii")
+        self.sendHttpErrorResponse(code, reason, responseHeaders)
+        self.dropConnection(abort=False)
+
+    def onMessageBegin(self, isBinary):
+        super().onMessageBegin(isBinary)
+        self._fragments = 0
+
+    def onMessageFrameBegin(self, length):
+        """Charge each fragment after the first L{FRAGMENT_COST} against the message limit (1009)."""
+        super().onMessageFrameBegin(length)
+        self._fragments += 1
+        # The first fragment is the message itself: a message in one frame
+        # may be exactly max_message_bytes.
+        held = self.message_data_total_length + (self._fragments - 1) * FRAGMENT_COST
+        if not self.failedByMe and 0 < self.maxMessagePayloadSize < held:
+            self.wasMaxMessagePayloadSizeExceeded = True
+            # Autobahn's own path for an over-size message: close 1009
+            # (failByDrop is off), and nothing more of it is kept.
+            self._max_message_size_exceeded(
+                held, self.maxMessagePayloadSize,
+                f"message of {self._fragments} fragments over the size limit",
+            )
 
     _close_on_open = None  # (code, reason): close() came during the opening handshake
 
@@ -202,11 +307,9 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
                     raise handshake.Deny(errors.HTTP_UNAVAILABLE, "chat unavailable") from None
                 self.principal = handshake.check_grant(grant, factory.clock.seconds())
         except handshake.Deny as deny:
+            self._refusal = deny
             factory.metrics.count_rejected(deny.status)
-            factory.note_refusal(
-                self._log, peer=self.client, path=redact_uri(request.path),
-                status=deny.status, reason=deny.reason,
-            )
+            factory.refusals.note(self._log, self.client, redact_uri(request.path), deny.status, deny.reason)
             raise ConnectionDeny(deny.status, deny.reason)
         if stomp is not None:
             self.stomp = stomp_transport.StompWire(self, stomp.sockjs)
@@ -215,8 +318,11 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
 
     def _connect_failed(self, failure, request):
         if not failure.check(ConnectionDeny):
-            # Autobahn would log this as a bare warning and answer 500.
+            # Autobahn would log this as a bare warning, quoting the error,
+            # and answer 500 with it; log it once, with its traceback.
             self._log.failure("error in onConnect for {path}", failure, path=redact_uri(request.path))
+            self._refusal = handshake.Deny(errors.HTTP_INTERNAL_ERROR, "internal error")
+            raise ConnectionDeny(errors.HTTP_INTERNAL_ERROR, "internal error")
         return failure
 
     def onOpen(self):
@@ -391,7 +497,7 @@ class ChatServerFactory(WebSocketServerFactory):
         @param proxies: L{chatd.proxies.TrustedProxies}, who the client is
             for the per-address cap and the logs.
         """
-        super().__init__()
+        super().__init__(server=SERVER_NAME)
         self.metrics = metrics if metrics is not None else Metrics()
         self.drain_state = drain_state
         self.proxies = proxies if proxies is not None else TrustedProxies()
@@ -406,28 +512,13 @@ class ChatServerFactory(WebSocketServerFactory):
             settings.limits.max_connections, settings.limits.max_connections_per_ip
         )
         self.connections = set()
-        # Refusals are logged at most REFUSAL_LOG_RATE a second (after a
-        # burst): a flood of bad upgrades must not also flood the log.
-        self._refusal_log = TokenBucket(REFUSAL_LOG_RATE, REFUSAL_LOG_BURST, clock)
-        self._refusals_not_logged = 0
+        self.refusals = _RefusalLog(clock)
         self._empty = OneShotObserverList()
         self._ids = itertools.count(1)
         self._framed_text = None
         self._framed = None
         self.stomp_shared = stomp_transport.SharedFrames(self.prepareMessage)
         self.setProtocolOptions(**_protocol_options(settings))
-
-    def note_refusal(self, logger, **fields):
-        """One log line for a refused upgrade, within the refusal log budget."""
-        if not self._refusal_log.take():
-            self._refusals_not_logged += 1
-            return
-        if self._refusals_not_logged:
-            logger.info("{count} websocket refusals were not logged", count=self._refusals_not_logged)
-            self._refusals_not_logged = 0
-        logger.info(
-            "websocket {peer} {path} refused {status}: {reason}", event="websocket_refused", **fields
-        )
 
     def new_connection_id(self):
         """A connection id unique across instances (the broker's instance id, a counter)."""
@@ -501,8 +592,10 @@ class EchoServerFactory(WebSocketServerFactory):
     protocol = EchoServerProtocol
 
     def __init__(self, settings, guard, clock):
-        super().__init__()
+        super().__init__(server=SERVER_NAME)
         self.guard = guard
         self.clock = clock
+        self.metrics = Metrics()  # not the service's: /echo is for the testsuite only
+        self.refusals = _RefusalLog(clock)
         self.max_send_buffer_bytes = settings.limits.max_send_buffer_bytes
         self.setProtocolOptions(**_protocol_options(settings))

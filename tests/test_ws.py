@@ -17,13 +17,14 @@ from autobahn.twisted.testing import create_memory_agent
 from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from chatd import config, errors, ws
 from chatd.auth import Principal, TokenVerifier
 from chatd.broker.memory import MemoryBroker
 from chatd.errors import BrokerUnavailable
 from chatd.hub import Hub
+from tests import rawws
 
 SECRET = b"s" * 32
 ORIGIN = "https://chat.example"
@@ -334,3 +335,141 @@ def test_members_get_one_shared_frame(world):
     assert len(prepared) == 1
     for client in clients:
         assert client.received[-1]["type"] == "TALK" and client.received[-1]["message"] == "hi"
+
+
+# --- fragments (issue 8, item 8) -----------------------------------------------
+
+
+def fragments(count, piece=b"x"):
+    """A text message's first frame and C{count - 1} continuations, never finished."""
+    first = rawws.frame(rawws.OP_TEXT, piece, fin=False)
+    return first + b"".join(rawws.frame(rawws.OP_CONT, piece, fin=False) for _ in range(count - 1))
+
+
+def test_many_tiny_fragments_close_1009(clocked):
+    """
+    Each fragment is charged FRAGMENT_COST bytes on top of its payload:
+    a message of many one-byte fragments is closed with 1009 long before its
+    payload reaches max_message_bytes (before: 60000 fragments were held,
+    3.4 MB for 420 KB sent).
+    """
+    world = make_world(limits__max_message_bytes=4096)
+    client = world.connect()
+    # n one-byte fragments hold n + (n - 1) * FRAGMENT_COST: 64 fit in 4096, 65 do not.
+    client.transport.write(fragments(64))
+    world.pumps.flush()
+    assert client.closed is None
+    client.transport.write(rawws.frame(rawws.OP_CONT, b"x", fin=False))
+    world.pumps.flush()
+    assert client.closed == errors.CLOSE_MESSAGE_TOO_BIG
+
+
+def test_one_frame_of_exactly_the_limit_is_accepted(clocked):
+    """A message in one frame may be exactly max_message_bytes (no fragment is charged)."""
+    world = make_world(limits__max_message_bytes=4096)
+    client = world.connect()
+    text = json.dumps({"type": "QUIT", "room": "lobby", "ref": "q", "pad": ""})
+    text = text[:-2] + "x" * (4096 - len(text)) + '"}'
+    assert len(text) == 4096
+    client.sendMessage(text.encode())
+    world.pumps.flush()
+    assert client.closed is None
+    assert client.received[-1]["ref"] == "q"
+
+
+def test_a_few_fragments_are_one_message(world):
+    """A message in a handful of fragments is joined and answered like any other."""
+    client = world.connect()
+    text = json.dumps({"type": "ENTER", "room": "lobby", "ref": "e1"}).encode()
+    pieces = [text[i:i + 5] for i in range(0, len(text), 5)]
+    data = rawws.frame(rawws.OP_TEXT, pieces[0], fin=False)
+    data += b"".join(rawws.frame(rawws.OP_CONT, p, fin=False) for p in pieces[1:-1])
+    data += rawws.frame(rawws.OP_CONT, pieces[-1], fin=True)
+    client.transport.write(data)
+    world.pumps.flush()
+    assert client.closed is None
+    assert client.received[-1]["type"] == "ENTER" and client.received[-1]["ref"] == "e1"
+
+
+def raw_client(server, sub):
+    """A hand-driven WebSocket to a real twistd, open (WELCOME read)."""
+    raw = rawws.RawWebSocket(server.port)
+    status, head = raw.upgrade("/ws?ticket=" + server.ticket(sub))
+    assert status == 101, head
+    assert raw.recv_json()["type"] == "WELCOME"
+    return raw
+
+
+def test_many_fragments_on_a_real_twistd(start_chatd):
+    """Over TLS on a real twistd: a message of one-byte fragments is cut with 1009 after about a thousand."""
+    server = start_chatd()
+    raw = raw_client(server, "mallory")
+    try:
+        raw.send_raw(fragments(2000))
+        assert raw.close_code() == errors.CLOSE_MESSAGE_TOO_BIG
+    finally:
+        raw.close()
+    assert "Traceback" not in server.log_text()
+
+
+# --- refusals in the log (issue 8, item 11) -------------------------------------
+
+
+@pytest.fixture
+def logged():
+    """Every log event of the server side during the test, formatted (the in-memory client logs too)."""
+    lines = []
+
+    def observer(event):
+        if "Client" not in event.get("log_namespace", ""):
+            lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    yield lines
+    globalLogPublisher.removeObserver(observer)
+
+
+def test_a_refusal_is_one_escaped_line(world, logged):
+    """
+    A refused upgrade logs one line, and nothing the client sent reaches it
+    raw: Autobahn's own refusal of an Origin with no host used to log the
+    header as sent (U+0085 and U+009B end or forge a line on some terminals).
+    """
+    forged = "\u0085\u009b2J2026-01-01 [chatd.ws#info] FORGED"
+    assert world.refusal(origin="x" + forged) == 400
+    assert len(logged) == 1 and "refused 400: malformed upgrade" in logged[0], logged
+    assert "\u0085" not in logged[0] and "\u009b" not in logged[0]
+    for kwargs in ({"query": "ticket=nope"}, {"origin": "https://evil.example"}):
+        logged.clear()
+        world.refusal(**kwargs)
+        assert len(logged) == 1 and "refused 40" in logged[0], logged
+
+
+def test_repeated_refusals_are_rate_limited(world, logged):
+    """
+    The same refusal over and over logs a burst, then the budget's rate;
+    the number left out comes with the next line of that kind.  Another
+    kind of refusal has its own budget, so a flood does not hide it.
+    """
+    for _ in range(50):
+        assert world.refusal(query="ticket=nope") == errors.HTTP_UNAUTHORIZED
+    assert len([line for line in logged if "refused 401" in line]) == ws.REFUSAL_LOG_BURST
+    assert world.refusal(origin="https://evil.example") == errors.HTTP_FORBIDDEN
+    assert "refused 403" in logged[-1]
+    world.reactor.advance(1 / ws.REFUSAL_LOG_RATE)
+    logged.clear()
+    assert world.refusal(query="ticket=nope") == errors.HTTP_UNAUTHORIZED
+    left_out = 50 - ws.REFUSAL_LOG_BURST
+    assert logged[0].startswith(f"{left_out} websocket refusals were not logged (401"), logged
+    assert "refused 401" in logged[1]
+
+
+# --- Server header (issue 8, item 13) -------------------------------------------
+
+
+def test_upgrade_answer_names_chatd_only(world):
+    """The 101 answer's Server header is "chatd", without Autobahn's name or version."""
+    client = world.connect()
+    head = client.http_response_data.decode("latin-1")
+    assert "Server: chatd\r\n" in head
+    assert "autobahn" not in head.lower() and "twisted" not in head.lower()
