@@ -268,6 +268,7 @@ SCHEMA = {
         "issuer": _Key(_text, "", "iss, checked when set"),
         "audience": _Key(_text, "", "aud, checked when set"),
         "ticket_ttl": _Key(_integer(1, 3600), "30", "seconds a ticket lives"),
+        "ticket_rate": _Key(_number(0.01), "1", "tickets one user may mint per second (10 at once); over it: 429"),
         "leeway": _Key(_integer(0, 300), "0", "seconds of clock skew allowed on exp/nbf/iat"),
     },
     "redis": {

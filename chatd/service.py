@@ -22,7 +22,6 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.web import server
 
 from chatd import admin, drain, errors, guard, systemd, tls, web, ws
 from chatd.api import ApiResource
@@ -208,7 +207,7 @@ def make_chat_service(settings, reactor=None, tls_options=None, environ=None):
         echo_factory = ws.EchoServerFactory(settings, connection_guard, reactor)
     site = web.make_site(
         settings, broker, verifier, ws_factory, echo_factory,
-        request_factory=connection_guard.guard_requests(server.Request), reactor=reactor,
+        request_factory=connection_guard.guard_requests(web.ChatRequest), reactor=reactor,
         api_resource=api_resource, drain_state=drain_state, proxies=proxies,
     )
     listening = site

@@ -8,6 +8,7 @@ Every answer that is not the page is JSON, errors included.
 """
 
 import json
+import math
 from importlib import resources
 
 from autobahn.twisted.resource import WebSocketResource
@@ -20,15 +21,30 @@ from twisted.web.resource import Resource
 from chatd import errors, guard, tickets
 from chatd.auth import InvalidToken
 from chatd.errors import BrokerUnavailable
+from chatd.limits import TokenBucket
 from chatd.logs import printable, redact_uri
 from chatd.proxies import TrustedProxies
 from chatd.stomp.transport import SockJSResource
 
 log = Logger()
 
+# Tickets one user may mint at once; [auth] ticket_rate refills them.
+TICKET_BURST = 10
+# Past this many remembered users, those whose buckets are full again are
+# forgotten (at most once a second; rate_limited_users() does it at once).
+TICKET_USERS_BEFORE_SWEEP = 1000
+
+# The Server header of every answer: no library names or versions.
+SERVER_NAME = b"chatd"
+HSTS = b"max-age=31536000"
+
+
+# Reason phrases twisted.web does not know.
+_REASONS = {errors.HTTP_UPGRADE_REQUIRED: b"Upgrade Required"}
+
 
 def _json(request, status, body, headers=()):
-    request.setResponseCode(status)
+    request.setResponseCode(status, _REASONS.get(status))
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
     for name, value in headers:
@@ -122,20 +138,57 @@ class _Authenticated(_JSONResource):
 
 
 class TicketResource(_Authenticated):
-    """POST /auth/ticket: a JWT in, a single-use WebSocket ticket out."""
+    """
+    POST /auth/ticket: a JWT in, a single-use WebSocket ticket out.
+
+    Each user (C{sub}) may mint C{[auth] ticket_rate} tickets a second,
+    L{TICKET_BURST} at once; over that, 429.  Tickets are stored until they
+    expire, so without the limit one token could fill the ticket store.
+    """
 
     allowed = (b"POST",)
 
-    def __init__(self, verifier, broker, ttl):
+    def __init__(self, verifier, broker, ttl, rate, clock):
         super().__init__(verifier)
         self._broker = broker
         self._ttl = ttl
+        self._rate = rate
+        self._clock = clock
+        self._buckets = {}  # sub -> (TokenBucket, when it is full again)
+        self._swept = clock.seconds()
+
+    def rate_limited_users(self):
+        """How many users' buckets are remembered (those not full)."""
+        self._forget_full()
+        return len(self._buckets)
+
+    def _take(self, sub):
+        """Spend one of C{sub}'s tickets; False when it has none left."""
+        now = self._clock.seconds()
+        if len(self._buckets) >= TICKET_USERS_BEFORE_SWEEP and now - self._swept >= 1:
+            self._forget_full()
+        bucket, _ = self._buckets.get(sub) or (TokenBucket(self._rate, TICKET_BURST, self._clock), now)
+        taken = bucket.take()
+        # A bucket left alone this long is full, the same as a new one.
+        self._buckets[sub] = (bucket, now + TICKET_BURST / self._rate)
+        return taken
+
+    def _forget_full(self):
+        now = self._swept = self._clock.seconds()
+        for sub in [sub for sub, (_, full) in self._buckets.items() if full <= now]:
+            del self._buckets[sub]
 
     def render_POST(self, request):
         try:
             principal = self.principal(request)
         except InvalidToken as e:
             return self.unauthorized(request, str(e))
+        if not self._take(principal.sub):
+            return _json(
+                request, errors.HTTP_TOO_MANY_REQUESTS,
+                {"error": errors.RATE_LIMITED, "message": "too many tickets; try again shortly"},
+                [(b"retry-after", b"%d" % max(1, math.ceil(1 / self._rate)))],
+            )
         ticket = tickets.new_ticket()
         d = defer.maybeDeferred(self._broker.issue_ticket, ticket, principal, self._ttl)
         d.addCallback(lambda _: (http.OK, {"ticket": ticket, "expires_in": self._ttl}))
@@ -196,7 +249,7 @@ class PageResource(_JSONResource):
         request.setHeader(
             b"content-security-policy",
             b"default-src 'self'; script-src 'self' 'unsafe-inline'; "
-            b"style-src 'self' 'unsafe-inline'; connect-src 'self'",
+            b"style-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
         )
         request.setHeader(b"x-content-type-options", b"nosniff")
         return self._page
@@ -236,6 +289,44 @@ class Root(Directory):
         return NotFound()
 
 
+class WebSocketEndpoint(WebSocketResource):
+    """
+    /ws and /echo: a request that asks for a WebSocket goes to Autobahn;
+    anything else is answered here in JSON (Autobahn would answer a plain
+    GET with its HTML banner and version, and /ws/x like /ws).
+    """
+
+    def render(self, request):
+        if any(request.postpath):
+            return _not_found(request)
+        if request.method != b"GET":
+            return _json(
+                request, http.NOT_ALLOWED,
+                {"error": "method_not_allowed", "message": "use GET"}, [(b"allow", b"GET")],
+            )
+        upgrade = [word.strip().lower() for word in (request.getHeader(b"upgrade") or b"").split(b",")]
+        if b"websocket" not in upgrade:
+            return _json(
+                request, errors.HTTP_UPGRADE_REQUIRED,
+                {"error": "upgrade_required", "message": "open a WebSocket here"},
+                [(b"upgrade", b"websocket"), (b"connection", b"Upgrade")],
+            )
+        return super().render(request)
+
+
+class ChatRequest(server.Request):
+    """
+    A Request whose answers name no library or version (C{Server: chatd}),
+    and carry HSTS when the site is served over TLS.
+    """
+
+    def render(self, resource):
+        self.setHeader(b"server", SERVER_NAME)
+        if self.site.hsts:
+            self.setHeader(b"strict-transport-security", HSTS)
+        return super().render(resource)
+
+
 class ChatSite(server.Site):
     """
     A Site whose access log is structured and redacted: twisted.web's default
@@ -245,20 +336,25 @@ class ChatSite(server.Site):
     displayTracebacks = False
     protocol = guard.HeaderLimitChannel  # HTTP/1.1 only: chatd offers no ALPN h2
 
-    def __init__(self, resource, access_log=True, request_factory=None, reactor=None, proxies=None):
+    def __init__(
+        self, resource, access_log=True, request_factory=None, reactor=None, proxies=None, hsts=False
+    ):
         """
         @param access_log: log each request (C{[server] access_log}).
         @param proxies: L{chatd.proxies.TrustedProxies}: who the client is
             in the log line.
-        @param request_factory: the Site's C{requestFactory} (the guard's,
-            L{chatd.guard.ConnectionGuard.guard_requests}); twisted.web's
-            Request when L{None}.
+        @param request_factory: the Site's C{requestFactory} (the guard's
+            L{chatd.guard.ConnectionGuard.guard_requests} around
+            L{ChatRequest}); L{ChatRequest} when L{None}.
         @param reactor: the C{IReactorTime} of twisted.web's timeouts; the
             global reactor when L{None}.
+        @param hsts: send C{Strict-Transport-Security} (the TLS listener;
+            behind a TLS proxy that is the proxy's to send).
         """
-        super().__init__(resource, requestFactory=request_factory, reactor=reactor)
+        super().__init__(resource, requestFactory=request_factory or ChatRequest, reactor=reactor)
         self.access_log = access_log
         self.proxies = proxies if proxies is not None else TrustedProxies()
+        self.hsts = hsts
 
     def log(self, request):
         if not self.access_log:
@@ -292,19 +388,26 @@ def make_site(
     @param drain_state: the L{chatd.drain.DrainState} C{/healthz} reports.
     @param proxies: passed to L{ChatSite}.
     """
+    if reactor is None:
+        from twisted.internet import reactor
     root = Root(PageResource())
     auth = Directory()
-    auth.putChild(b"ticket", TicketResource(verifier, broker, settings.auth.ticket_ttl))
+    auth.putChild(
+        b"ticket",
+        TicketResource(verifier, broker, settings.auth.ticket_ttl, settings.auth.ticket_rate, reactor),
+    )
     root.putChild(b"auth", auth)
     root.putChild(b"rooms", RoomsResource(verifier, broker))
     root.putChild(b"healthz", HealthResource(broker, broker.instance_id, drain_state))
-    root.putChild(b"ws", WebSocketResource(ws_factory))
+    root.putChild(b"ws", WebSocketEndpoint(ws_factory))
     if settings.stomp.enabled:
         # The same factory as /ws: one set of caps, one 1001 drain.
         sockjs_root = SockJSResource(WebSocketResource(ws_factory), NotFound())
         root.putChild(settings.stomp.sockjs_path[1:].encode("ascii"), sockjs_root)
     if echo_factory is not None:
-        root.putChild(b"echo", WebSocketResource(echo_factory))
+        root.putChild(b"echo", WebSocketEndpoint(echo_factory))
     if api_resource is not None:
         root.putChild(b"api", api_resource)
-    return ChatSite(root, settings.server.access_log, request_factory, reactor, proxies)
+    return ChatSite(
+        root, settings.server.access_log, request_factory, reactor, proxies, settings.server.tls
+    )

@@ -20,7 +20,7 @@ from chatd import config, errors, web
 from chatd.auth import TokenVerifier
 from chatd.broker.memory import MemoryBroker
 from chatd.errors import BrokerUnavailable, RoomLimitReached
-from tests import support
+from tests import rawws, support
 
 SECRET = b"s" * 32
 
@@ -52,11 +52,21 @@ class _FailingBroker(MemoryBroker):
 
 
 @pytest.fixture
-def world():
-    settings = dataclasses.replace(config.defaults(server__allowed_origins=("*",)), jwt_key=SECRET)
-    broker = _FailingBroker(Clock(), instance_id="i1")
-    site = web.make_site(settings, broker, TokenVerifier.from_settings(settings), ws_factory=None)
+def clock():
+    return Clock()
+
+
+def make_world(clock, **overrides):
+    overrides.setdefault("server__allowed_origins", ("*",))
+    settings = dataclasses.replace(config.defaults(**overrides), jwt_key=SECRET)
+    broker = _FailingBroker(clock, instance_id="i1")
+    site = web.make_site(settings, broker, TokenVerifier.from_settings(settings), None, reactor=clock)
     return site, broker
+
+
+@pytest.fixture
+def world(clock):
+    return make_world(clock)
 
 
 @pytest.fixture
@@ -70,13 +80,15 @@ def token(sub="alice", **claims):
     return support.mint_token(SECRET, sub, **claims)
 
 
-def request(site, method, path, bearer=None):
+def request(site, method, path, bearer=None, headers=()):
     """A DummyRequest for C{path}, rendered by the resource the site finds for it."""
     req = DummyRequest(path.lstrip(b"/").split(b"/"))
     req.method = method
     req.uri = path
     if bearer is not None:
         req.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + bearer.encode()])
+    for name, value in headers:
+        req.requestHeaders.setRawHeaders(name, [value])
     resource = site.getResourceFor(req)
     body = resource.render(req)
     if body is not server.NOT_DONE_YET:
@@ -188,7 +200,8 @@ def test_page_has_its_security_headers(world):
     site, _ = world
     req = request(site, b"GET", b"/")
     assert req.responseHeaders.getRawHeaders(b"content-type") == [b"text/html; charset=utf-8"]
-    assert b"default-src 'self'" in req.responseHeaders.getRawHeaders(b"content-security-policy")[0]
+    csp = req.responseHeaders.getRawHeaders(b"content-security-policy")[0]
+    assert b"default-src 'self'" in csp and b"frame-ancestors 'none'" in csp
     assert req.responseHeaders.getRawHeaders(b"x-content-type-options") == [b"nosniff"]
     assert b"<html" in b"".join(req.written).lower()
 
@@ -200,3 +213,101 @@ def test_domain_refusals_answer_through_errors_http_error(world, failures):
     req = request(site, b"GET", b"/rooms", token())
     assert answer(req) == errors.http_error(RoomLimitReached("x"))
     assert failures == []
+
+
+# --- /ws without an upgrade (issue 8, item 12) ---------------------------------
+
+
+@pytest.mark.parametrize("headers", [(), ((b"upgrade", b"h2c"),)])
+def test_ws_without_upgrade_is_426_json(world, headers):
+    """GET /ws that asks for no WebSocket upgrade is 426 JSON, not Autobahn's HTML banner."""
+    site, _ = world
+    req = request(site, b"GET", b"/ws", headers=headers)
+    assert answer(req) == (426, {"error": "upgrade_required", "message": "open a WebSocket here"})
+    assert req.responseHeaders.getRawHeaders(b"upgrade") == [b"websocket"]
+
+
+def test_ws_other_methods_are_405_json(world):
+    """POST /ws is 405 JSON with Allow: GET."""
+    site, _ = world
+    req = request(site, b"POST", b"/ws")
+    assert answer(req) == (405, {"error": "method_not_allowed", "message": "use GET"})
+    assert req.responseHeaders.getRawHeaders(b"allow") == [b"GET"]
+
+
+@pytest.mark.parametrize("path", [b"/ws/x", b"/ws/x/y", b"/ws/x/"])
+def test_ws_children_are_404_json(world, path):
+    """Anything under /ws is 404 JSON, upgrade or not."""
+    site, _ = world
+    upgrade = ((b"upgrade", b"websocket"), (b"connection", b"Upgrade"))
+    for headers in ((), upgrade):
+        status, body = answer(request(site, b"GET", path, headers=headers))
+        assert (status, body["error"]) == (404, "not_found")
+
+
+# --- tickets per user (issue 8, item 10) ---------------------------------------
+
+
+def test_tickets_are_rate_limited_per_user(clock):
+    """
+    One user gets its burst of tickets, then 429 JSON with Retry-After until
+    its bucket refills; another user is not affected (before: 1170
+    tickets/s from one connection).
+    """
+    site, _ = make_world(clock, auth__ticket_rate=2)
+    alice = token("alice")
+    for _ in range(web.TICKET_BURST):
+        assert answer(request(site, b"POST", b"/auth/ticket", alice))[0] == 200
+    req = request(site, b"POST", b"/auth/ticket", alice)
+    assert answer(req) == (429, {"error": "rate_limited", "message": "too many tickets; try again shortly"})
+    assert req.responseHeaders.getRawHeaders(b"retry-after") == [b"1"]
+    assert answer(request(site, b"POST", b"/auth/ticket", token("bob")))[0] == 200
+    clock.advance(0.5)  # one more token at 2/s
+    assert answer(request(site, b"POST", b"/auth/ticket", alice))[0] == 200
+    assert answer(request(site, b"POST", b"/auth/ticket", alice))[0] == 429
+
+
+def test_ticket_buckets_are_forgotten_once_full(clock):
+    """Users whose buckets have refilled are not remembered: the table stays bounded."""
+    site, _ = make_world(clock, auth__ticket_rate=10)
+    resource = site.getResourceFor(DummyRequest([b"auth", b"ticket"]))
+    for i in range(3):
+        assert answer(request(site, b"POST", b"/auth/ticket", token(f"u{i}")))[0] == 200
+    assert resource.rate_limited_users() == 3
+    clock.advance(web.TICKET_BURST / 10)
+    assert answer(request(site, b"POST", b"/auth/ticket", token("u9")))[0] == 200
+    assert resource.rate_limited_users() == 1
+
+
+# --- on a real twistd (issue 8, items 12 and 13) -------------------------------
+
+
+def test_headers_on_a_real_twistd(start_chatd):
+    """
+    Over TLS: Server is "chatd" (no Twisted or Autobahn version) on HTTP
+    answers and on the upgrade; HSTS is sent; /ws without an upgrade is 426
+    JSON and /ws/x 404 JSON.
+    """
+    server = start_chatd()
+    status, headers, _ = support.http("GET", server.base + "/healthz")
+    assert status == 200 and headers.get_all("server") == ["chatd"]
+    assert headers["strict-transport-security"].startswith("max-age=")
+    status, headers, body = support.http("GET", server.base + "/ws")
+    assert (status, body["error"]) == (426, "upgrade_required") and headers["server"] == "chatd"
+    status, _, body = support.http("GET", server.base + "/ws/anything")
+    assert (status, body["error"]) == (404, "not_found")
+    raw = rawws.RawWebSocket(server.port)
+    try:
+        status, head = raw.upgrade("/ws?ticket=" + server.ticket("alice"))
+    finally:
+        raw.close()
+    assert status == 101 and b"\r\nServer: chatd\r\n" in head
+    assert b"autobahn" not in head.lower() and b"twisted" not in head.lower()
+
+
+def test_no_hsts_behind_a_proxy(start_chatd):
+    """With tls = off (a TLS proxy in front), HSTS is the proxy's to send."""
+    server = start_chatd(server__tls="off")
+    status, headers, _ = support.http("GET", server.base + "/healthz")
+    assert status == 200 and "strict-transport-security" not in headers
+    assert headers["server"] == "chatd"
