@@ -6,7 +6,8 @@ with suggested alerts).
 Cost on the hot path: counters are plain integers in dicts, bumped with
 C{+= 1} (no lock, no label lookup: one reactor thread does all the
 counting), and turned into Prometheus families only when C{/metrics} is
-scraped, by L{_Collector}.  Gauges (connections, rooms, broker up) are not
+scraped, by L{_Collector}.  Frames written, the one count made per member
+per event, are counted on each connection only and summed at scrape time.  Gauges (connections, rooms, broker up) are not
 kept at all: they are read from the objects that know them, at scrape time,
 through the callables given to L{Metrics.watch}.  Only the fan-out
 histogram is prometheus-client's own, observed once per event delivered
@@ -66,7 +67,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.timer = timer
         self.version = version
-        self.events_sent = 0  # bumped directly by the WebSocket adapter, per frame
+        self.events_sent = 0  # frames of closed connections; open ones are read at scrape time
         self.messages_received = dict.fromkeys(sorted(MESSAGE_TYPES) + [OTHER], 0)
         self.handshakes_rejected = dict.fromkeys(sorted(map(str, REJECTED_STATUSES)) + [OTHER], 0)
         self.closes = {}
@@ -76,6 +77,7 @@ class Metrics:
         self._rooms = lambda: 0
         self._broker_up = lambda: True
         self._webhooks = None  # the WebhookService, when [webhook] url is set
+        self._sent_by_open = lambda: 0
         self.fanout = Histogram(
             "chatd_fanout_seconds",
             "Seconds from an event coming off the broker feed until written to the last local member.",
@@ -83,7 +85,7 @@ class Metrics:
         )
         self.registry.register(_Collector(self))
 
-    def watch(self, connections=None, rooms=None, broker_up=None, webhooks=None):
+    def watch(self, connections=None, rooms=None, broker_up=None, webhooks=None, sent_by_open=None):
         """
         Callables read at scrape time for the gauges.
 
@@ -93,6 +95,9 @@ class Metrics:
         @param webhooks: the L{chatd.webhooks.WebhookService}, whose counters
             are read at scrape time (the C{chatd_webhook_*} families appear
             only with it).
+        @param sent_by_open: returns the frames written to the open
+            connections not yet counted with L{count_sent} (the adapter
+            counts per connection, the cheapest place on the fan-out path).
         """
         if webhooks is not None:
             self._webhooks = webhooks
@@ -102,6 +107,8 @@ class Metrics:
             self._rooms = rooms
         if broker_up is not None:
             self._broker_up = broker_up
+        if sent_by_open is not None:
+            self._sent_by_open = sent_by_open
 
     # --- the hot path -----------------------------------------------------------
 
@@ -185,7 +192,7 @@ class _Collector:
         )
         yield _counter("chatd_messages_received", "Client messages received, by type.", "type", m.messages_received)
         sent = CounterMetricFamily("chatd_events_sent", "WebSocket frames written to clients.")
-        sent.add_metric([], m.events_sent)
+        sent.add_metric([], m.events_sent + m._sent_by_open())
         yield sent
         yield _counter(
             "chatd_handshakes_rejected", "WebSocket upgrades refused, by HTTP status.", "status",

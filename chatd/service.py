@@ -200,7 +200,7 @@ def make_chat_service(settings, reactor=None, tls_options=None, environ=None):
     api_resource = ApiResource.from_settings(settings, BrokerApiBackend(chat_broker))
     metrics.watch(
         connections=lambda: len(ws_factory.connections), rooms=hub.room_count,
-        broker_up=broker.is_available, webhooks=hooks,
+        broker_up=broker.is_available, webhooks=hooks, sent_by_open=ws_factory.sent_by_open,
     )
     echo_factory = None
     if settings.conformance.echo:

@@ -276,6 +276,7 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
     _received = 0
     _sent = 0
     stomp = None  # a StompWire when this connection speaks STOMP (docs/stomp.md)
+    _sent_counted = False
 
     def onConnect(self, request):
         d = defer.ensureDeferred(self._on_connect(request))
@@ -375,6 +376,11 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         factory.release(self, self._leave())
         if self.connection_id is not None:
             factory.metrics.count_close(code)
+            # Frames are counted per connection only (one increment per
+            # frame); the metric takes a connection's count when it closes,
+            # and reads the open ones' at scrape time (see sent_by_open).
+            factory.metrics.count_sent(self._sent)
+            self._sent_counted = True
             # One line per session, for the log shippers (docs/operations.md).
             self._log.info(
                 "websocket {connection} of {user} from {peer} ended after {duration} s: "
@@ -396,7 +402,6 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
     def count_sent(self):
         """One more frame written to this client (for the session log line and the metrics)."""
         self._sent += 1
-        self.factory.metrics.events_sent += 1
 
     def _leave(self):
         """
@@ -423,14 +428,12 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendMessage(text.encode("utf-8"))
             self._sent += 1
-            self.factory.metrics.events_sent += 1
 
     def send_shared(self, text):
         """IConnection API: C{text} is framed once for all who get it (see L{ChatServerFactory.frame})."""
         if self.state == self.STATE_OPEN:
             self.sendPreparedMessage(self.factory.frame(text))
             self._sent += 1
-            self.factory.metrics.events_sent += 1
 
     def when_drained(self):
         if self._budget is None:
@@ -519,6 +522,10 @@ class ChatServerFactory(WebSocketServerFactory):
         self._framed = None
         self.stomp_shared = stomp_transport.SharedFrames(self.prepareMessage)
         self.setProtocolOptions(**_protocol_options(settings))
+
+    def sent_by_open(self):
+        """Frames written to the connections whose count the metric has not taken yet."""
+        return sum(p._sent for p in self.connections if not p._sent_counted)
 
     def new_connection_id(self):
         """A connection id unique across instances (the broker's instance id, a counter)."""

@@ -66,6 +66,17 @@ def test_counts_and_gauges():
     assert "chatd_tls_certificate_expiry_timestamp_seconds" not in s  # tls off
 
 
+def test_frames_of_open_connections_are_read_at_scrape_time():
+    """chatd_events_sent_total: closed connections' counts plus what the open ones report now."""
+    m = Metrics()
+    open_frames = [4]
+    m.watch(sent_by_open=lambda: open_frames[0])
+    m.count_sent(10)  # a connection that closed
+    assert scrape(m)["chatd_events_sent_total"][frozenset()] == 14
+    open_frames[0] = 6
+    assert scrape(m)["chatd_events_sent_total"][frozenset()] == 16
+
+
 def test_labels_are_bounded():
     """Made-up types, statuses, codes and close codes all count as 'other'."""
     m = Metrics()

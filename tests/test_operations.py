@@ -164,9 +164,15 @@ def test_metrics_scrape(start_chatd, clients):
     assert samples[("chatd_fanout_seconds_count", frozenset())] >= 3
     assert samples[("chatd_tls_certificate_expiry_timestamp_seconds", frozenset())] > time.time()
     assert any(name == "chatd_build_info" for name, _ in samples)
+    sent_before = samples[("chatd_events_sent_total", frozenset())]
     alice.close()
+    bob.recv()  # alice's QUIT
     wait_for(lambda: scrape(admin + "/metrics")[0].get(("chatd_connections", frozenset())) == 1,
              support.RECV_TIMEOUT, "the gauge to follow the close")
+    after, _ = scrape(admin + "/metrics")
+    # A closed connection's frames stay counted, and bob's QUIT frame is one more.
+    assert after[("chatd_events_sent_total", frozenset())] == sent_before + 1
+    assert after[("chatd_closes_total", frozenset({("code", "1000")}))] == 1
     print("\n--- /metrics excerpt ---\n" + "\n".join(
         line for line in text.splitlines() if line.startswith("chatd_") and "_bucket" not in line))
 
