@@ -51,14 +51,18 @@ def make_broker(settings, reactor):
     )
 
 
-def _connections_of(ws_factory):
+def user_connections(ws_factory):
     """C{sub -> the open WebSocket connections of that user here}, for the server API's disconnect."""
 
+    def sub_of(protocol):
+        principal = getattr(protocol, "principal", None)
+        if principal is not None:
+            return principal.sub
+        # A STOMP connection with connect_auth learns its user from CONNECT.
+        return getattr(getattr(protocol, "session", None), "sub", None)
+
     def connections_of(sub):
-        return [
-            protocol for protocol in ws_factory.connections
-            if getattr(getattr(protocol, "principal", None), "sub", None) == sub
-        ]
+        return [protocol for protocol in ws_factory.connections if sub_of(protocol) == sub]
 
     return connections_of
 
@@ -196,7 +200,7 @@ def make_chat_service(settings, reactor=None, tls_options=None, environ=None):
         settings, chat_broker, hub, verifier, connection_guard, reactor,
         metrics=metrics, drain_state=drain_state, proxies=proxies,
     )
-    chat_broker.set_control(ControlDispatcher(_connections_of(ws_factory), hub.kick))
+    chat_broker.set_control(ControlDispatcher(user_connections(ws_factory), hub.kick))
     api_resource = ApiResource.from_settings(settings, BrokerApiBackend(chat_broker))
     metrics.watch(
         connections=lambda: len(ws_factory.connections), rooms=hub.room_count,

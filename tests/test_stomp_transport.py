@@ -346,6 +346,25 @@ def test_connect_auth_upgrade_without_ticket(clocked):  # noqa: F811
     assert int(refused.http_status_line.split()[1]) == errors.HTTP_UNAUTHORIZED
 
 
+def test_server_api_disconnect_finds_a_connect_auth_user(clocked):  # noqa: F811
+    """A connect_auth STOMP connection is found by the user CONNECT named and closed with 4003."""
+    from chatd.api_backend import ControlDispatcher
+    from chatd.broker.interfaces import DISCONNECT, Control
+    from chatd.service import user_connections
+
+    world = stomp_world(stomp__connect_auth=True)
+    token = mint_token(world.settings.jwt_key, "dora")
+    client = open_raw(world, "/ws", ["v12.stomp"], query="")
+    client.sendMessage(frames.encode(Frame("CONNECT", (("accept-version", "1.2"), ("passcode", token)))))
+    world.pumps.flush()
+    other = open_raw(world, "/ws", ["chatd.v1"])  # alice, by ticket
+    connections_of = user_connections(world.factory)
+    assert len(connections_of("dora")) == 1 and len(connections_of("alice")) == 1
+    ControlDispatcher(connections_of, kick=None)(Control(DISCONNECT, "dora", reason="banned"))
+    world.pumps.flush()
+    assert client.closed == errors.CLOSE_DISCONNECTED and other.closed is None
+
+
 def test_no_ticket_is_401_for_stomp_by_default(clocked):  # noqa: F811
     """Without connect_auth, a STOMP upgrade without a ticket is 401, like /ws."""
     world = stomp_world()

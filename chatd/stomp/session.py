@@ -192,6 +192,12 @@ class StompSession:
         principal = self._session.principal if self._session else self._principal
         return principal.name if principal else None
 
+    @property
+    def sub(self):
+        """The user id, once known (the server API's disconnect finds connections by it)."""
+        principal = self._session.principal if self._session else self._principal
+        return principal.sub if principal else None
+
     def open(self):
         """The WebSocket is open: CONNECT must come within the handshake timeout."""
         self._deadline = self._clock.callLater(
