@@ -1,7 +1,7 @@
 """
-The benchmark (bench/): its summary and profile arithmetic, and one tiny
-real run of scenarios 1 and 3 (both servers, real TLS, tickets, processes
-stopped by PID).  Figures are never asserted: only that the bench runs,
+The benchmark (bench/): its summary and profile arithmetic, the reference
+server's protocol in memory (iosim), and one tiny real run of scenarios 1
+and 3 (both servers, real TLS, tickets, processes stopped by PID).  Figures are never asserted: only that the bench runs,
 reports one JSON line per run, and loses nothing.
 """
 
@@ -48,6 +48,56 @@ def test_profile_summary_per_function(tmp_path, capsys):
     own = out.split("by own time:")[1].split("top")[0]
     assert " 50.0%  send (ws.py)" in own and " 50.0%  parse (ws.py)" in own
     assert "100.0%  main (app.py)" in out.split("by total time")[1]
+
+
+def _memory_client(server_factory, received):
+    """An Autobahn client joined to a reference server protocol in memory (iosim)."""
+    from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+    from twisted.internet.address import IPv4Address
+    from twisted.test import iosim
+
+    class Client(WebSocketClientProtocol):
+        def onMessage(self, payload, isBinary):
+            received.append(json.loads(payload))
+
+    client_factory = WebSocketClientFactory("ws://127.0.0.1:9/ws", protocols=["chatd.v1"])
+    client_factory.protocol = Client
+    address = IPv4Address("TCP", "127.0.0.1", 9)
+    server = server_factory.buildProtocol(address)
+    client = client_factory.buildProtocol(address)
+    pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
+    return client, pump
+
+
+def test_reference_server_speaks_enough_chatd_v1():
+    """WELCOME on open; ENTER and TALK reach every member, the actor's copy with its ref; QUIT leaves."""
+    reference = _load("reference")
+    factory = reference.make_factory()
+    alice_got, bob_got = [], []
+    alice, alice_pump = _memory_client(factory, alice_got)
+    bob, bob_pump = _memory_client(factory, bob_got)
+
+    def pump():
+        for _ in range(5):
+            alice_pump.flush()
+            bob_pump.flush()
+
+    pump()
+    assert alice_got[0]["type"] == bob_got[0]["type"] == "WELCOME"
+    assert alice.websocket_protocol_in_use == "chatd.v1"
+    for client, ref in ((alice, "a"), (bob, "b")):
+        client.sendMessage(json.dumps({"type": "ENTER", "room": "r", "ref": ref}).encode())
+        pump()
+    alice.sendMessage(json.dumps({"type": "TALK", "room": "r", "message": "hi", "ref": "t"}).encode())
+    pump()
+    talks = [[e for e in got if e["type"] == "TALK"] for got in (alice_got, bob_got)]
+    assert [e["message"] for e in talks[0]] == [e["message"] for e in talks[1]] == ["hi"]
+    assert talks[0][0].get("ref") == "t" and "ref" not in talks[1][0]
+    assert talks[1][0]["userCount"] == 2
+    bob.sendMessage(json.dumps({"type": "QUIT", "room": "r"}).encode())
+    pump()
+    assert len(factory.rooms["r"]) == 1
+    assert [e["type"] for e in alice_got if e["type"] != "WELCOME"] == ["ENTER", "ENTER", "TALK", "QUIT"]
 
 
 def test_scenario_5_is_a_clear_hook(capsys):
