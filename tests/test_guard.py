@@ -270,11 +270,14 @@ def test_trusted_proxy_is_not_one_address():
     guard = ConnectionGuard(10.0, 4, 1, clock, trusted_proxy=lambda host: host == "127.0.0.1")
     listener = guard.wrap(Factory.forProtocol(_Recorder))
     listener.doStart()
-    for port in (1, 2, 3):
-        assert connect(listener, host="127.0.0.1", port=port)[0] is not None
+    proxied = [connect(listener, host="127.0.0.1", port=port)[1] for port in (1, 2, 3)]
+    assert all(transport is not None for transport in proxied)
     assert connect(listener, host="198.51.100.1", port=4)[0] is not None
     assert connect(listener, host="198.51.100.1", port=5)[0] is None  # per address, untrusted
-    assert connect(listener, host="127.0.0.1", port=6)[0] is None  # the total
+    # The total: a fifth makes room by evicting the longest waiting, never a fifth slot.
+    assert connect(listener, host="127.0.0.1", port=6)[0] is not None
+    assert proxied[0].disconnecting and not proxied[1].disconnecting
+    assert len(guard.pending) == 4
 
 
 def test_upgrade_frees_a_handshake_slot():
