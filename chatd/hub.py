@@ -29,6 +29,7 @@ from chatd import errors, messages
 from chatd.broker.interfaces import Delivery
 from chatd.errors import AlreadyInRoom, BrokerUnavailable, NotMember
 from chatd.logs import printable
+from chatd.messages import event_id_key
 from chatd.observer import OneShotObserverList
 from chatd.seats import ENTERING, QUITTING, Seat, SeatRegistry
 
@@ -258,30 +259,43 @@ class Hub:
     def deliver(self, delivery):
         """
         L{chatd.broker.interfaces.IBroker.set_feed} target: send one event
-        to every local seat in its room.  The shared text is encoded once.
+        to every local seat in its room.  The shared text is encoded once
+        and the event id parsed once; nothing else is done per seat but the
+        seat's own check and the write (this loop runs once per member).
         """
-        room = delivery.event.room
-        shared = []
-        for seat in self._seats.seats(room):
-            if not seat.offer(delivery):
+        event = delivery.event
+        room = event.room
+        seats = self._seats.seats(room)
+        if not seats:
+            return
+        key = event_id_key(event.id)
+        origin = delivery.origin
+        shared = None
+        for seat in seats:
+            if not seat.offer(delivery, key):
                 if seat.state == ENTERING and seat.buffered_bytes > self._max_pending_bytes:
                     self._too_slow(room, seat)
                 continue
-            self._send(seat, delivery, shared)
             connection_id = seat.member.connection_id
-            if connection_id == delivery.origin and delivery.event.type == messages.QUIT:
-                self._drop(room, connection_id, seat)
+            if connection_id == origin:
+                # The actor's copy echoes its ref (with none, it is shared).
+                if delivery.ref is not None:
+                    self._send(seat, delivery)
+                else:
+                    if shared is None:
+                        shared = messages.event(event)
+                    seat.connection.send_shared(shared)
+                if event.type == messages.QUIT:
+                    self._drop(room, connection_id, seat)
+                continue
+            if shared is None:
+                shared = messages.event(event)
+            seat.connection.send_shared(shared)
 
-    def _send(self, seat, delivery, shared=None):
-        connection = seat.connection
-        if delivery.origin == seat.member.connection_id and delivery.ref is not None:
-            connection.send_text(messages.event(delivery.event, delivery.ref))
-        elif shared is None:
-            connection.send_text(messages.event(delivery.event))
-        else:
-            if not shared:
-                shared.append(messages.event(delivery.event))
-            connection.send_shared(shared[0])
+    def _send(self, seat, delivery):
+        """One event to one seat alone; only the actor's copy carries its C{ref}."""
+        ref = delivery.ref if delivery.origin == seat.member.connection_id else None
+        seat.connection.send_text(messages.event(delivery.event, ref))
 
     def _too_slow(self, room, seat):
         """

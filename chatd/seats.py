@@ -42,6 +42,9 @@ class Seat:
         events at or below it are not sent (again).
     """
 
+    # One per connection and room: thousands per instance.
+    __slots__ = ("connection", "member", "state", "floor", "_buffer", "buffered_bytes", "at_broker")
+
     def __init__(self, connection, member):
         self.connection = connection
         self.member = member
@@ -59,10 +62,13 @@ class Seat:
         """Whether the connection may TALK and QUIT here (live, no QUIT in flight)."""
         return self.state == LIVE
 
-    def offer(self, delivery):
+    def offer(self, delivery, key=None):
         """
         A feed event for this seat's room.
 
+        @param key: C{event_id_key(delivery.event.id)}, when the caller has
+            it: the hub offers one event to every seat of a room and parses
+            its id once.
         @return: whether to send it now.  While entering it is buffered
             (L{False}); an event at or below the floor is dropped.
         """
@@ -70,7 +76,8 @@ class Seat:
             self._buffer.append(delivery)
             self.buffered_bytes += EVENT_OVERHEAD + len(delivery.event.message.encode("utf-8"))
             return False
-        key = event_id_key(delivery.event.id)
+        if key is None:
+            key = event_id_key(delivery.event.id)
         if key <= self.floor:
             return False
         self.floor = key
