@@ -28,6 +28,8 @@ class TokenBucket:
     client may send C{burst} messages at once after being quiet.
     """
 
+    __slots__ = ("_rate", "_burst", "_clock", "_tokens", "_last")  # two per connection
+
     def __init__(self, rate, burst, clock):
         self._rate = float(rate)
         self._burst = float(burst)
@@ -144,6 +146,8 @@ class SendBudget:
     reading the size of TCP's buffer, means private attributes
     (C{_tempDataBuffer}) that differ between transports and releases.
     """
+
+    __slots__ = ("limit", "unsent", "paused", "over", "_overflow", "_drained")  # one per connection
 
     def __init__(self, limit, overflow):
         self.limit = limit

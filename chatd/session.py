@@ -73,6 +73,12 @@ class Session:
         ERRORs by code, or L{None}.
     """
 
+    # One per connection: no per-instance dict.
+    __slots__ = (
+        "principal", "member", "_connection", "_hub", "_verifier", "_limits", "_clock", "_bucket",
+        "_patience", "_expiry", "_closed", "_metrics",
+    )
+
     def __init__(self, principal, connection, hub, verifier, limits, clock, metrics=None):
         self.principal = principal
         self.member = Member(connection.connection_id, principal.sub, principal.name)
