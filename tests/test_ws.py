@@ -473,3 +473,23 @@ def test_upgrade_answer_names_chatd_only(world):
     head = client.http_response_data.decode("latin-1")
     assert "Server: chatd\r\n" in head
     assert "autobahn" not in head.lower() and "twisted" not in head.lower()
+
+
+def test_writes_are_counted_like_autobahns(world):
+    """
+    The write path that skips Autobahn's sendData still counts the octets
+    Autobahn counts (trafficStats) and writes the frames in order.
+    """
+    alice, bob = world.connect(sub="alice"), world.connect(sub="bob")
+    for client in (alice, bob):
+        world.send(client, {"type": "ENTER", "room": "lobby"})
+    server = world.servers[-1]
+    before = server.trafficStats.outgoingOctetsWireLevel
+    for i in range(3):
+        world.send(alice, {"type": "TALK", "room": "lobby", "message": f"m{i}"})
+    talks = [m["message"] for m in bob.received if m["type"] == "TALK"]
+    assert talks == ["m0", "m1", "m2"]
+    # Each text under 126 bytes: a 2-byte header, then the JSON as sent.
+    assert server.trafficStats.outgoingOctetsWireLevel - before == sum(
+        2 + len(json.dumps(m, separators=(",", ":"))) for m in bob.received[-3:]
+    )
