@@ -21,7 +21,6 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from chatd import admin, drain, errors, guard, systemd, tls, web, ws
 from chatd.api import ApiResource
@@ -221,7 +220,7 @@ def make_chat_service(settings, reactor=None, tls_options=None, environ=None):
             tls_options = tls.certificate_options(settings)
         server_tls = ReloadableServerTLS(tls_options)
         metrics.certificate_expiry = certificate_expiry(tls_options.certificate)
-        listening = TLSMemoryBIOFactory(server_tls, False, site)
+        listening = tls.CoalescingTLSFactory(server_tls, site, reactor)
     others = [strports.service(
         settings.server.endpoint, connection_guard.wrap(listening), reactor=reactor
     )]

@@ -25,6 +25,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
+from twisted.internet import protocol, ssl, task
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test import iosim
 
 from chatd import config, tls
 
@@ -153,6 +156,110 @@ def test_buffers_of_idle_connections_are_released(tmp_path):
     settings = config.replace(config.defaults(), tls__certificate=chain, tls__private_key=key)
     context = tls.certificate_options(settings).getContext()
     assert context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS  # set_mode(0) reads the mode
+
+
+class _Recorder(protocol.Protocol):
+    """Keeps what it receives and whether its connection was lost."""
+
+    def __init__(self):
+        self.received = b""
+        self.lost = False
+
+    def dataReceived(self, data):
+        self.received += data
+
+    def connectionLost(self, reason):
+        self.lost = True
+
+
+class _TLSPairs:
+    """Server connections of one L{tls.CoalescingTLSFactory}, each with a TLS client, in memory."""
+
+    def __init__(self, tmp_path):
+        _, chain, key = make_pki(str(tmp_path))
+        settings = config.replace(config.defaults(), tls__certificate=chain, tls__private_key=key)
+        self.clock = task.Clock()
+        self.factory = tls.CoalescingTLSFactory(
+            tls.certificate_options(settings), protocol.Factory.forProtocol(_Recorder), self.clock
+        )
+        self.client_factory = TLSMemoryBIOFactory(
+            ssl.CertificateOptions(), True, protocol.Factory.forProtocol(_Recorder), self.clock
+        )
+
+    def connect(self):
+        """
+        @return: (server TLS protocol, client app, pump, underlying server
+            writes) once the handshake is over; each underlying write is
+            what one TLS write produced.
+        """
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: self.factory.buildProtocol(None), lambda: self.client_factory.buildProtocol(None),
+            clock=self.clock,
+        )
+        pump.flush()
+        assert server.wrappedProtocol.transport is server  # the handshake is over
+        writes = []
+        write = server.transport.write
+        server.transport.write = lambda data: (writes.append(data), write(data))
+        return server, client.wrappedProtocol, pump, writes
+
+
+def test_writes_of_one_turn_are_one_tls_write(tmp_path):
+    """Three writes in one reactor turn reach the peer in order, as one TLS write at the next turn."""
+    server, client, pump, writes = _TLSPairs(tmp_path).connect()
+    for part in (b"one ", b"two ", b"three"):
+        server.write(part)
+    assert writes == []  # not before the turn ends
+    pump.flush()
+    assert client.received == b"one two three"
+    assert len(writes) == 1
+
+
+def test_one_timer_for_every_connection_written_to(tmp_path):
+    """Connections written to in one turn are flushed by one delayed call, not one each."""
+    pairs = _TLSPairs(tmp_path)
+    connections = [pairs.connect() for _ in range(3)]
+    for server, *_ in connections:
+        server.write(b"event")
+        server.write(b" and another")
+    assert len(pairs.clock.getDelayedCalls()) == 1
+    for _, client, pump, writes in connections:
+        pump.flush()
+        assert client.received == b"event and another" and len(writes) == 1
+
+
+def test_close_after_writes_goes_last(tmp_path):
+    """loseConnection in the turn of the writes sends them first, then closes."""
+    server, client, pump, writes = _TLSPairs(tmp_path).connect()
+    server.write(b"last words, ")
+    server.write(b"then the close frame")
+    server.loseConnection()
+    pump.flush()
+    assert client.received == b"last words, then the close frame"
+    assert client.lost
+
+
+def test_over_the_pending_limit_writes_at_once(tmp_path):
+    """Pending bytes over MAX_PENDING are written at once, not held for the turn."""
+    server, client, pump, writes = _TLSPairs(tmp_path).connect()
+    server.write(b"x" * 1000)
+    assert writes == []
+    server.write(b"y" * tls.CoalescingTLSProtocol.MAX_PENDING)
+    assert writes != []
+    server.write(b"z")
+    pump.flush()
+    assert client.received == b"x" * 1000 + b"y" * tls.CoalescingTLSProtocol.MAX_PENDING + b"z"
+
+
+def test_writes_after_the_connection_is_lost_are_dropped(tmp_path):
+    """A write to a lost connection is dropped and schedules nothing."""
+    pairs = _TLSPairs(tmp_path)
+    server, client, pump, writes = pairs.connect()
+    server.loseConnection()
+    pump.flush()
+    assert client.lost
+    server.write(b"too late")
+    assert pairs.clock.getDelayedCalls() == []
 
 
 def test_chain_and_key_as_cryptography_objects(tmp_path):
