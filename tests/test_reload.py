@@ -147,3 +147,46 @@ def test_sighup_schedules_a_reload_and_stop_restores_the_handler(setup):
     finally:
         service.stopService()
     assert signal.getsignal(signal.SIGHUP) == before
+
+
+def test_public_key_rotation(tmp_path, logged_failures):
+    """RS256: the new public key verifies from the reload on; a private key put there is refused."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    def pair():
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        private = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return private, public
+
+    old_private, old_public = pair()
+    new_private, new_public = pair()
+    public_file = tmp_path / "issuer.pub"
+    public_file.write_bytes(old_public)
+    write_config(tmp_path / "chatd.ini", {
+        "server": {"endpoint": "tcp:0", "allowed_origins": "*", "tls": "off"},
+        "auth": {"algorithms": "RS256", "public_key_file": public_file},
+    })
+    settings = config.load(str(tmp_path / "chatd.ini"))
+    verifier = auth.TokenVerifier.from_settings(settings)
+    reloader = reload.Reloader(settings, verifier)
+    assert verifier.verify(mint_token(old_private, "alice", algorithm="RS256")).sub == "alice"
+
+    public_file.write_bytes(new_public)
+    assert reloader.reload() == {"jwt": True}
+    assert verifier.verify(mint_token(new_private, "alice", algorithm="RS256")).sub == "alice"
+    with pytest.raises(InvalidToken):
+        verifier.verify(mint_token(old_private, "alice", algorithm="RS256"))
+
+    logged_failures.expect("reload refused")
+    public_file.write_bytes(new_private)
+    with capturedLogs() as events:
+        assert reloader.reload() == {"jwt": False}
+    (error,) = [e for e in events if e["log_level"] == LogLevel.error]
+    assert error["file"] == str(public_file) and "private key" in error["reason"]
+    assert verifier.verify(mint_token(new_private, "bob", algorithm="RS256")).sub == "bob"
