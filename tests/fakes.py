@@ -6,6 +6,7 @@ twistd, redis-server, clients) is in tests/support.py.
 
 import json
 
+from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet import defer
 from zope.interface import implementer
 
@@ -127,3 +128,35 @@ class RecordingBroker(MemoryBroker):
 
     def quit(self, room, member, ref=None):
         return self._maybe_fail("quit") or super().quit(room, member, ref)
+
+
+class MemoryClient(WebSocketClientProtocol):
+    """
+    An Autobahn client for in-memory connections (create_memory_agent):
+    records what it receives, decoded, and the close code.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.received = []
+        self.closed = None
+
+    def onMessage(self, payload, isBinary):
+        self.received.append(json.loads(payload))
+
+    def onClose(self, wasClean, code, reason):
+        self.closed = code
+
+
+class Pumps:
+    """An in-memory agent's IOPumps, flushed when the test says (not on a real reactor)."""
+
+    def __init__(self):
+        self.pumps = []
+
+    def add(self, pump):
+        self.pumps.append(pump)
+
+    def flush(self):
+        for pump in self.pumps:
+            pump.flush(advanceClock=False)

@@ -14,13 +14,13 @@ import json
 import pytest
 import txaio
 from autobahn.twisted.testing import create_memory_agent
-from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from chatd import config, drain, errors, guard, service, tls, web
 from chatd.auth import Principal
+from tests.fakes import MemoryClient, Pumps
 
 SECRET = b"s" * 32
 DRAIN_TIME = config.defaults().server.drain_time
@@ -78,29 +78,6 @@ def test_one_plain_listener(reactor):
     assert top.broker.running
 
 
-class Client(WebSocketClientProtocol):
-    def __init__(self):
-        super().__init__()
-        self.received = []
-        self.closed = None
-
-    def onMessage(self, payload, isBinary):
-        self.received.append(json.loads(payload))
-
-    def onClose(self, wasClean, code, reason):
-        self.closed = code
-
-
-class _Pumps:
-    def __init__(self):
-        self.pumps = []
-
-    def add(self, pump):
-        self.pumps.append(pump)
-
-    def flush(self):
-        for pump in self.pumps:
-            pump.flush(advanceClock=False)
 
 
 class Running:
@@ -111,7 +88,7 @@ class Running:
         self.top = service.make_chat_service(settings or make_settings(), reactor)
         self.top.startService()
         self.factory = listening_factory(reactor)
-        self.pumps = _Pumps()
+        self.pumps = Pumps()
         peers = iter(range(40000, 41000))
         self.agent = create_memory_agent(
             reactor, self.pumps,
@@ -124,7 +101,7 @@ class Running:
         grant = Principal(sub=sub, name=sub, exp=int(self.reactor.seconds()) + 3600)
         self.top.broker.issue_ticket(ticket, grant, 30)
         opened = []
-        self.agent.open(f"ws://localhost:8443/ws?ticket={ticket}", {}, protocol_class=Client).addCallback(
+        self.agent.open(f"ws://localhost:8443/ws?ticket={ticket}", {}, protocol_class=MemoryClient).addCallback(
             opened.append
         )
         self.pumps.flush()

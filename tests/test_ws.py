@@ -14,7 +14,6 @@ import json
 import pytest
 import txaio
 from autobahn.twisted.testing import create_memory_agent
-from autobahn.twisted.websocket import WebSocketClientProtocol
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -25,38 +24,12 @@ from chatd.broker.memory import MemoryBroker
 from chatd.errors import BrokerUnavailable
 from chatd.hub import Hub
 from tests import rawws
+from tests.fakes import MemoryClient, Pumps
 
 SECRET = b"s" * 32
 ORIGIN = "https://chat.example"
 
 
-class Client(WebSocketClientProtocol):
-    """Records what it receives, how it closed, and the handshake's status."""
-
-    def __init__(self):
-        super().__init__()
-        self.received = []
-        self.closed = None
-
-    def onMessage(self, payload, isBinary):
-        self.received.append(json.loads(payload))
-
-    def onClose(self, wasClean, code, reason):
-        self.closed = code
-
-
-class _Pumps:
-    """The agent's IOPumps, flushed when the test says (not on a real reactor)."""
-
-    def __init__(self):
-        self.pumps = []
-
-    def add(self, pump):
-        self.pumps.append(pump)
-
-    def flush(self):
-        for pump in self.pumps:
-            pump.flush(advanceClock=False)
 
 
 class World:
@@ -72,7 +45,7 @@ class World:
             self.settings, self.broker, Hub(self.broker), TokenVerifier.from_settings(self.settings),
             None, self.reactor,
         )
-        self.pumps = _Pumps()
+        self.pumps = Pumps()
         self.servers = []
         self.agent = create_memory_agent(self.reactor, self.pumps, self._server)
 
@@ -104,7 +77,7 @@ class World:
         made = []
 
         def client():
-            made.append(Client())
+            made.append(MemoryClient())
             return made[-1]
 
         self.agent.open(f"ws://localhost:8080/ws?{query}", options, protocol_class=client)
@@ -164,7 +137,7 @@ def test_no_or_bad_ticket_is_401(world, query):
 def test_ticket_is_single_use(world):
     """A ticket opens one connection; the second use is 401."""
     ticket = world.ticket()
-    assert world.connect(query="ticket=" + ticket).state == Client.STATE_OPEN
+    assert world.connect(query="ticket=" + ticket).state == MemoryClient.STATE_OPEN
     assert world.refusal(query="ticket=" + ticket) == errors.HTTP_UNAUTHORIZED
 
 
@@ -190,18 +163,18 @@ def test_origin_not_allowed_is_403(world, origin):
 def test_null_origin_allowed_by_star(clocked):
     """With allowed_origins = *, even Origin: null opens."""
     world = make_world(server__allowed_origins=("*",))
-    assert world.connect(origin="null").state == Client.STATE_OPEN
+    assert world.connect(origin="null").state == MemoryClient.STATE_OPEN
 
 
 def test_no_origin_is_not_held_to_it(world):
     """Non-browser clients send no Origin and are let in."""
-    assert world.connect(origin=None).state == Client.STATE_OPEN
+    assert world.connect(origin=None).state == MemoryClient.STATE_OPEN
 
 
 def test_per_address_cap_is_429_and_keeps_the_ticket(clocked):
     """Over max_connections_per_ip: 429, and the refused client's ticket is not spent."""
     world = make_world(limits__max_connections_per_ip=1)
-    assert world.connect().state == Client.STATE_OPEN
+    assert world.connect().state == MemoryClient.STATE_OPEN
     ticket = world.ticket("bob")
     assert world.refusal(query="ticket=" + ticket) == errors.HTTP_TOO_MANY_REQUESTS
     assert world.broker.redeem_ticket(ticket).result is not None
@@ -215,7 +188,7 @@ def test_total_cap_is_503(clocked):
     first.sendClose()
     world.pumps.flush()
     assert world.factory.connections == set()
-    assert world.connect().state == Client.STATE_OPEN
+    assert world.connect().state == MemoryClient.STATE_OPEN
 
 
 class _UnavailableBroker(MemoryBroker):
