@@ -1,6 +1,6 @@
 """
 The benchmark (bench/): its summary and profile arithmetic, the reference
-server's protocol in memory (iosim), and one tiny real run of scenarios 1
+server's protocol in memory (create_memory_agent), and one tiny real run of scenarios 1
 and 3 (both servers, real TLS, tickets, processes stopped by PID).  Figures are never asserted: only that the bench runs,
 reports one JSON line per run, and loses nothing.
 """
@@ -50,54 +50,52 @@ def test_profile_summary_per_function(tmp_path, capsys):
     assert "100.0%  main (app.py)" in out.split("by total time")[1]
 
 
-def _memory_client(server_factory, received):
-    """An Autobahn client joined to a reference server protocol in memory (iosim)."""
-    from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-    from twisted.internet.address import IPv4Address
-    from twisted.test import iosim
+@pytest.fixture
+def memory_reactor():
+    """A MemoryReactorClock that also runs Autobahn's (txaio's) timers, for the test's length."""
+    import txaio
+    from twisted.internet.testing import MemoryReactorClock
 
-    class Client(WebSocketClientProtocol):
-        def onMessage(self, payload, isBinary):
-            received.append(json.loads(payload))
-
-    client_factory = WebSocketClientFactory("ws://127.0.0.1:9/ws", protocols=["chatd.v1"])
-    client_factory.protocol = Client
-    address = IPv4Address("TCP", "127.0.0.1", 9)
-    server = server_factory.buildProtocol(address)
-    client = client_factory.buildProtocol(address)
-    pump = iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client))
-    return client, pump
+    saved, txaio.config.loop = txaio.config.loop, MemoryReactorClock()
+    yield txaio.config.loop
+    txaio.config.loop = saved
 
 
-def test_reference_server_speaks_enough_chatd_v1():
+def test_reference_server_speaks_enough_chatd_v1(memory_reactor):
     """WELCOME on open; ENTER and TALK reach every member, the actor's copy with its ref; QUIT leaves."""
-    reference = _load("reference")
-    factory = reference.make_factory()
-    alice_got, bob_got = [], []
-    alice, alice_pump = _memory_client(factory, alice_got)
-    bob, bob_pump = _memory_client(factory, bob_got)
+    from autobahn.twisted.testing import create_memory_agent
 
-    def pump():
-        for _ in range(5):
-            alice_pump.flush()
-            bob_pump.flush()
+    from tests.fakes import MemoryClient, Pumps
 
-    pump()
-    assert alice_got[0]["type"] == bob_got[0]["type"] == "WELCOME"
+    factory = _load("reference").make_factory()
+    pumps = Pumps()
+    agent = create_memory_agent(memory_reactor, pumps, lambda: factory.buildProtocol(None))
+    made = []
+
+    def client():
+        made.append(MemoryClient())
+        return made[-1]
+
+    for _ in range(2):
+        agent.open("ws://localhost:9/ws", {"protocols": ["chatd.v1"]}, protocol_class=client)
+        pumps.flush()
+    alice, bob = made
+    assert alice.received[0]["type"] == bob.received[0]["type"] == "WELCOME"
     assert alice.websocket_protocol_in_use == "chatd.v1"
-    for client, ref in ((alice, "a"), (bob, "b")):
-        client.sendMessage(json.dumps({"type": "ENTER", "room": "r", "ref": ref}).encode())
-        pump()
+    for member, ref in ((alice, "a"), (bob, "b")):
+        member.sendMessage(json.dumps({"type": "ENTER", "room": "r", "ref": ref}).encode())
+        pumps.flush()
     alice.sendMessage(json.dumps({"type": "TALK", "room": "r", "message": "hi", "ref": "t"}).encode())
-    pump()
-    talks = [[e for e in got if e["type"] == "TALK"] for got in (alice_got, bob_got)]
+    pumps.flush()
+    talks = [[e for e in m.received if e["type"] == "TALK"] for m in (alice, bob)]
     assert [e["message"] for e in talks[0]] == [e["message"] for e in talks[1]] == ["hi"]
     assert talks[0][0].get("ref") == "t" and "ref" not in talks[1][0]
     assert talks[1][0]["userCount"] == 2
     bob.sendMessage(json.dumps({"type": "QUIT", "room": "r"}).encode())
-    pump()
+    pumps.flush()
+    pumps.flush()  # bob's pump carried it to the server after alice's had run
     assert len(factory.rooms["r"]) == 1
-    assert [e["type"] for e in alice_got if e["type"] != "WELCOME"] == ["ENTER", "ENTER", "TALK", "QUIT"]
+    assert [e["type"] for e in alice.received[1:]] == ["ENTER", "ENTER", "TALK", "QUIT"]
 
 
 def test_scenario_5_is_a_clear_hook(capsys):
