@@ -5,13 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= etc/chatd.ini
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
+BENCH_STAMP := $(VENV)/.bench-installed
 
 .PHONY: run test conformance conformance-full bench venv sslyze node-deps dev-files system-deps clean
 
 run: venv dev-files  ## set up and run the server on the embedded broker
 	$(VENV)/bin/twistd -n --pidfile= chatd --config $(CONFIG)
 
-test: venv sslyze system-deps node-deps  ## set up and run the default test suite (incl. conformance cases 1-10)
+test: venv sslyze system-deps node-deps $(BENCH_STAMP)  ## set up and run the default test suite (incl. conformance cases 1-10 and a tiny bench run)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 conformance: venv  ## Autobahn Testsuite, cases 1-10
@@ -19,9 +21,6 @@ conformance: venv  ## Autobahn Testsuite, cases 1-10
 
 conformance-full: venv  ## Autobahn Testsuite, every case incl. permessage-deflate
 	$(PY) conformance/run.py --full
-
-BENCH_ARGS ?=
-BENCH_STAMP := $(VENV)/.bench-installed
 
 bench: venv system-deps $(BENCH_STAMP)  ## chatd vs a plain Twisted + Autobahn broadcast, scenarios 1-4 (not part of `make test`; docs/performance.md)
 	$(PY) bench/run.py $(BENCH_ARGS)
