@@ -34,6 +34,7 @@ HTTP_UNAUTHORIZED = 401  # missing/invalid JWT or ticket
 HTTP_FORBIDDEN = 403  # Origin not allowed; a room the token does not allow
 HTTP_NOT_FOUND = 404
 HTTP_CONFLICT = 409
+HTTP_PAYLOAD_TOO_LARGE = 413  # a request body over 64 KiB (chatd.guard)
 HTTP_UPGRADE_REQUIRED = 426  # /ws without a WebSocket upgrade
 HTTP_TOO_MANY_REQUESTS = 429  # per-IP connection cap
 HTTP_HEADER_TOO_LARGE = 431  # a request or header line over 16 KiB (chatd.guard)

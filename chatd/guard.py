@@ -26,8 +26,9 @@ L{ConnectionGuard} guards the whole listening factory, TLS included
     are capped separately, in L{chatd.ws}, where a refusal can be answered
     with 503/429);
   - caps HTTP request bodies at L{MAX_REQUEST_BODY_BYTES} (twisted.web has
-    no limit and spools large bodies to a temporary file; chatd's API takes
-    no body at all).
+    no limit and spools large bodies to a temporary file): a body over it is
+    thrown away as it arrives and answered 413 JSON, or cut off unanswered
+    past L{MAX_DISCARDED_BODY_BYTES}.
 
 The WebSocket side tells the guard when a connection has opened (see
 L{ConnectionGuard.upgraded}); requests report themselves through the Site's
@@ -50,6 +51,9 @@ from chatd.limits import CapReached, ConnectionCaps, TokenBucket
 log = Logger()
 
 MAX_REQUEST_BODY_BYTES = 64 * 1024
+# A body over the cap but under this is read and thrown away, so the
+# client can be answered 413; a larger one is cut off unanswered.
+MAX_DISCARDED_BODY_BYTES = 1024 * 1024
 
 
 def _peer_key(address):
@@ -237,7 +241,8 @@ class ConnectionGuard:
 
         class GuardedRequest(request_factory):
             _body_bytes = 0
-            _refused = False
+            _too_large = False  # over the cap: the body is thrown away, then 413
+            _cut_off = False  # over what is worth reading to answer: aborted
 
             def gotLength(self, length):
                 # The channel-to-request interface (not for resources): Twisted
@@ -249,29 +254,49 @@ class ConnectionGuard:
                 super().gotLength(0)
 
             def handleContentChunk(self, data):
-                if self._refused:
+                if self._cut_off:
                     return
                 self._body_bytes += len(data)
                 if self._body_bytes > MAX_REQUEST_BODY_BYTES:
                     self._refuse_body(self._body_bytes)
-                    return
-                super().handleContentChunk(data)
+                if not self._too_large:
+                    super().handleContentChunk(data)
 
             def process(self):
-                if not self._refused:
-                    super().process()
+                if self._cut_off:
+                    return
+                if self._too_large:
+                    self._answer_too_large()
+                    return
+                super().process()
 
             def finish(self):
                 super().finish()
                 guard.request_done(self.getClientAddress())
 
             def _refuse_body(self, size):
-                self._refused = True
-                guard._note(
-                    "dropped {peer}: request body of {size} bytes (limit {limit})",
-                    peer=_host(self.getClientAddress()), size=size, limit=MAX_REQUEST_BODY_BYTES,
-                )
-                self.channel.transport.abortConnection()
+                if not self._too_large:
+                    self._too_large = True
+                    guard._note(
+                        "refused {peer}: request body of {size} bytes (limit {limit})",
+                        peer=_host(self.getClientAddress()), size=size, limit=MAX_REQUEST_BODY_BYTES,
+                    )
+                if size > MAX_DISCARDED_BODY_BYTES and not self._cut_off:
+                    # Not worth reading to the end just to say so.
+                    self._cut_off = True
+                    self.channel.transport.abortConnection()
+
+            def _answer_too_large(self):
+                body = json.dumps({
+                    "error": errors.TOO_LARGE,
+                    "message": f"request bodies are limited to {MAX_REQUEST_BODY_BYTES} bytes",
+                }).encode("ascii")
+                self.setResponseCode(errors.HTTP_PAYLOAD_TOO_LARGE)
+                self.setHeader(b"content-type", b"application/json; charset=utf-8")
+                self.setHeader(b"server", b"chatd")
+                self.setHeader(b"content-length", b"%d" % len(body))
+                self.write(body)
+                self.finish()
 
         GuardedRequest.__name__ = "Guarded" + request_factory.__name__
         return GuardedRequest

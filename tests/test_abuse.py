@@ -9,6 +9,7 @@ defence worked (the connection ended, a QUIT arrived, a close code), always
 with a deadline.
 """
 
+import json
 import socket
 import ssl
 import zlib
@@ -175,9 +176,27 @@ def test_connection_caps(start_chatd, clients):
 
 def test_request_bodies_are_capped(chatd):
     """
-    chatd's HTTP API takes no body: a POST that announces or streams more
-    than 64 KiB is cut off instead of being spooled to disk.
+    A request body over 64 KiB is never kept (twisted.web would spool it to
+    disk): up to 1 MiB it is read, thrown away and answered 413 JSON; a
+    body that announces or streams more than that is cut off.
     """
+    over = rawws.tls_connect(chatd.port)
+    over.sendall(
+        b"POST /api/publish HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 100000\r\n\r\n" + b"x" * 100000
+    )
+    answer = b""
+    for _ in range(100):  # the answer is a few hundred bytes; recv has the socket's timeout
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = [int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")]
+        if length and len(body) >= length[0]:
+            break
+        answer += over.recv(65536)
+    assert head.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"application/json" in head
+    assert json.loads(body)["error"] == "too_large"
+    over.close()
+
     announced = rawws.tls_connect(chatd.port)
     announced.sendall(
         b"POST /auth/ticket HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000000\r\n\r\n"
