@@ -455,10 +455,29 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
             self._sent += 1
 
     def send_shared(self, text):
-        """IConnection API: C{text} is framed once for all who get it (see L{ChatServerFactory.frame})."""
-        if self.state == self.STATE_OPEN:
-            self.sendPreparedMessage(self.factory.frame(text))
-            self._sent += 1
+        """
+        IConnection API: C{text} is framed once for all who get it (see
+        L{ChatServerFactory.frame}).
+
+        This runs once per member per event, so the common case (no
+        compression, nothing queued in Autobahn) writes the frame here:
+        what C{sendPreparedMessage} and L{sendData} would do, in one call.
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        self._sent += 1
+        factory = self.factory
+        # factory.frame(text), without the call for all but the first member
+        prepared = factory._framed if text is factory._framed_text else factory.frame(text)
+        if self._perMessageCompress is not None or self.send_queue or self.logOctets:
+            self.sendPreparedMessage(prepared)
+            return
+        data = prepared.payloadHybi
+        self.transport.write(data)
+        self.trafficStats.outgoingOctetsWireLevel += len(data)
+        budget = self._budget
+        if budget is not None and budget.paused:
+            budget.wrote(len(data))
 
     def when_drained(self):
         if self._budget is None:

@@ -63,7 +63,7 @@ class World:
         self.broker.issue_ticket(ticket, Principal(sub=sub, name=sub.title(), exp=exp), 30)
         return ticket
 
-    def connect(self, query=None, origin=ORIGIN, sub="alice"):
+    def connect(self, query=None, origin=ORIGIN, sub="alice", client_class=None):
         """
         @return: the client once its handshake is over: open, or refused
             (Autobahn's agent never fires for a refused upgrade, so the
@@ -77,7 +77,7 @@ class World:
         made = []
 
         def client():
-            made.append(MemoryClient())
+            made.append((client_class or MemoryClient)())
             return made[-1]
 
         self.agent.open(f"ws://localhost:8080/ws?{query}", options, protocol_class=client)
@@ -466,3 +466,33 @@ def test_writes_are_counted_like_autobahns(world):
     assert server.trafficStats.outgoingOctetsWireLevel - before == sum(
         2 + len(json.dumps(m, separators=(",", ":"))) for m in bob.received[-3:]
     )
+
+
+class DeflateClient(MemoryClient):
+    """A MemoryClient that offers permessage-deflate."""
+
+    def startHandshake(self):
+        from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
+
+        self.perMessageCompressionOffers = [PerMessageDeflateOffer()]
+        self.perMessageCompressionAccept = PerMessageDeflateResponseAccept
+        super().startHandshake()
+
+
+def test_compressed_members_get_the_shared_event(clocked):
+    """
+    With compression on, a member that took permessage-deflate gets the
+    shared event compressed (not the prepared uncompressed frame), and one
+    that did not gets it plain.
+    """
+    world = make_world(websocket__compression=True)
+    squeezed = world.connect(sub="carol", client_class=DeflateClient)
+    plain, talker = world.connect(sub="bob"), world.connect(sub="alice")
+    assert world.servers[0]._perMessageCompress is not None
+    assert world.servers[1]._perMessageCompress is None
+    for client in (squeezed, plain, talker):
+        world.send(client, {"type": "ENTER", "room": "lobby"})
+    world.send(talker, {"type": "TALK", "room": "lobby", "message": "hi " * 50})
+    world.pumps.flush()  # the talker's pump runs last: once more for what it made the others get
+    for client in (squeezed, plain):
+        assert client.received[-1]["type"] == "TALK" and client.received[-1]["message"] == "hi " * 50
