@@ -24,7 +24,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import SSL
 from twisted.internet import protocol, ssl, task
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
@@ -148,14 +147,6 @@ def test_groups_are_limited_to_the_profile(tmp_path):
     _, chain, key = make_pki(str(tmp_path))
     settings = config.replace(config.defaults(), tls__certificate=chain, tls__private_key=key)
     assert tls.certificate_options(settings).groups == "X25519:P-256:P-384"
-
-
-def test_buffers_of_idle_connections_are_released(tmp_path):
-    """The context frees a connection's empty TLS buffers (SSL_MODE_RELEASE_BUFFERS)."""
-    _, chain, key = make_pki(str(tmp_path))
-    settings = config.replace(config.defaults(), tls__certificate=chain, tls__private_key=key)
-    context = tls.certificate_options(settings).getContext()
-    assert context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS  # set_mode(0) reads the mode
 
 
 class _Recorder(protocol.Protocol):
