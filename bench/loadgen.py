@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_bench -*-
 """
 The load generator: picows WebSocket clients on uvloop, in one process that
-bench/run.py pins to its own core.  It speaks chatd.v1 (ticket step
+bench/run.py pins to its own core.  It speaks chatd.v1, or STOMP 1.2
+(docs/stomp.md) when the spec says C{"protocol": "stomp"} (the ticket step
 included when the target asks for it), runs one scenario once, and prints
 one JSON object: the figures, its own CPU time (so a generator-bound figure
 shows as such) and the server processes' CPU and memory, read from /proc.
@@ -17,7 +18,9 @@ C{measuring}), the result last.
 Every TALK the generator sends carries, in its text, a marker, its
 sequence number and its send time (perf_counter_ns), so a receiver finds
 them with one C{bytes.find} instead of parsing JSON: parsing every delivery
-would make the generator the bottleneck.
+would make the generator the bottleneck.  The same holds for STOMP: a
+MESSAGE frame's body carries the text, so the marker is found in the raw
+frame without splitting headers from body or decoding the JSON.
 """
 
 import array
@@ -168,11 +171,68 @@ class TicketClient:
         return json.loads(body)["ticket"]
 
 
+class JSON:
+    """chatd.v1 (docs/protocol.md): the frames the scenarios send."""
+
+    subprotocol = "chatd.v1"
+    greeting = b"WELCOME"
+
+    @staticmethod
+    def quote_ref(ref):
+        return json.dumps(ref).encode()
+
+    @staticmethod
+    def is_error(payload):
+        return b'"ERROR"' in payload
+
+    @staticmethod
+    def enter(room, ref):
+        return json.dumps({"type": "ENTER", "room": room, "ref": ref}).encode()
+
+    @staticmethod
+    def talk(room, text):
+        return b'{"type":"TALK","room":"%s","message":"%s"}' % (room, text)
+
+
+class STOMP:
+    """
+    STOMP 1.2 over WebSocket (docs/stomp.md): SUBSCRIBE to /topic/<room> is
+    ENTER (its RECEIPT says it is done), SEND to /app/chat/<room> is TALK, and
+    every room event arrives as a MESSAGE frame with the chatd JSON body.
+    """
+
+    subprotocol = "v12.stomp"
+    greeting = b"CONNECTED"
+
+    @staticmethod
+    def quote_ref(ref):
+        return b"receipt-id:%s\n" % ref.encode()
+
+    @staticmethod
+    def is_error(payload):
+        return payload.startswith(b"ERROR")
+
+    @staticmethod
+    def enter(room, ref):
+        return b"SUBSCRIBE\nid:%s\ndestination:/topic/%s\nreceipt:%s\n\n\0" % (
+            ref.encode(), room.encode(), ref.encode(),
+        )
+
+    @staticmethod
+    def talk(room, text):
+        return b'SEND\ndestination:/app/chat/%s\ncontent-type:application/json\n\n{"message":"%s"}\0' % (
+            room, text,
+        )
+
+
+PROTOCOLS = {"json": JSON, "stomp": STOMP}
+
+
 def make_member_class():
     from picows import WSListener, WSMsgType
 
     class Member(WSListener):
-        """One chatd.v1 connection: TALK deliveries go straight to the scenario."""
+        """One chatd.v1 or STOMP connection: TALK deliveries go straight to the scenario."""
 
         def __init__(self, gen):
             super().__init__()
@@ -184,14 +244,19 @@ def make_member_class():
 
         def on_ws_connected(self, transport):
             self.transport = transport
+            if self.gen.protocol is STOMP:
+                # No heart-beats: an idle member must not cost the server timers.
+                transport.send(WSMsgType.TEXT, b"CONNECT\naccept-version:1.2\nheart-beat:0,0\n\n\0")
 
         def on_ws_frame(self, transport, frame):
-            if frame.msg_type == WSMsgType.TEXT:
+            if frame.msg_type == WSMsgType.TEXT or frame.msg_type == WSMsgType.BINARY:
                 payload = frame.get_payload_as_bytes()
                 at = payload.find(MARK)
                 if at >= 0:
                     self.gen.delivered(payload, at)
                     return
+                if payload == b"\n" or payload == b"\r\n":
+                    return  # a STOMP heart-beat (none is negotiated; harmless)
                 self.gen.control_frames += 1
                 if not self.first.done():
                     self.first.set_result(payload)
@@ -200,7 +265,7 @@ def make_member_class():
                     self.expect = None
                     if not future.done():
                         future.set_result(payload)
-                if b'"ERROR"' in payload:
+                if self.gen.protocol.is_error(payload):
                     self.gen.errors += 1
                     if self.gen.errors <= 5:
                         log(f"ERROR frame: {payload[:200]!r}")
@@ -219,8 +284,9 @@ def make_member_class():
             self.transport.send(WSMsgType.TEXT, data)
 
         async def request(self, data, ref, timeout):
+            """Send C{data}; the next control frame carrying C{ref} (as the protocol quotes it) answers."""
             future = self.gen.loop.create_future()
-            self.expect = (json.dumps(ref).encode(), future)
+            self.expect = (self.gen.protocol.quote_ref(ref), future)
             self.send(data)
             return await asyncio.wait_for(future, timeout)
 
@@ -243,6 +309,7 @@ class Generator:
         self.Member = make_member_class()
         self.ticket_clients = {}
         self.timeout = spec.get("timeout", 300)
+        self.protocol = PROTOCOLS[spec.get("protocol", "json")]
 
     # -- connections --
 
@@ -270,12 +337,12 @@ class Generator:
             url += "?ticket=" + ticket
         _, member = await ws_connect(
             lambda: self.Member(self), url, ssl_context=client_tls(),
-            extra_headers={"Sec-WebSocket-Protocol": "chatd.v1"},
+            extra_headers={"Sec-WebSocket-Protocol": self.protocol.subprotocol},
             websocket_handshake_timeout=60, max_frame_size=1 << 20,
         )
         welcome = await asyncio.wait_for(member.first, 60)
-        if b"WELCOME" not in welcome:
-            raise RuntimeError(f"expected WELCOME, got {welcome[:200]!r}")
+        if self.protocol.greeting not in welcome:
+            raise RuntimeError(f"expected {self.protocol.greeting.decode()}, got {welcome[:200]!r}")
         self.members.append(member)
         return member
 
@@ -291,9 +358,8 @@ class Generator:
 
     async def enter(self, member, room, index):
         ref = f"enter-{index}"
-        data = json.dumps({"type": "ENTER", "room": room, "ref": ref}).encode()
-        reply = await member.request(data, ref, 120)
-        if b'"ERROR"' in reply:
+        reply = await member.request(self.protocol.enter(room, ref), ref, 120)
+        if self.protocol.is_error(reply):
             raise RuntimeError(f"ENTER {room}: {reply[:200]!r}")
 
     async def enter_many(self, members_rooms):
@@ -308,10 +374,8 @@ class Generator:
     # -- deliveries --
 
     def talk(self, member, room, seq, pad):
-        text = b'{"type":"TALK","room":"%s","message":"%s%08d%019d%s"}' % (
-            room.encode(), MARK, seq, time.perf_counter_ns(), pad,
-        )
-        member.send(text)
+        text = b"%s%08d%019d%s" % (MARK, seq, time.perf_counter_ns(), pad)
+        member.send(self.protocol.talk(room.encode(), text))
 
     def delivered(self, payload, at):
         now = time.perf_counter_ns()

@@ -9,8 +9,9 @@ picows on uvloop).  docs/performance.md has the method and the figures.
     .venv/bin/python bench/run.py 1 3 --runs 1 --members 50 --messages 100   # a quick look
 
 Scenarios: 1 fan-out, 2 idle connections, 3 many small rooms, 4 fan-out
-over two chatd instances and Redis (5, STOMP, is a hook for later).  Each
-run starts its servers afresh, pinned with taskset to the server core,
+over two chatd instances and Redis, 5 fan-out with STOMP clients next to
+fan-out with chatd.v1 clients, both on chatd (the reference has no STOMP).
+Each run starts its servers afresh, pinned with taskset to the server core,
 and the generator on its own core; chatd and reference runs alternate, and
 each figure is the median of the runs with their min-max.  Before each
 run it waits (bounded) for the machine to be quiet and records how busy it
@@ -198,7 +199,10 @@ class Setup:
 
 # -- scenarios --
 
-Scenario = collections.namedtuple("Scenario", "number name method variants spec headline")
+# variants: (server kind, instances[, client protocol]); the ratio is the
+# second's median over the first's, named ratio_name in the JSON summary.
+Scenario = collections.namedtuple("Scenario", "number name method variants spec headline ratio_name")
+Scenario.__new__.__defaults__ = ("ratio",)
 
 
 def _fanout_spec(a):
@@ -218,16 +222,17 @@ SCENARIOS = {
     # so it alternates with that instead of with the reference.
     4: Scenario(4, "fan-out, 2 chatd + Redis", "fanout", [("chatd", 1), ("chatd", 2)], _fanout_spec,
                 ["deliveries_per_s", "server_cpu_us_per_delivery", "p50_ms", "p99_ms", "lost"]),
-    # Scenario 5 (issue 10): scenario 1 with STOMP clients, once chatd speaks
-    # STOMP.  The hook: a "stomp" flag in the spec, honoured by a STOMP
-    # Member in bench/loadgen.py (CONNECT/SUBSCRIBE/SEND framing instead of
-    # chatd.v1 JSON), then an entry here like 1's with that flag set.
-    5: None,
+    # Scenario 5's yardstick is scenario 1 with chatd.v1 clients on the same
+    # chatd: only the framing differs (STOMP SUBSCRIBE/SEND/MESSAGE).
+    5: Scenario(5, "fan-out, STOMP clients", "fanout", [("chatd", 1, "json"), ("chatd", 1, "stomp")],
+                _fanout_spec, ["deliveries_per_s", "server_cpu_us_per_delivery", "p50_ms", "p99_ms", "lost"],
+                "stomp_vs_json"),
 }
 
 
-def variant_label(kind, instances):
-    return kind if instances == 1 else f"{kind} x{instances}"
+def variant_label(kind, instances, protocol=None):
+    label = kind if instances == 1 else f"{kind} x{instances}"
+    return label if protocol is None else f"{label} {protocol}"
 
 
 class Bench:
@@ -238,11 +243,12 @@ class Bench:
         self.results = []
         self.gen = None
 
-    def run_generator(self, setup, scenario, spec_fields, profile_to=None):
+    def run_generator(self, setup, scenario, spec_fields, profile_to=None, protocol=None):
         a = self.args
         spec = dict(
             scenario=scenario.method, targets=setup.targets, secret=self.secret.decode(),
-            server_pids=setup.watched, concurrency=a.concurrency, timeout=a.timeout, **spec_fields,
+            server_pids=setup.watched, concurrency=a.concurrency, timeout=a.timeout,
+            protocol=protocol or "json", **spec_fields,
         )
         path = os.path.join(self.workdir, "spec.json")
         with open(path, "w") as f:
@@ -301,13 +307,15 @@ class Bench:
         except subprocess.TimeoutExpired:
             support.stop_pid(proc)
 
-    def one_run(self, scenario, kind, instances, run, profile_to=None):
+    def one_run(self, scenario, variant, run, profile_to=None):
         a = self.args
+        kind, instances, *protocol = variant
+        protocol = protocol[0] if protocol else None
         quiet = wait_quiet(a.quiet_threshold, a.quiet_wait)
         with Setup(self, kind, instances) as setup:
-            result = self.run_generator(setup, scenario, scenario.spec(a), profile_to)
+            result = self.run_generator(setup, scenario, scenario.spec(a), profile_to, protocol)
         record = dict(
-            scenario=scenario.number, name=scenario.name, server=variant_label(kind, instances), run=run,
+            scenario=scenario.number, name=scenario.name, server=variant_label(*variant), run=run,
             **quiet, **result,
         )
         if profile_to:
@@ -323,15 +331,18 @@ class Bench:
             # Alternate which server goes first, so a drift in the machine's
             # load does not always favour the same one.
             variants = scenario.variants if run % 2 else list(reversed(scenario.variants))
-            for kind, instances in variants:
-                log(f"scenario {number} ({scenario.name}), {variant_label(kind, instances)}, run {run}")
-                self.one_run(scenario, kind, instances, run)
+            for variant in variants:
+                log(f"scenario {number} ({scenario.name}), {variant_label(*variant)}, run {run}")
+                self.one_run(scenario, variant, run)
 
     def profile(self):
         out = os.path.abspath(self.args.profile)
-        log(f"scenario 1 on chatd under py-spy (not counted in the figures)")
-        self.one_run(SCENARIOS[1], "chatd", 1, 0, profile_to=out)
-        print_profile(out, self.args.profile_top)
+        # The scenario's second variant: chatd in 1-3, two chatd in 4, STOMP clients in 5.
+        scenario = SCENARIOS[self.args.profile_scenario]
+        variant = scenario.variants[-1]
+        log(f"scenario {scenario.number} on {variant_label(*variant)} under py-spy (not counted in the figures)")
+        self.one_run(scenario, variant, 0, profile_to=out)
+        print_profile(out, self.args.profile_top, f"scenario {scenario.number}, {variant_label(*variant)}")
 
     def summary(self):
         rows = []
@@ -353,9 +364,9 @@ class Bench:
                         }
                 base, other = labels
                 if base in summary and other in summary and summary[base]["median"]:
-                    summary["ratio"] = round(summary[other]["median"] / summary[base]["median"], 2)
+                    summary[scenario.ratio_name] = round(summary[other]["median"] / summary[base]["median"], 2)
                 print(json.dumps(summary), flush=True)
-                rows.append((number, scenario.name, key, labels, summary))
+                rows.append((number, scenario.name, key, labels, summary, scenario.ratio_name))
         print_table(rows)
 
 
@@ -370,11 +381,13 @@ def fmt(cell):
 def print_table(rows):
     header = ["scenario", "figure", "A", "B", "B/A"]
     lines = []
-    for number, name, key, labels, summary in rows:
+    for number, name, key, labels, summary, ratio_name in rows:
         lines.append([
             f"{number} {name}", key,
             f"{labels[0]}: {fmt(summary.get(labels[0]))}", f"{labels[1]}: {fmt(summary.get(labels[1]))}",
-            str(summary.get("ratio", "-")),
+            "-" if ratio_name not in summary else (
+                str(summary[ratio_name]) + ("" if ratio_name == "ratio" else f" ({ratio_name})")
+            ),
         ])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     print()
@@ -383,7 +396,7 @@ def print_table(rows):
         print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
 
 
-def print_profile(path, top):
+def print_profile(path, top, what="scenario 1, chatd"):
     """The top frames of a py-spy raw (collapsed) profile: own time and total time."""
     own, total, samples = collections.Counter(), collections.Counter(), 0
     with open(path) as f:
@@ -398,7 +411,7 @@ def print_profile(path, top):
             own[frames[-1]] += count
             for frame in set(frames):
                 total[frame] += count
-    print(f"\npy-spy: {samples} samples of chatd under scenario 1 ({path})")
+    print(f"\npy-spy: {samples} samples of the server under {what} ({path})")
     for title, counter in (("own time", own), ("total time (incl. callees)", total)):
         print(f"top {top} by {title}:")
         for frame, count in counter.most_common(top):
@@ -409,11 +422,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("scenarios", nargs="*", type=int, default=[1, 2, 3, 4], help="scenario numbers")
+    parser.add_argument("scenarios", nargs="*", type=int, default=[1, 2, 3, 4, 5], help="scenario numbers")
     parser.add_argument("--runs", type=int, default=3, help="runs of each server per scenario")
-    parser.add_argument("--members", type=int, default=1000, help="1, 4: room members (the sender is one)")
-    parser.add_argument("--messages", type=int, default=2000, help="1, 4: messages sent")
-    parser.add_argument("--in-flight", type=int, default=20, help="1, 4: messages not yet delivered to all")
+    parser.add_argument("--members", type=int, default=1000, help="1, 4, 5: room members (the sender is one)")
+    parser.add_argument("--messages", type=int, default=2000, help="1, 4, 5: messages sent")
+    parser.add_argument("--in-flight", type=int, default=20, help="1, 4, 5: messages not yet delivered to all")
     parser.add_argument("--message-bytes", type=int, default=100, help="TALK text length")
     parser.add_argument("--connections", type=int, default=5000, help="2: idle connections")
     parser.add_argument("--rooms", type=int, default=500, help="3: rooms of two members")
@@ -425,14 +438,14 @@ def parse_args(argv=None):
     parser.add_argument("--gen-cpu", type=int, default=1, help="core for the load generator")
     parser.add_argument("--quiet-threshold", type=float, default=0.2, help="machine busy fraction deemed quiet")
     parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for quiet before a run")
-    parser.add_argument("--profile", metavar="FILE", help="also run scenario 1 on chatd under py-spy into FILE")
+    parser.add_argument("--profile", metavar="FILE", help="also run one scenario on chatd under py-spy into FILE")
+    parser.add_argument("--profile-scenario", type=int, default=1, choices=sorted(SCENARIOS),
+                        help="the scenario --profile runs, on its second variant (5: STOMP clients)")
     parser.add_argument("--profile-top", type=int, default=25)
     args = parser.parse_args(argv)
     for number in args.scenarios:
         if number not in SCENARIOS:
             parser.error(f"no scenario {number}: there are {sorted(SCENARIOS)}")
-        if SCENARIOS[number] is None:
-            parser.error(f"scenario {number} (STOMP) does not exist yet: see the hook in bench/run.py")
     if os.cpu_count() < 2:
         log("one core: server and generator share it, the figures measure both")
         args.server_cpu = args.gen_cpu = 0

@@ -1,7 +1,8 @@
 """
 The benchmark (bench/): its summary and profile arithmetic, the reference
-server's protocol in memory (create_memory_agent), and one tiny real run of scenarios 1
-and 3 (both servers, real TLS, tickets, processes stopped by PID).  Figures are never asserted: only that the bench runs,
+server's protocol in memory (create_memory_agent), the generator's STOMP
+frames against chatd's own STOMP framing, and one tiny real run of scenarios 1, 3
+and 5 (both servers, real TLS, tickets, STOMP, processes stopped by PID).  Figures are never asserted: only that the bench runs,
 reports one JSON line per run, and loses nothing.
 """
 
@@ -98,21 +99,35 @@ def test_reference_server_speaks_enough_chatd_v1(memory_reactor):
     assert [e["type"] for e in alice.received[1:]] == ["ENTER", "ENTER", "TALK", "QUIT"]
 
 
-def test_scenario_5_is_a_clear_hook(capsys):
-    """Asking for the STOMP scenario names it as not there yet, with exit status 2."""
-    run = _load("run")
-    with pytest.raises(SystemExit) as exit_info:
-        run.parse_args(["5"])
-    assert exit_info.value.code == 2
-    assert "STOMP" in capsys.readouterr().err
+def test_generator_stomp_frames_meet_chatd_framing():
+    """SUBSCRIBE and SEND parse with chatd's STOMP parser; a MESSAGE and a RECEIPT chatd encodes are recognised."""
+    from chatd.stomp import frames
+
+    loadgen = _load("loadgen")
+    stomp = loadgen.STOMP
+    parser = frames.FrameParser(1 << 16)
+    text = b"%s%08d%019d%s" % (loadgen.MARK, 7, 123, b"x" * 70)
+    subscribe, send = list(parser.feed(stomp.enter("fanout", "enter-3") + stomp.talk(b"fanout", text)))
+    assert (subscribe.command, subscribe.get("destination"), subscribe.get("receipt")) == (
+        "SUBSCRIBE", "/topic/fanout", "enter-3",
+    )
+    assert (send.command, send.get("destination")) == ("SEND", "/app/chat/fanout")
+    assert json.loads(send.body) == {"message": text.decode()}
+    body = json.dumps({"type": "TALK", "roomId": "fanout", "sender": "m0", "message": text.decode()})
+    delivered = frames.encode(frames.message("/topic/fanout", "enter-3", "1-7", body))
+    at = delivered.find(loadgen.MARK)
+    assert at >= 0 and int(delivered[at + len(loadgen.MARK):][:loadgen.SEQ_DIGITS]) == 7
+    receipt = frames.encode(frames.receipt("enter-3"))
+    assert stomp.quote_ref("enter-3") in receipt and stomp.quote_ref("enter-30") not in receipt
+    assert stomp.is_error(frames.encode(frames.error("bad_request", "no"))) and not stomp.is_error(receipt)
 
 
-def test_tiny_run_of_scenarios_1_and_3():
-    """Both servers serve scenario 1 and 3 end to end; every message reaches every member."""
+def test_tiny_run_of_scenarios_1_3_and_5():
+    """Both servers serve scenario 1 and 3, chatd scenario 5 with chatd.v1 and STOMP clients; nothing lost."""
     pytest.importorskip("picows", reason="the bench extra: pip install -e '.[bench]'")
     pytest.importorskip("uvloop", reason="the bench extra: pip install -e '.[bench]'")
     done = subprocess.run(
-        [sys.executable, RUN, "1", "3", "--runs", "1", "--members", "5", "--messages", "10",
+        [sys.executable, RUN, "1", "3", "5", "--runs", "1", "--members", "5", "--messages", "10",
          "--rooms", "3", "--rate", "60", "--duration", "0.5", "--quiet-wait", "0", "--timeout", "20"],
         capture_output=True, text=True, timeout=100, cwd=ROOT,
     )
@@ -120,10 +135,11 @@ def test_tiny_run_of_scenarios_1_and_3():
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     runs = [line for line in lines if "run" in line]
     assert sorted((r["scenario"], r["server"]) for r in runs) == [
-        (1, "chatd"), (1, "reference"), (3, "chatd"), (3, "reference"),
+        (1, "chatd"), (1, "reference"), (3, "chatd"), (3, "reference"), (5, "chatd json"), (5, "chatd stomp"),
     ]
     for r in runs:
         assert r["lost"] == 0 and r["errors"] == 0, r
-        assert r["delivered"] == (5 * 10 if r["scenario"] == 1 else 2 * 30), r
+        assert r["delivered"] == (2 * 30 if r["scenario"] == 3 else 5 * 10), r
     assert any(line.get("summary") and line["figure"] == "deliveries_per_s" for line in lines)
     assert "ratio of the medians" in done.stdout
+    assert any(line.get("summary") and "stomp_vs_json" in line for line in lines)
