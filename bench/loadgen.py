@@ -199,10 +199,16 @@ class STOMP:
     STOMP 1.2 over WebSocket (docs/stomp.md): SUBSCRIBE to /topic/<room> is
     ENTER (its RECEIPT says it is done), SEND to /app/chat/<room> is TALK, and
     every room event arrives as a MESSAGE frame with the chatd JSON body.
+
+    The subscription id is C{sub-0} for every member, as stomp.js numbers a
+    client's first subscription, so chatd may encode each MESSAGE once for
+    the room; with C{unique_ids} each member's id is its own (the ENTER's
+    ref), the worst case for that.
     """
 
     subprotocol = "v12.stomp"
     greeting = b"CONNECTED"
+    unique_ids = False
 
     @staticmethod
     def quote_ref(ref):
@@ -212,10 +218,10 @@ class STOMP:
     def is_error(payload):
         return payload.startswith(b"ERROR")
 
-    @staticmethod
-    def enter(room, ref):
+    @classmethod
+    def enter(cls, room, ref):
         return b"SUBSCRIBE\nid:%s\ndestination:/topic/%s\nreceipt:%s\n\n\0" % (
-            ref.encode(), room.encode(), ref.encode(),
+            ref.encode() if cls.unique_ids else b"sub-0", room.encode(), ref.encode(),
         )
 
     @staticmethod
@@ -310,6 +316,7 @@ class Generator:
         self.ticket_clients = {}
         self.timeout = spec.get("timeout", 300)
         self.protocol = PROTOCOLS[spec.get("protocol", "json")]
+        STOMP.unique_ids = spec.get("stomp_ids") == "unique"
 
     # -- connections --
 

@@ -206,7 +206,10 @@ Scenario.__new__.__defaults__ = ("ratio",)
 
 
 def _fanout_spec(a):
-    return dict(members=a.members, messages=a.messages, in_flight=a.in_flight, message_bytes=a.message_bytes)
+    return dict(
+        members=a.members, messages=a.messages, in_flight=a.in_flight, message_bytes=a.message_bytes,
+        stomp_ids=a.stomp_ids,
+    )
 
 
 SCENARIOS = {
@@ -318,6 +321,8 @@ class Bench:
             scenario=scenario.number, name=scenario.name, server=variant_label(*variant), run=run,
             **quiet, **result,
         )
+        if protocol == "stomp":
+            record["stomp_ids"] = a.stomp_ids
         if profile_to:
             record["profile"] = profile_to
         else:
@@ -428,6 +433,8 @@ def parse_args(argv=None):
     parser.add_argument("--messages", type=int, default=2000, help="1, 4, 5: messages sent")
     parser.add_argument("--in-flight", type=int, default=20, help="1, 4, 5: messages not yet delivered to all")
     parser.add_argument("--message-bytes", type=int, default=100, help="TALK text length")
+    parser.add_argument("--stomp-ids", choices=["shared", "unique"], default="shared",
+                        help="5: every member's subscription id sub-0 (as stomp.js), or each its own")
     parser.add_argument("--connections", type=int, default=5000, help="2: idle connections")
     parser.add_argument("--rooms", type=int, default=500, help="3: rooms of two members")
     parser.add_argument("--rate", type=float, default=2000, help="3: messages per second, all rooms")

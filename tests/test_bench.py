@@ -108,13 +108,13 @@ def test_generator_stomp_frames_meet_chatd_framing():
     parser = frames.FrameParser(1 << 16)
     text = b"%s%08d%019d%s" % (loadgen.MARK, 7, 123, b"x" * 70)
     subscribe, send = list(parser.feed(stomp.enter("fanout", "enter-3") + stomp.talk(b"fanout", text)))
-    assert (subscribe.command, subscribe.get("destination"), subscribe.get("receipt")) == (
-        "SUBSCRIBE", "/topic/fanout", "enter-3",
+    assert (subscribe.command, subscribe.get("destination"), subscribe.get("receipt"), subscribe.get("id")) == (
+        "SUBSCRIBE", "/topic/fanout", "enter-3", "sub-0",
     )
     assert (send.command, send.get("destination")) == ("SEND", "/app/chat/fanout")
     assert json.loads(send.body) == {"message": text.decode()}
     body = json.dumps({"type": "TALK", "roomId": "fanout", "sender": "m0", "message": text.decode()})
-    delivered = frames.encode(frames.message("/topic/fanout", "enter-3", "1-7", body))
+    delivered = frames.encode(frames.message("/topic/fanout", "sub-0", "1-7", body))
     at = delivered.find(loadgen.MARK)
     assert at >= 0 and int(delivered[at + len(loadgen.MARK):][:loadgen.SEQ_DIGITS]) == 7
     receipt = frames.encode(frames.receipt("enter-3"))
