@@ -22,7 +22,7 @@ conformance: venv  ## Autobahn Testsuite, cases 1-10
 conformance-full: venv  ## Autobahn Testsuite, every case incl. permessage-deflate
 	$(PY) conformance/run.py --full
 
-bench: venv system-deps $(BENCH_STAMP)  ## chatd vs a plain Twisted + Autobahn broadcast, scenarios 1-4 (not part of `make test`; docs/performance.md)
+bench: venv system-deps $(BENCH_STAMP)  ## chatd vs a plain Twisted + Autobahn broadcast, scenarios 1-5 (not part of `make test`; docs/performance.md)
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 $(BENCH_STAMP): $(STAMP)
