@@ -198,3 +198,17 @@ class RawWebSocket:
 
 def close_code(payload):
     return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+
+
+def still_open(sock):
+    """True if the server has not closed C{sock} (nothing to read, no EOF)."""
+    sock.setblocking(False)
+    try:
+        data = sock.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(True)
+    return bool(data)

@@ -10,8 +10,6 @@ with a deadline.
 """
 
 import json
-import socket
-import ssl
 import zlib
 from urllib.parse import quote
 
@@ -20,7 +18,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from tests import rawws
-from tests.support import RECV_TIMEOUT, Client, client_tls, http, mint_token, wait_for, websockets_tls
+from tests.support import RECV_TIMEOUT, Client, http, mint_token, wait_for, websockets_tls
 
 HANDSHAKE_TIMEOUT = 2  # seconds; small so the tests that wait for it are quick
 
@@ -29,20 +27,6 @@ def assert_clean_log(server):
     """Whatever the clients did, chatd logged no traceback."""
     text = server.log_text()
     assert "Traceback" not in text, text[-4000:]
-
-
-def still_open(sock):
-    """True if the server has not closed C{sock} (nothing to read, no EOF)."""
-    sock.setblocking(False)
-    try:
-        data = sock.recv(1, socket.MSG_PEEK)
-    except (BlockingIOError, ssl.SSLWantReadError):
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.setblocking(True)
-    return bool(data)
 
 
 def connect(server, sub, **claims):
@@ -164,7 +148,7 @@ def test_connection_caps(start_chatd, clients):
         silent = [rawws.tcp_connect(server.port, source="127.0.0.4") for _ in range(2)]
         extra = rawws.tcp_connect(server.port, source="127.0.0.4")
         assert rawws.ended(extra, RECV_TIMEOUT)
-        assert all(still_open(sock) for sock in silent)
+        assert all(rawws.still_open(sock) for sock in silent)
         for sock in silent + [extra]:
             sock.close()
     finally:

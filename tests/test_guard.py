@@ -342,22 +342,6 @@ def test_header_line_over_16k_is_431_at_once(start_chatd):
     assert _raw_request(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 10)[1].startswith(b"HTTP/1.1 200")
 
 
-def _still_open(sock):
-    """True if the server has not closed C{sock} (nothing to read, no EOF)."""
-    import socket
-
-    sock.setblocking(False)
-    try:
-        data = sock.recv(1, socket.MSG_PEEK)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.setblocking(True)
-    return bool(data)
-
-
 def _healthz_from(server, source):
     """GET /healthz over TLS from loopback address C{source}: the status line."""
     from tests import rawws
@@ -382,7 +366,7 @@ def test_idle_sockets_per_address_are_bounded(start_chatd):
     extra = rawws.tcp_connect(server.port, source="127.0.0.5")
     try:
         assert rawws.ended(extra, 5)
-        assert all(_still_open(sock) for sock in idle)
+        assert all(rawws.still_open(sock) for sock in idle)
         assert _healthz_from(server, "127.0.0.6") == b"HTTP/1.1 200 OK"
     finally:
         for sock in idle + [extra]:
@@ -401,10 +385,10 @@ def test_full_handshake_stage_drops_the_longest_waiting(start_chatd):
     server = start_chatd(limits__max_connections="4")
     idle = [rawws.tcp_connect(server.port, source=f"127.0.0.{10 + i}") for i in range(4)]
     try:
-        assert all(_still_open(sock) for sock in idle)
+        assert all(rawws.still_open(sock) for sock in idle)
         assert _healthz_from(server, "127.0.0.20") == b"HTTP/1.1 200 OK"
         assert rawws.ended(idle[0], 5)
-        assert all(_still_open(sock) for sock in idle[1:])
+        assert all(rawws.still_open(sock) for sock in idle[1:])
     finally:
         for sock in idle:
             sock.close()
