@@ -109,6 +109,16 @@ def stop_pid(proc, timeout=STOP_TIMEOUT):
     return proc.returncode
 
 
+
+def alive(pid):
+    """True while C{pid} is a running (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 class Chatd:
     """One real `twistd -n chatd` process with its own config and log."""
 

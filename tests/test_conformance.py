@@ -61,15 +61,6 @@ def runner(tmp_path):
         each.stop()
 
 
-def _alive(pid):
-    """True while C{pid} is a running (not zombie) process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.timeout(WSTEST_TIMEOUT + SETUP_ALLOWANCE + RUNNER_STOP_TIMEOUT)
 def test_autobahn_testsuite_cases_1_to_10(runner):
     """Every case OK, NON-STRICT or INFORMATIONAL; none FAILED or UNIMPLEMENTED."""
@@ -99,9 +90,9 @@ def test_stopped_runner_stops_chatd_and_wstest(runner):
 
     found = support.wait_for(pids, SETUP_ALLOWANCE, "the runner to start chatd and wstest", 0.2)
     chatd, wstest = int(found["chatd"]), int(found["wstest"])
-    assert _alive(chatd) and _alive(wstest)
+    assert support.alive(chatd) and support.alive(wstest)
     run.proc.send_signal(signal.SIGTERM)
     assert run.proc.wait(RUNNER_STOP_TIMEOUT) == 128 + signal.SIGTERM, run.output()[-4000:]
     # The runner waited for both before exiting: no grace period needed here.
-    assert not _alive(chatd) and not _alive(wstest), run.output()[-4000:]
+    assert not support.alive(chatd) and not support.alive(wstest), run.output()[-4000:]
     assert "interrupted by signal 15" in run.output()

@@ -174,14 +174,20 @@ def browser(tmp_path_factory):
         log.close()
 
 
-@pytest.fixture
-def page(browser, chatd):
+def open_tab(browser, url):
+    """A new tab at C{url}, with the Page, Runtime and Log domains on: (target id, L{Page})."""
     target = browser.call("Target.createTarget", url="about:blank")["targetId"]
     session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
     tab = Page(browser, session)
     for domain in ("Page", "Runtime", "Log"):
         tab.call(f"{domain}.enable")
-    tab.call("Page.navigate", url=f"https://localhost:{chatd.port}/")
+    tab.call("Page.navigate", url=url)
+    return target, tab
+
+
+@pytest.fixture
+def page(browser, chatd):
+    target, tab = open_tab(browser, f"https://localhost:{chatd.port}/")
     tab.wait("document.readyState === 'complete' && !!document.getElementById('connect')", "the page")
     yield tab
     with contextlib.suppress(Exception):

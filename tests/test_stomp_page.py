@@ -12,7 +12,7 @@ import json
 import os
 
 from tests.support import STOMP_CLIENTS
-from tests.test_page import Page, browser, enter, page, sign_in  # noqa: F401 (fixtures)
+from tests.test_page import browser, enter, open_tab, page, sign_in  # noqa: F401 (fixtures)
 
 LIBRARIES = [
     os.path.join(STOMP_CLIENTS, "node_modules", "sockjs-client", "dist", "sockjs.min.js"),
@@ -40,12 +40,7 @@ client.connect({}, function (frame) {
 @contextlib.contextmanager
 def stomp_tab(browser, chatd):  # noqa: F811 (the fixture's value)
     """A tab on chatd's origin (the SockJS greeting) with stomp.js and sockjs-client loaded."""
-    target = browser.call("Target.createTarget", url="about:blank")["targetId"]
-    session = browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-    tab = Page(browser, session)
-    for domain in ("Page", "Runtime", "Log"):
-        tab.call(f"{domain}.enable")
-    tab.call("Page.navigate", url=f"https://localhost:{chatd.port}/ws-stomp/")
+    target, tab = open_tab(browser, f"https://localhost:{chatd.port}/ws-stomp/")
     tab.wait("document.readyState === 'complete'", "the SockJS greeting")
     for library in LIBRARIES:
         with open(library, encoding="utf-8") as f:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+from tests import support
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_TIMEOUT = 90
 
@@ -35,14 +37,6 @@ def test_logs_an_error():
 '''
 
 
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_timed_out_test_stops_its_processes(tmp_path):
     """
     In a pytest run with this suite's pytest.ini and fixtures: a test past its
@@ -65,4 +59,4 @@ def test_timed_out_test_stops_its_processes(tmp_path):
     assert "FAILED test_inner.py::test_stuck - Failed: Timeout" in output, output
     assert "ERROR test_inner.py::test_logs_an_error" in output and "something broke" in output, output
     pid = int(pid_file.read_text())
-    assert not _alive(pid), f"chatd {pid} outlived its test:\n{output}"
+    assert not support.alive(pid), f"chatd {pid} outlived its test:\n{output}"
