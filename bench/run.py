@@ -148,6 +148,8 @@ class Setup:
 
     def __init__(self, bench, kind, instances=1):
         self.bench, self.kind, self.instances = bench, kind, instances
+        # "chatd@REV": chatd from the snapshot of REV that --against made.
+        self.env = {"PYTHONPATH": bench.snapshot} if kind.startswith("chatd@") else None
         self.servers = []
         self.watched = []  # processes whose CPU and memory count as the server's
 
@@ -179,7 +181,7 @@ class Setup:
             for i in range(self.instances):
                 server = support.Chatd(b.workdir, b.workdir, b.secret, name=f"chatd{i}", **overrides)
                 self.servers.append(server)
-                server.start()
+                server.start(env=self.env)
                 self.targets.append(dict(host="127.0.0.1", port=server.port, ticket=True))
         for server in self.servers:
             if server.proc.pid not in self.watched:
@@ -238,6 +240,24 @@ def variant_label(kind, instances, protocol=None):
     return label if protocol is None else f"{label} {protocol}"
 
 
+def against(scenario, rev):
+    """
+    C{scenario} comparing chatd at C{rev} (first) with chatd of this tree
+    (second), each in the scenario's own subject variant: two instances in
+    4, STOMP clients in 5.  The ratio is then this tree over C{rev}.
+    """
+    _, *rest = scenario.variants[-1]
+    return scenario._replace(variants=[(f"chatd@{rev}", *rest), ("chatd", *rest)], ratio_name="ratio")
+
+
+def snapshot(rev, into):
+    """Extract the tree of git revision C{rev} of this repository into C{into}."""
+    repo = os.path.dirname(HERE)
+    archive = subprocess.run(["git", "-C", repo, "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", into], input=archive, check=True)
+    return into
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -245,6 +265,13 @@ class Bench:
         self.secret = support.make_dev_files(self.workdir)
         self.results = []
         self.gen = None
+        self.scenarios = dict(SCENARIOS)
+        self.snapshot = None
+        if args.against:
+            # PYTHONPATH=snapshot puts its chatd (and its twistd plugin) ahead
+            # of this tree's editable install.
+            self.snapshot = snapshot(args.against, tempfile.mkdtemp(prefix="snapshot-", dir=self.workdir))
+            self.scenarios = {n: against(s, args.against) for n, s in SCENARIOS.items()}
 
     def run_generator(self, setup, scenario, spec_fields, profile_to=None, protocol=None):
         a = self.args
@@ -331,7 +358,7 @@ class Bench:
         return record
 
     def scenario(self, number):
-        scenario = SCENARIOS[number]
+        scenario = self.scenarios[number]
         for run in range(1, self.args.runs + 1):
             # Alternate which server goes first, so a drift in the machine's
             # load does not always favour the same one.
@@ -343,7 +370,7 @@ class Bench:
     def profile(self):
         out = os.path.abspath(self.args.profile)
         # The scenario's second variant: chatd in 1-3, two chatd in 4, STOMP clients in 5.
-        scenario = SCENARIOS[self.args.profile_scenario]
+        scenario = self.scenarios[self.args.profile_scenario]
         variant = scenario.variants[-1]
         log(f"scenario {scenario.number} on {variant_label(*variant)} under py-spy (not counted in the figures)")
         self.one_run(scenario, variant, 0, profile_to=out)
@@ -352,7 +379,7 @@ class Bench:
     def summary(self):
         rows = []
         for number in sorted({r["scenario"] for r in self.results}):
-            scenario = SCENARIOS[number]
+            scenario = self.scenarios[number]
             by_server = collections.defaultdict(list)
             for r in self.results:
                 if r["scenario"] == number:
@@ -445,6 +472,8 @@ def parse_args(argv=None):
     parser.add_argument("--gen-cpu", type=int, default=1, help="core for the load generator")
     parser.add_argument("--quiet-threshold", type=float, default=0.2, help="machine busy fraction deemed quiet")
     parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for quiet before a run")
+    parser.add_argument("--against", metavar="REV",
+                        help="compare chatd at git revision REV with this tree's, instead of with the reference")
     parser.add_argument("--profile", metavar="FILE", help="also run one scenario on chatd under py-spy into FILE")
     parser.add_argument("--profile-scenario", type=int, default=1, choices=sorted(SCENARIOS),
                         help="the scenario --profile runs, on its second variant (5: STOMP clients)")

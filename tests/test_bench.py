@@ -51,6 +51,20 @@ def test_profile_summary_per_function(tmp_path, capsys):
     assert "100.0%  main (app.py)" in out.split("by total time")[1]
 
 
+def test_against_compares_each_scenarios_subject_at_a_revision(tmp_path):
+    """--against REV: chatd at REV first, this tree second, in the scenario's own subject variant."""
+    run = _load("run")
+    one = run.against(run.SCENARIOS[1], "abc123")
+    assert one.variants == [("chatd@abc123", 1), ("chatd", 1)]
+    assert run.against(run.SCENARIOS[4], "abc123").variants == [("chatd@abc123", 2), ("chatd", 2)]
+    five = run.against(run.SCENARIOS[5], "abc123")
+    assert five.variants == [("chatd@abc123", 1, "stomp"), ("chatd", 1, "stomp")]
+    assert five.ratio_name == "ratio"
+    tree = run.snapshot("HEAD", str(tmp_path))
+    assert os.path.exists(os.path.join(tree, "chatd", "hub.py"))
+    assert os.path.exists(os.path.join(tree, "twisted", "plugins", "chatd_plugin.py"))
+
+
 @pytest.fixture
 def memory_reactor():
     """A MemoryReactorClock that also runs Autobahn's (txaio's) timers, for the test's length."""
