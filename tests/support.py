@@ -243,7 +243,11 @@ def http(method, url, token=None, body=None, headers=None, timeout=RECV_TIMEOUT)
         return response.status, response.headers, data
 
 
-def ws_open(url, origin=None, subprotocols=("chatd.v1",), max_size=2**24):
+def ws_open(url, origin=None, subprotocols=("chatd.v1",), max_size=2**24, **options):
+    """
+    A WebSocket to C{url}: the one way the tests open one.  C{options} go to
+    websockets' C{connect} (C{sock}, C{server_hostname}, C{additional_headers}).
+    """
     return connect(
         url,
         ssl=websockets_tls() if url.startswith("wss") else None,
@@ -253,7 +257,11 @@ def ws_open(url, origin=None, subprotocols=("chatd.v1",), max_size=2**24):
         close_timeout=RECV_TIMEOUT,
         max_size=max_size,
         ping_interval=None,
-        legacy=True,  # a plain connection object, closed by the tests
+        # A plain connection object, closed by the tests.  Without it,
+        # websockets >= 17.1 warns (DeprecationWarning) at the first recv
+        # that connect() must be a context manager.
+        legacy=True,
+        **options,
     )
 
 

@@ -14,7 +14,6 @@ import socket
 
 import pytest
 from websockets.exceptions import InvalidStatus
-from websockets.sync.client import connect
 
 from tests import support
 from tests.support import http
@@ -56,11 +55,8 @@ def ws_from(url, source, headers=None, tls=True):
     host, port = url.split("://", 1)[1].split("/", 1)[0].split(":")
     sock = socket.create_connection((host, int(port)), timeout=support.RECV_TIMEOUT,
                                     source_address=(source, 0))
-    ws = connect(
-        url, sock=sock, ssl=support.websockets_tls() if tls else None,
-        server_hostname="localhost" if tls else None,
-        subprotocols=["chatd.v1"], additional_headers=headers,
-        open_timeout=support.RECV_TIMEOUT, close_timeout=support.RECV_TIMEOUT, ping_interval=None,
+    ws = support.ws_open(
+        url, sock=sock, server_hostname="localhost" if tls else None, additional_headers=headers,
     )
     client = support.Client(ws)
     client.welcome = client.recv()
