@@ -276,16 +276,23 @@ class BrokerContract:
 
     @pytest_twisted.ensureDeferred
     async def test_history_byte_budget(self, make_rig):
-        """History keeps at most max_bytes of TALK text (UTF-8), the oldest dropped first."""
-        rig = await make_rig(max_bytes=1024)
+        """
+        History keeps at most max_bytes of what the broker stores, the
+        newest TALKs, the oldest dropped first.  A TALK costs at least its
+        text's UTF-8 bytes: the embedded broker counts those, Redis the
+        stored event (escaped JSON and envelope), so fewer fit there.
+        """
+        rig = await make_rig(max_bytes=4096)
         alice = rig.member(1)
         first = await rig.broker.enter("lobby", alice)
-        said = [(await rig.broker.talk("lobby", alice, "\u00e9" * 150)).event for _ in range(5)]  # 300 bytes each
+        said = [(await rig.broker.talk("lobby", alice, "\u00e9" * 150)).event for _ in range(20)]  # 300 bytes each
         back = await rig.broker.enter("lobby", rig.member(2), since=first.event.id)
-        assert back.replay == tuple(said[2:]) and back.complete is False
-        recent = await rig.broker.enter("lobby", rig.member(3), since=said[1].id)
-        assert recent.replay == tuple(said[2:]) and recent.complete is True
-        huge = await rig.broker.talk("lobby", alice, "x" * 1025)
+        kept = back.replay
+        assert 0 < len(kept) < len(said) and kept == tuple(said[-len(kept):]) and back.complete is False
+        assert sum(len(e.message.encode("utf-8")) for e in kept) <= 4096
+        recent = await rig.broker.enter("lobby", rig.member(3), since=said[-len(kept) - 1].id)
+        assert recent.replay == kept and recent.complete is True
+        huge = await rig.broker.talk("lobby", alice, "x" * 4097)
         assert not huge.duplicate
         after = await rig.broker.enter("lobby", rig.member(4), since=said[-1].id)
         assert after.replay == () and after.complete is False

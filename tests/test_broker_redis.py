@@ -479,7 +479,8 @@ async def test_key_layout(brokers):
     assert 0 < redis_command(port, "PTTL", f"chatd:instance:{a.instance_id}") <= 3_000
     stored = redis_command(port, "XRANGE", "chatd:room:lobby:history", "-", "+")
     assert [entry[1][::2] for entry in stored] == [["m", "b"], ["m", "b"]]
-    assert decode_event(stored[0][1][1]).event.message == "hi" and stored[0][1][3] == "2"
+    # b: what the entry costs the byte budget, its stored event.
+    assert decode_event(stored[0][1][1]).event.message == "hi" and stored[0][1][3] == str(len(stored[0][1][1]))
     assert decode_event(stored[1][1][1]).event.system is True
 
 
@@ -523,8 +524,8 @@ async def test_catch_ups_do_not_block_redis(brokers, start_redis):
     asserted.
     """
     redis = start_redis()
-    # max_bytes above the 6 MB of text, so that all 500 are kept, as before it existed.
-    instances = [await brokers(redis, timeout=30.0, max_bytes=8 * 2**20) for _ in range(3)]
+    # max_bytes above the ~12 MB stored, so that all 500 are kept, as before it existed.
+    instances = [await brokers(redis, timeout=30.0, max_bytes=16 * 2**20) for _ in range(3)]
     writer = instances[0]
     alice = member(writer, 1)
     first = await writer.enter("lobby", alice)
@@ -578,3 +579,34 @@ async def test_cid_memory_is_bounded_per_user(brokers, monkeypatch):
     assert not (await a.talk("lobby", alice, "m0", cid="c-0")).duplicate
     again = await a.talk("lobby", bob, "bob's", cid="c-0")
     assert again.duplicate and again.event == first.event
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_budget_counts_what_redis_stores(brokers):
+    """
+    [history] max_bytes bounds what the room's stream holds in Redis: the
+    stored events (escaped ASCII JSON, 6 bytes per CJK character, plus the
+    envelope), not their text's UTF-8 (3 bytes per CJK character), so a
+    room of non-ASCII text stays within the budget too.
+    """
+    budget = 64 * 1024
+    a = await brokers(max_bytes=budget)
+    alice = member(a, 1)
+    first = await a.enter("lobby", alice)
+    said = [(await a.talk("lobby", alice, f"{n:03d}" + "\u6f22" * 1000)).event for n in range(60)]
+    port = a._commands.protocol.transport.getPeer().port
+    stored = redis_command(port, "XRANGE", "chatd:room:lobby:history", "-", "+")
+    messages = [fields[1] for _, fields in stored]
+    # The budget holds about ten of these (each ~6.2 KB stored), the newest.
+    assert 5 <= len(messages) < len(said)
+    assert [decode_event(m).event for m in messages] == said[-len(messages):]
+    assert sum(len(m) for m in messages) <= budget
+    assert [int(fields[3]) for _, fields in stored] == [len(m) for m in messages]
+    assert int(redis_command(port, "HGET", "chatd:room:lobby", "bytes")) == sum(len(m) for m in messages)
+    # Redis's own count of the stream (every node: SAMPLES 0) stays near it:
+    # the stream's nodes and the allocator's rounding come on top (74920
+    # bytes measured for this budget; 156628 before, when the text's UTF-8
+    # was counted and the stream held 129675 bytes of events).
+    assert redis_command(port, "MEMORY", "USAGE", "chatd:room:lobby:history", "SAMPLES", "0") <= budget * 1.25
+    back = await a.enter("lobby", member(a, 2), since=first.event.id)
+    assert back.replay == tuple(said[-len(messages):]) and back.complete is False

@@ -143,9 +143,10 @@ class IBroker(Interface):
         """
         Store the TALK in the room's history and publish it, in one atomic
         step; fire with L{Talked}.  History keeps at most C{[history] size}
-        TALKs and C{[history] max_bytes} of their text (UTF-8), dropping the
-        oldest first; a text longer than C{max_bytes} is published but not
-        kept.  A (member.sub, cid) accepted in this room within
+        TALKs and C{[history] max_bytes} of them as this broker stores them
+        (at least each text's UTF-8 bytes: the embedded broker counts those,
+        Redis the stored event), dropping the oldest first; a TALK that
+        alone is over C{max_bytes} is published but not kept.  A (member.sub, cid) accepted in this room within
         L{DEDUP_WINDOW} (and among the user's last L{DEDUP_MAX} there) is a
         duplicate: fire with L{Talked} C{duplicate=True}, publish nothing.
         """

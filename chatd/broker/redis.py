@@ -50,7 +50,7 @@ from chatd.errors import BrokerUnavailable, RoomLimitReached, TooManyNewRooms
 from chatd.logs import printable
 from chatd.messages import RoomEvent, event_id_key
 from chatd.broker.interfaces import DEDUP_MAX, DEDUP_WINDOW
-from chatd.rooms import DEFAULT_MAX_BYTES, DEFAULT_TTL, text_bytes
+from chatd.rooms import DEFAULT_MAX_BYTES, DEFAULT_TTL
 
 log = Logger()
 
@@ -403,7 +403,7 @@ class RedisBroker(MultiService):
             "talk", scripts.TALK, keys,
             [room, member.connection_id,
              encode_envelope(messages.TALK, room, member, text, ref, call=call),
-             self._keys.channel(room), self._history_size, self._max_bytes, text_bytes(text),
+             self._keys.channel(room), self._history_size, self._max_bytes,
              scripts.digest(cid) if cid is not None else "", int(DEDUP_WINDOW * 1000),
              DEDUP_MAX, self._ttl_ms],
         )
@@ -530,7 +530,7 @@ class RedisBroker(MultiService):
             [room, encode_envelope(messages.TALK, room, member, text, system=True),
              self._keys.channel(room), self._history_size, int(DEDUP_WINDOW * 1000),
              "1" if cid is not None else "0", str(self._max_rooms), self._max_bytes,
-             text_bytes(text), scripts.IDLE_ROOM_MS, self._ttl_ms],
+             scripts.IDLE_ROOM_MS, self._ttl_ms],
         )
         if reply[0] == scripts.ROOM_LIMIT_REACHED:
             raise RoomLimitReached(room)

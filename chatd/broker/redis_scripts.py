@@ -199,7 +199,7 @@ class Keys:
         self.channel_prefix = f"{PREFIX}{db}:events:"
 
     def meta(self, room):
-        """HASH: epoch, seq (the last id's parts), dropped (newest TALK seq evicted), bytes (kept text)."""
+        """HASH: epoch, seq (the last id's parts), dropped (newest TALK seq evicted), bytes (what history holds)."""
         return f"{PREFIX}room:{room}"
 
     def members(self, room):
@@ -209,8 +209,8 @@ class Keys:
     def history(self, room):
         """
         STREAM of the room's TALKs, entry id 0-<seq>, fields m (the event)
-        and b (its text's UTF-8 bytes); at most [history] size entries and
-        max_bytes of text.
+        and b (its length); at most [history] size entries and max_bytes
+        of stored events.
         """
         return f"{PREFIX}room:{room}:history"
 
@@ -351,12 +351,17 @@ local function expire_rooms(registry, creators, made, now)
   end
 end
 
--- Keep a TALK in history: at most size entries and max_bytes of text
--- (each entry's bytes in its field b, their sum in meta's bytes), the
--- oldest evicted first and recorded as dropped; a text over max_bytes is
--- not kept at all.  One eviction per round, each entry evicted once: O(1)
--- per TALK on average, at most [history] size in one call.
-local function keep(meta, history, size, max_bytes, bytes, seq, message)
+-- Keep a TALK in history: at most size entries and max_bytes of what the
+-- stream stores, the events themselves (each entry's length in its field
+-- b, their sum in meta's bytes; escaped ASCII JSON, so a CJK character
+-- costs 6 bytes, not its 3 of UTF-8), the oldest evicted first and
+-- recorded as dropped; an event over max_bytes is not kept at all.  One
+-- eviction per round, each entry evicted once: O(1) per TALK on average,
+-- at most [history] size in one call.  (Entries written before b counted
+-- the stored event held their text's UTF-8 length: each frees what it
+-- added.)
+local function keep(meta, history, size, max_bytes, seq, message)
+  local bytes = #message
   if size == 0 or bytes > max_bytes then
     redis.call('HSET', meta, 'dropped', string.format('%d', seq))
     return
@@ -410,10 +415,10 @@ end
 -- history, and the room's lifetime follows whether anyone is in it (an
 -- empty room is registered, to be forgotten ttl_ms from now).
 -- K: the room scripts' KEYS (meta, members, history, registry, _, creators, made)
-local function talk(K, room, envelope, size, max_bytes, bytes, ttl_ms)
+local function talk(K, room, envelope, size, max_bytes, ttl_ms)
   local epoch, seq, ts = stamp(K[1], K[3])
   local message = event(epoch, seq, redis.call('HLEN', K[2]), ts, envelope)
-  keep(K[1], K[3], tonumber(size), tonumber(max_bytes), tonumber(bytes), seq, message)
+  keep(K[1], K[3], tonumber(size), tonumber(max_bytes), seq, message)
   if redis.call('HLEN', K[2]) > 0 then
     occupied(K[1], K[3], K[4], room)
   else
@@ -470,16 +475,16 @@ return {message}
 # KEYS: meta, members, history, registry, instance rooms, creators, made,
 #       the user's cids, the user's cid times (the room's for both)
 # ARGV: room, connection id, TALK envelope, channel, history size,
-#       history max bytes, this text's bytes, sha256(cid) or '' for none,
-#       cid window ms, cids kept per user, room ttl ms
+#       history max bytes, sha256(cid) or '' for none, cid window ms,
+#       cids kept per user, room ttl ms
 # -> {0, new event, 1 if the talker is in presence else 0},
 #    {1, the original event} for a (sub, cid) seen before, or
 #    {2, original id, original ts, userCount} when history no longer has it
 TALK = _ROOM_PRELUDE + """
-local room, connection, cid = ARGV[1], ARGV[2], ARGV[8]
+local room, connection, cid = ARGV[1], ARGV[2], ARGV[7]
 local now = now_ms()
 if cid ~= '' then
-  local stale = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now - tonumber(ARGV[9]), 'LIMIT', 0, 100)
+  local stale = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now - tonumber(ARGV[8]), 'LIMIT', 0, 100)
   if #stale > 0 then
     redis.call('HDEL', KEYS[8], unpack(stale))
     redis.call('ZREM', KEYS[9], unpack(stale))
@@ -505,7 +510,7 @@ end
 -- A talker missing from presence (Redis lost it, or a reap took it) is
 -- not put back here but by its instance, with an ENTER (see REASSERT).
 local present = redis.call('HEXISTS', KEYS[2], connection)
-local message, epoch, seq, ts = talk(KEYS, room, ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[11])
+local message, epoch, seq, ts = talk(KEYS, room, ARGV[3], ARGV[5], ARGV[6], ARGV[10])
 redis.call('PUBLISH', ARGV[4], message)
 if cid ~= '' then
   redis.call('HSET', KEYS[8], cid, epoch .. '-' .. string.format('%d', seq) .. ' ' .. ts)
@@ -516,14 +521,14 @@ if cid ~= '' then
     score = tonumber(newest[2]) + 1
   end
   redis.call('ZADD', KEYS[9], score, cid)
-  local excess = redis.call('ZCARD', KEYS[9]) - tonumber(ARGV[10])
+  local excess = redis.call('ZCARD', KEYS[9]) - tonumber(ARGV[9])
   if excess > 0 then
     local oldest = redis.call('ZRANGE', KEYS[9], 0, excess - 1)
     redis.call('HDEL', KEYS[8], unpack(oldest))
     redis.call('ZREMRANGEBYRANK', KEYS[9], 0, excess - 1)
   end
-  redis.call('PEXPIRE', KEYS[8], ARGV[9])
-  redis.call('PEXPIRE', KEYS[9], ARGV[9])
+  redis.call('PEXPIRE', KEYS[8], ARGV[8])
+  redis.call('PEXPIRE', KEYS[9], ARGV[8])
 end
 return {0, message, present}
 """
@@ -644,8 +649,8 @@ return grant
 # KEYS: meta, members, history, registry, accepted-cid key (the meta key
 #       again when there is no cid), creators, made
 # ARGV: room, TALK envelope, channel, history size, cid window ms,
-#       '1' when there is a cid, max rooms, history max bytes, this text's
-#       bytes, idle ms, room ttl ms
+#       '1' when there is a cid, max rooms, history max bytes, idle ms,
+#       room ttl ms
 # -> {0, new event}, {1, the event the cid produced before},
 #    or {ROOM_LIMIT_REACHED}
 PUBLISH = _ROOM_PRELUDE + """
@@ -663,7 +668,7 @@ if not redis.call('ZSCORE', KEYS[4], room)
       >= tonumber(ARGV[7]) then
   return {'""" + ROOM_LIMIT_REACHED + """'}
 end
-local message = talk(KEYS, room, ARGV[2], ARGV[4], ARGV[8], ARGV[9], ARGV[11])
+local message = talk(KEYS, room, ARGV[2], ARGV[4], ARGV[8], ARGV[10])
 redis.call('PUBLISH', ARGV[3], message)
 if ARGV[6] == '1' then
   redis.call('SET', KEYS[5], message, 'PX', ARGV[5])
