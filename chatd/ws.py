@@ -458,17 +458,26 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         """
         IConnection API: C{text} is framed once for all who get it (see
         L{ChatServerFactory.frame}).
+        """
+        factory = self.factory
+        # factory.frame(text), without the call for all but the first member
+        self.send_prepared(factory._framed if text is factory._framed_text else factory.frame(text))
+
+    def send_prepared(self, prepared):
+        """
+        Send a message framed once for many connections (the event being
+        fanned out, chatd.v1 or STOMP), if open; counted as sent.
 
         This runs once per member per event, so the common case (no
         compression, nothing queued in Autobahn) writes the frame here:
         what C{sendPreparedMessage} and L{sendData} would do, in one call.
+
+        @param prepared: an Autobahn C{PreparedMessage} from the factory's
+            C{prepareMessage}.
         """
         if self.state != self.STATE_OPEN:
             return
         self._sent += 1
-        factory = self.factory
-        # factory.frame(text), without the call for all but the first member
-        prepared = factory._framed if text is factory._framed_text else factory.frame(text)
         if self._perMessageCompress is not None or self.send_queue or self.logOctets:
             self.sendPreparedMessage(prepared)
             return
