@@ -271,6 +271,32 @@ def test_encode_refuses_what_the_version_cannot_carry(version, frame):
         frames.encode(frame, version)
 
 
+@pytest.mark.parametrize(
+    "version,subscription,line",
+    [
+        (frames.V12, "sub-0", b"subscription:sub-0\n"),
+        (frames.V12, "a:b\\c\r\nd", b"subscription:a\\cb\\\\c\\r\\nd\n"),
+        (frames.V11, "a:b\nc", b"subscription:a\\cb\\nc\n"),
+        (frames.V10, "a:b", b"subscription:a:b\n"),
+    ],
+)
+def test_message_frames_per_subscription(version, subscription, line):
+    """One event's MESSAGE for any subscription id: the id escaped as the version says, the rest alike."""
+    encoder = frames.MessageFrames("/topic/a", "7-0", '{"m":1}', version)
+    data = encoder.encode(subscription)
+    assert data.startswith(b"MESSAGE\ndestination:/topic/a\n" + line + b"message-id:7-0\n")
+    assert data.endswith(b'content-length:7\n\n{"m":1}\0')
+    [back] = FrameParser(4096, version).feed(data)
+    assert back.get("subscription") == subscription
+
+
+@pytest.mark.parametrize("version,subscription", [(frames.V10, "a\nb"), (frames.V11, "a\rb"), (frames.V12, "a\0b")])
+def test_message_frames_refuse_what_the_version_cannot_carry(version, subscription):
+    """As encode: a subscription id the version cannot write is a ValueError."""
+    with pytest.raises(ValueError):
+        frames.MessageFrames("/topic/a", "7-0", "{}", version).encode(subscription)
+
+
 def test_error_frame():
     """ERROR: message is the chatd code, the body the explanation, receipt-id when asked."""
     frame = frames.error(errors.FORBIDDEN, "no topic", receipt_id="r1")

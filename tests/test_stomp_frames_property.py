@@ -112,3 +112,23 @@ def test_arbitrary_bytes_give_frames_or_frame_error(pieces, version, cap):
                 assert len(frames.encode(frame, frames.V12)) <= cap + 40  # + a content-length line
     except FrameError as e:
         assert e.code in ("bad_request", "too_large")
+
+
+@st.composite
+def message_frames_in(draw):
+    """A version, and a destination, subscription id, message id and body a MESSAGE can carry in it."""
+    version = draw(versions)
+    if version == frames.V10:
+        values = raw_text
+    else:
+        values = text if version == frames.V12 else text.filter(lambda t: "\r" not in t)
+    return version, draw(values), draw(values), draw(values), draw(st.text(max_size=50))
+
+
+@given(message_frames_in())
+@settings(max_examples=200, deadline=None)
+def test_message_frames_are_what_encode_writes(case):
+    """MessageFrames, for any subscription id, writes the very bytes encode(message(...)) does."""
+    version, destination, subscription, message_id, body = case
+    expected = frames.encode(frames.message(destination, subscription, message_id, body), version)
+    assert frames.MessageFrames(destination, message_id, body, version).encode(subscription) == expected
