@@ -610,3 +610,104 @@ async def test_history_budget_counts_what_redis_stores(brokers):
     assert redis_command(port, "MEMORY", "USAGE", "chatd:room:lobby:history", "SAMPLES", "0") <= budget * 1.25
     back = await a.enter("lobby", member(a, 2), since=first.event.id)
     assert back.replay == tuple(said[-len(messages):]) and back.complete is False
+
+
+async def _redeem_held(broker, ticket, port, while_held):
+    """
+    Redeem C{ticket} on C{broker} while it reads no reply on its command
+    link: once Redis ran the REDEEM (the ticket key is gone), run
+    C{while_held()}, then let the reply in.  Fires with the redeem's result.
+    """
+    transport = broker._commands.protocol.transport
+    transport.pauseProducing()
+    try:
+        redeemed = broker.redeem_ticket(ticket)
+        key = broker._keys.ticket(ticket)
+        await eventually(lambda: redis_command(port, "EXISTS", key) == 0, TIMEOUT, "Redis to run the REDEEM")
+        await while_held()
+    finally:
+        transport.resumeProducing()
+    return await redeemed
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnect_voids_a_redeem_in_flight(brokers):
+    """
+    A ticket Redis redeemed just before a disconnect, whose reply reaches
+    its instance only after the disconnect's control command did: the
+    instance had no connection of that user to close when the command came,
+    so the redeem comes back void (the upgrade gets 401), not with the
+    grant (which left the user connected after the disconnect).
+    """
+    a, b = await brokers(), await brokers()
+    controls = []
+    a.set_control(controls.append)
+    alice = Principal(sub="alice", name="Alice", exp=2**40)
+    await b.issue_ticket("t-1", alice, 30)
+    port = a._commands.protocol.transport.getPeer().port
+
+    async def disconnect():
+        await b.disconnect("alice", "banned")
+        await eventually(lambda: controls, TIMEOUT, "the disconnect on A")
+
+    assert await _redeem_held(a, "t-1", port, disconnect) is None
+    assert controls == [Control(DISCONNECT, "alice", reason="banned")]
+    # Another user's redeem in flight meanwhile is not affected.
+    await b.issue_ticket("t-2", Principal(sub="bob", name="Bob", exp=2**40), 30)
+    assert (await _redeem_held(a, "t-2", port, disconnect)).sub == "bob"
+
+
+@pytest_twisted.ensureDeferred
+async def test_ticket_issued_after_a_disconnect_survives_its_late_command(brokers):
+    """
+    The other order: the disconnect ran first, a ticket was issued after it,
+    and the instance hears of the disconnect while that ticket's redeem is
+    in flight.  The ticket is not one the disconnect voided, so the redeem
+    gives the grant.
+    """
+    a, b = await brokers(), await brokers()
+    controls = []
+    a.set_control(controls.append)
+    alice = Principal(sub="alice", name="Alice", exp=2**40)
+    port = a._commands.protocol.transport.getPeer().port
+    await b.issue_ticket("before", alice, 30)
+    subscriber = a._subscriber.protocol.transport
+    subscriber.pauseProducing()  # A hears of the disconnect only when let
+    try:
+        await b.disconnect("alice", "banned")
+        await b.issue_ticket("after", alice, 30)
+
+        async def hear_it():
+            subscriber.resumeProducing()
+            await eventually(lambda: controls, TIMEOUT, "the disconnect on A")
+
+        assert await _redeem_held(a, "after", port, hear_it) == alice
+    finally:
+        subscriber.resumeProducing()
+    assert await a.redeem_ticket("before") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnect_voids_a_ticket_issued_while_it_runs(brokers, monkeypatch):
+    """
+    A ticket issued between the disconnect's look at the user's tickets and
+    its voiding script is void too: the script finds it and the disconnect
+    looks again.
+    """
+    a = await brokers()
+    alice = Principal(sub="alice", name="Alice", exp=2**40)
+    await a.issue_ticket("early", alice, 30)
+    command = a._command
+    issued = []
+
+    async def listing_then_issue(*args):
+        listed = await command(*args)
+        if args[0] == "SMEMBERS" and not issued:
+            issued.append(await a.issue_ticket("late", alice, 30))
+        return listed
+
+    monkeypatch.setattr(a, "_command", lambda *args: defer.ensureDeferred(listing_then_issue(*args)))
+    await a.disconnect("alice")
+    assert issued
+    assert await a.redeem_ticket("early") is None
+    assert await a.redeem_ticket("late") is None

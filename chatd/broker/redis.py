@@ -57,6 +57,7 @@ log = Logger()
 MAX_LUA_INTEGER = 2**53  # larger `since` parts are clamped: Lua numbers are doubles
 KEEPALIVE = 0.5  # seconds between PINGs on an idle link: /healthz is 503 within timeout + this
 FAILED_TALKS_KEPT = 10000  # TALK calls answered `unavailable` remembered (see _settle_talk)
+DISCONNECT_ATTEMPTS = 5  # listings of a user's tickets while more are being issued (see _disconnect)
 
 __all__ = ["RedisBroker", "decode_event", "encode_envelope"]
 
@@ -98,6 +99,7 @@ class RedisBroker(MultiService):
         self._calls = itertools.count(1)
         self._talks = {}  # call id -> the Deferred answering a TALK not answered yet
         self._failed_talks = OrderedDict()  # call id -> when it was answered `unavailable`
+        self._redeeming = []  # per redeem in flight: the users a DISCONNECT came for meanwhile
 
         def endpoint():
             return HostnameEndpoint(clock, host, port, timeout=timeout)
@@ -309,9 +311,35 @@ class RedisBroker(MultiService):
 
     def redeem_ticket(self, ticket):
         """IBroker API"""
-        d = self._script("redeem", scripts.REDEEM_TICKET, [self._keys.ticket(ticket)], [])
-        d.addCallback(self._grant)
-        return d
+        return defer.ensureDeferred(self._redeem(ticket))
+
+    async def _redeem(self, ticket):
+        """
+        The grant, unless a disconnect of its user voided it.  A disconnect
+        voids the tickets not yet redeemed, and every instance closes the
+        connections it has of the user when its control command comes.  A
+        connection whose ticket Redis redeemed just before the disconnect
+        is neither: if the command reaches this instance before the
+        redeem's reply (they come on two connections), there was nothing
+        to close yet.  So when a DISCONNECT of the grant's user came while
+        this redeem was in flight, the ticket counts as void if the
+        disconnect took it out of the user's index (it was issued before
+        the disconnect); one still listed was issued after, and is good.
+        """
+        key = self._keys.ticket(ticket)
+        heard = set()
+        self._redeeming.append(heard)
+        try:
+            stored = await self._script("redeem", scripts.REDEEM_TICKET, [key], [])
+        finally:
+            self._redeeming.remove(heard)
+        grant = self._grant(stored)
+        if grant is not None and grant.sub in heard:
+            if not int(await self._command("SISMEMBER", self._keys.user_tickets(grant.sub), key)):
+                log.info("a ticket of {sub} redeemed as it was disconnected counts as void",
+                         sub=printable(grant.sub))
+                return None
+        return grant
 
     def _grant(self, stored):
         if stored is None:
@@ -591,11 +619,19 @@ class RedisBroker(MultiService):
 
     async def _disconnect(self, sub, reason):
         index = self._keys.user_tickets(sub)
-        tickets = await self._command("SMEMBERS", index)
         control = encode_control(Control(DISCONNECT, sub, reason=reason))
-        await self._script(
-            "disconnect", scripts.DISCONNECT, [index] + sorted(tickets), [self._keys.control, control]
-        )
+        for attempt in range(1, DISCONNECT_ATTEMPTS + 1):  # bounded: the last one publishes anyway
+            tickets = await self._command("SMEMBERS", index)
+            last = "1" if attempt == DISCONNECT_ATTEMPTS else "0"
+            void = await self._script(
+                "disconnect", scripts.DISCONNECT, [index] + sorted(tickets),
+                [self._keys.control, control, last],
+            )
+            if int(void) >= 0:
+                break
+        if attempt == DISCONNECT_ATTEMPTS and int(await self._command("SCARD", index)) > 0:
+            log.warn("disconnect of {sub}: tickets issued while it ran are still good",
+                     sub=printable(sub))
 
     def kick(self, room, sub):
         """IBroker API"""
@@ -608,6 +644,9 @@ class RedisBroker(MultiService):
         except (ValueError, TypeError):
             log.error("dropping an undecodable control command")
             return
+        if control.op == DISCONNECT:
+            for heard in self._redeeming:
+                heard.add(control.sub)
         if self._control is None:
             return
         try:

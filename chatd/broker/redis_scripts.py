@@ -737,14 +737,22 @@ return 1
 """
 
 # Void a user's tickets, then tell every instance: one step, so no instance
-# hears of the disconnect before the tickets are void.
+# hears of the disconnect before the tickets are void.  Every ticket listed
+# leaves the index, redeemed ones too: a ticket still in the index was
+# issued after the last disconnect (see RedisBroker._redeem).  A ticket
+# issued after the caller listed the index is still in it: then nothing is
+# published, and the caller lists again (unless ARGV[3] is '1').
 # KEYS: the user's ticket index, then the ticket keys it listed
-# ARGV: control channel, control command -> how many tickets were void
+# ARGV: control channel, control command, '1' to publish even so
+# -> how many tickets were void, or -1 when the index must be listed again
 DISCONNECT = """
 local void = 0
 for i = 2, #KEYS do
   void = void + redis.call('DEL', KEYS[i])
   redis.call('SREM', KEYS[1], KEYS[i])
+end
+if ARGV[3] ~= '1' and redis.call('SCARD', KEYS[1]) > 0 then
+  return -1
 end
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return void
