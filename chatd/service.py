@@ -110,11 +110,12 @@ class ChatService(MultiService):
     and the Redis broker's goodbye must come after those QUITs, or the
     rooms would see two QUITs for one connection.
 
-    The webhook service, when there is one, stops between the two: it sends
-    what the others' shutdown produced (the QUITs of closed connections)
-    before the broker goes.
+    The webhook service, when there is one, stops after the broker: it sends
+    what the others' shutdown produced, the QUITs of closed connections and
+    those of the Redis broker's goodbye (connections still open after the
+    drain), which the webhook would miss if it stopped first.
 
-    @ivar broker: the broker service, stopped after every other child.
+    @ivar broker: the broker service, stopped after the clients and listeners.
     @ivar webhooks: the L{chatd.webhooks.WebhookService} or L{None}.
     """
 
@@ -124,7 +125,7 @@ class ChatService(MultiService):
         @param clients: the L{ClientsService}; stopped (drained) first, while
             the listeners still answer (503 to upgrades and probes).
         @param others: the other services that use the broker (listeners).
-        @param webhooks: stopped after C{others}, before the broker.
+        @param webhooks: stopped last, after the broker.
         @param notifier: a L{systemd.Notifier}, told READY=1 once started
             and the broker is usable.
         """
@@ -154,16 +155,17 @@ class ChatService(MultiService):
     def stopService(self):
         """
         Drain the clients, then stop the other children (in reverse), then
-        the webhooks, then the broker.
+        the broker, then the webhooks.
         """
         Service.stopService(self)
         last = (self.broker, self.clients, self.webhooks)
         others = [s for s in reversed(list(self)) if s not in last]
         stopped = defer.maybeDeferred(self.clients.stopService)
         stopped.addBoth(lambda _: defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others]))
-        if self.webhooks is not None:
-            stopped.addCallback(lambda _: self.webhooks.stopService())
         stopped.addCallback(lambda _: self.broker.stopService())
+        if self.webhooks is not None:
+            webhooks = self.webhooks
+            stopped.addBoth(lambda result: defer.maybeDeferred(webhooks.stopService).addCallback(lambda _: result))
         return stopped
 
 

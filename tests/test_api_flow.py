@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests import rawws
 from tests.support import RECV_TIMEOUT, http, wait_for, ws_refusal
 
 KEY = "test-api-key-" + "k" * 40
@@ -386,3 +387,85 @@ def test_admin_listener_serves_the_api_and_webhook_metrics(start_chatd, key_file
     assert [e["message"] for e in hook.events_until(lambda seen: len(seen) >= 1)] == ["hi"]
     wait_for(lambda: b"chatd_webhook_delivered_events_total 1.0" in http("GET", admin + "/metrics")[2],
              10, "the delivery counted")
+
+
+def test_webhooks_get_the_quits_of_a_stopping_instance(start_chatd, start_redis, hook_secret_file, receiver, clients):
+    """
+    An instance stopped with SIGTERM while its users are in a room: every
+    QUIT the room's members on the other instance see reaches the webhook,
+    once (from the stopping instance, which accepted them).
+    """
+    hook = receiver()
+    a, b = two(start_chatd, start_redis, webhook__url=hook.url, webhook__secret_file=hook_secret_file,
+               webhook__events="talk quit", server__drain_time="0.5")
+    alice, carol, bob = a.connect("alice", name="Alice"), a.connect("carol", name="Carol"), b.connect("bob")
+    clients += [alice, carol, bob]
+    for client in (alice, carol, bob):
+        client.enter("lobby")
+    said = alice.talk("lobby", "bye soon")
+    assert hook.events_until(lambda seen: any(e["id"] == said["id"] for e in seen))
+    a.stop()
+    seen_by_bob = [next_of(bob, "QUIT"), next_of(bob, "QUIT")]
+    assert sorted(q["sender"] for q in seen_by_bob) == ["Alice", "Carol"]
+    events = hook.events_until(lambda seen: len([e for e in seen if e["type"] == "QUIT"]) >= 2)
+    subs = {"Alice": "alice", "Carol": "carol"}
+    assert sorted((e["id"], e["sub"]) for e in events if e["type"] == "QUIT") == sorted(
+        (q["id"], subs[q["sender"]]) for q in seen_by_bob)
+    assert hook.nothing_new()
+
+
+def test_webhooks_get_the_quits_of_a_stopping_instance_goodbye(start_chatd, start_redis, hook_secret_file,
+                                                               receiver, clients):
+    """
+    A connection that does not finish the close handshake outlasts the
+    drain of its instance (SIGTERM), so the instance's goodbye takes it out
+    of its room in Redis: the QUIT the other instance's members see reaches
+    the webhook too, once.
+    """
+    hook = receiver()
+    a, b = two(start_chatd, start_redis, webhook__url=hook.url, webhook__secret_file=hook_secret_file,
+               webhook__events="quit", server__drain_time="0.5")
+    bob = b.connect("bob")
+    clients.append(bob)
+    bob.enter("lobby")
+    silent = rawws.RawWebSocket(a.port)  # never answers the server's close frame
+    try:
+        status, head = silent.upgrade("/ws?ticket=" + a.ticket("dave", name="Dave"))
+        assert status == 101, head
+        assert silent.recv_json()["type"] == "WELCOME"
+        silent.send_json({"type": "ENTER", "room": "lobby", "ref": "in"})
+        assert silent.recv_json()["ref"] == "in"
+        assert next_of(bob, "ENTER")["sender"] == "Dave"
+        a.stop()
+        left = next_of(bob, "QUIT")
+        assert left["sender"] == "Dave"
+        events = hook.events_until(lambda seen: any(e["type"] == "QUIT" for e in seen))
+        assert [(e["type"], e["id"], e["sub"]) for e in events] == [("QUIT", left["id"], "dave")]
+        assert hook.nothing_new()
+        # The goodbye's QUIT, coming back to the stopping instance, is not
+        # taken for a reap of a connection still there (no ENTER follows).
+        assert bob.quiet(1.0)
+        assert "putting it back" not in a.log_text()
+    finally:
+        silent.close()
+
+
+def test_webhooks_get_the_quits_of_a_dead_instance(start_chatd, start_redis, hook_secret_file, receiver, clients):
+    """
+    An instance killed with SIGKILL says no goodbye: the instance that
+    reaps its connections publishes their QUITs and hands them to the
+    webhook, once, with each user's sub.
+    """
+    hook = receiver()
+    a, b = two(start_chatd, start_redis, webhook__url=hook.url, webhook__secret_file=hook_secret_file,
+               webhook__events="quit")
+    alice, bob = a.connect("alice", name="Alice"), b.connect("bob")
+    clients += [alice, bob]
+    alice.enter("lobby")
+    bob.enter("lobby")
+    a.kill()
+    left = bob.recv_until(lambda f: f["type"] == "QUIT", timeout=PRESENCE_TTL * 4 / 3 + 5)[-1]
+    assert (left["sender"], left["userCount"]) == ("Alice", 1)
+    events = hook.events_until(lambda seen: any(e["type"] == "QUIT" for e in seen))
+    assert [(e["type"], e["id"], e["sub"]) for e in events] == [("QUIT", left["id"], "alice")]
+    assert hook.nothing_new()

@@ -277,6 +277,10 @@ class RedisBroker(MultiService):
             return
         delivery, reaped, call = published.delivery, published.reaped, published.call
         if reaped and self._presence.is_local(room, delivery.origin):
+            if self._presence.stopping:
+                # Our own goodbye's QUIT: the connection goes with this
+                # instance, it is not to be put back.
+                return
             # Another instance took this one for dead (it was stalled, or
             # cut off from Redis) and reaped a connection that never left.
             # Its members must not hear a QUIT they would act on while the

@@ -87,6 +87,11 @@ class Presence(TimerService):
         self.left(room, member)
         self._unsure[(room, member.connection_id)] = member
 
+    @property
+    def stopping(self):
+        """Whether this instance is stopping (its goodbye reaps its own connections)."""
+        return self._stopping
+
     def is_local(self, room, connection_id):
         """Whether C{connection_id} is in C{room} as far as this instance is concerned."""
         return connection_id in self.local.get(room, ())
@@ -94,8 +99,11 @@ class Presence(TimerService):
     def reassert_soon(self, room):
         """
         Put this instance's members of C{room} back into Redis now (and on
-        every tick until it succeeds), each missing one with an ENTER.
+        every tick until it succeeds), each missing one with an ENTER; not
+        while stopping: the goodbye took them out on purpose.
         """
+        if self._stopping:
+            return
         self._reassert.add(room)
         d = defer.ensureDeferred(self._reassert_pending())
         d.addErrback(lambda f: f.trap(BrokerUnavailable))
