@@ -5,17 +5,23 @@ redis-server, real TLS, real WebSocket clients, and a webhook receiver
 this test runs on loopback (a threaded HTTP server; every wait bounded).
 """
 
+import contextlib
 import hashlib
 import hmac
 import json
 import queue
+import select
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests import rawws
+from websockets.exceptions import InvalidStatus
+
+from tests import rawws, support
 from tests.support import RECV_TIMEOUT, http, wait_for, ws_refusal
+from tests.test_broker_redis import redis_command
 
 KEY = "test-api-key-" + "k" * 40
 HOOK_SECRET = b"hook-secret-" + b"s" * 32
@@ -469,3 +475,159 @@ def test_webhooks_get_the_quits_of_a_dead_instance(start_chatd, start_redis, hoo
     events = hook.events_until(lambda seen: any(e["type"] == "QUIT" for e in seen))
     assert [(e["type"], e["id"], e["sub"]) for e in events] == [("QUIT", left["id"], "alice")]
     assert hook.nothing_new()
+
+
+# --- disconnect against an upgrade in flight --------------------------------------------
+
+
+class RedisLinkProxy:
+    """
+    A TCP proxy on loopback between one chatd and its Redis that can hold
+    back Redis's replies on chatd's command link (the connection that never
+    sent SUBSCRIBE) while its subscriber link keeps flowing: the order in
+    which the two links deliver is the test's to choose.  One thread, a
+    select loop with a bounded wait per round.
+    """
+
+    def __init__(self, redis_port):
+        self._redis_port = redis_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._pairs = {}  # socket -> its link's state (a dict shared by both ends)
+        self._holding = threading.Event()
+        self._stopping = threading.Event()
+        self.subscriber_heard = bytearray()  # what Redis sent the subscriber links (bounded)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def hold_commands(self):
+        self._holding.set()
+
+    def release(self):
+        self._holding.clear()
+
+    def heard(self, text):
+        with self._lock:
+            return text in self.subscriber_heard
+
+    def held(self):
+        """Bytes of replies held back now."""
+        with self._lock:
+            return sum(len(link["held"]) for link in {id(v): v for v in self._pairs.values()}.values())
+
+    def _run(self):
+        while not self._stopping.is_set():
+            readable, _, _ = select.select([self._listener, *self._pairs], [], [], 0.02)
+            for sock in readable:
+                if sock is self._listener:
+                    client, _ = self._listener.accept()
+                    server = socket.create_connection(("127.0.0.1", self._redis_port), timeout=5)
+                    link = {"client": client, "server": server, "subscriber": False, "held": b""}
+                    self._pairs[client] = self._pairs[server] = link
+                    continue
+                link = self._pairs.get(sock)
+                if link is None:
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    self._drop(link)
+                    continue
+                if sock is link["client"]:
+                    link["subscriber"] = link["subscriber"] or b"SUBSCRIBE" in data.upper()
+                    try:
+                        link["server"].sendall(data)
+                    except OSError:
+                        self._drop(link)
+                else:
+                    with self._lock:
+                        if link["subscriber"]:
+                            self.subscriber_heard += data[-65536:]
+                            del self.subscriber_heard[:-262144]
+                        else:
+                            link["held"] += data  # sent below unless holding
+                    if link["subscriber"]:
+                        try:
+                            link["client"].sendall(data)
+                        except OSError:
+                            self._drop(link)
+            for link in {id(v): v for v in self._pairs.values()}.values():
+                if link["held"] and not self._holding.is_set():
+                    with self._lock:
+                        out, link["held"] = link["held"], b""
+                    try:
+                        link["client"].sendall(out)
+                    except OSError:
+                        self._drop(link)
+
+    def _drop(self, link):
+        for sock in (link["client"], link["server"]):
+            self._pairs.pop(sock, None)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def stop(self):
+        self._stopping.set()
+        self._thread.join(5)
+        assert not self._thread.is_alive()
+        for link in {id(v): v for v in self._pairs.values()}.values():
+            self._drop(link)
+        self._listener.close()
+
+
+def test_disconnect_refuses_an_upgrade_whose_redeem_is_in_flight(start_chatd, start_redis, key_file, clients):
+    """
+    Two instances over Redis.  Alice's upgrade on A is under way: Redis
+    redeemed her ticket, but A has not read the reply yet (held back by a
+    proxy on A's command link) when the server API disconnects her through
+    B and A hears the disconnect.  A had no connection of hers to close
+    then; the upgrade must still not get through (401), and a ticket
+    issued after the disconnect works.
+    """
+    redis = start_redis()
+    proxy = RedisLinkProxy(redis.port)
+    try:
+        settings = dict(redis__presence_ttl=PRESENCE_TTL, redis__timeout=5, api__key_file=key_file)
+        a = start_chatd(wait=False, redis__url=proxy.url, **settings)
+        b = start_chatd(wait=False, redis__url=redis.url, **settings)
+        for server in (a, b):
+            server.wait_ready()
+            wait_for(lambda: http("GET", server.base + "/healthz", timeout=2)[0] == 200, 10, "healthy")
+        ticket = a.ticket("alice", name="Alice")
+        outcome = []
+
+        def upgrade():
+            try:
+                outcome.append(support.ws_open(a.ws_base + "/ws?ticket=" + ticket))
+            except InvalidStatus as refused:
+                outcome.append(refused.response.status_code)
+            except Exception as e:  # noqa: BLE001 - reported by the assertion below
+                outcome.append(e)
+
+        proxy.hold_commands()
+        upgrading = threading.Thread(target=upgrade, daemon=True)
+        upgrading.start()
+        try:
+            wait_for(lambda: redis_command(redis.port, "KEYS", "chatd:ticket:*") == [], 5, "the redeem in Redis")
+            assert api(b, "POST", "/api/disconnect", {"sub": "alice", "reason": "banned"}) == (200, {"ok": True})
+            wait_for(lambda: proxy.heard(b'"op":"disconnect"'), 5, "A to hear the disconnect")
+            assert proxy.held() > 0 and not outcome  # the redeem's reply is still held back
+        finally:
+            proxy.release()
+        upgrading.join(10)
+        assert not upgrading.is_alive()
+        if not isinstance(outcome[0], int):
+            clients.append(support.Client(outcome[0]))
+        assert outcome == [401], outcome
+        again = a.connect("alice", name="Alice")  # a ticket issued after the disconnect
+        clients.append(again)
+        assert again.enter("lobby")["type"] == "ENTER"
+    finally:
+        proxy.stop()
