@@ -167,17 +167,27 @@ class Hub:
                 if self._seats.get(room, seat.member.connection_id) is not seat:
                     raise NotMember(room)  # made to leave meanwhile (and quit for)
 
-    async def talk(self, room, member, connection, text, cid=None, ref=None):
+    def talk(self, room, member, connection, text, cid=None, ref=None):
         """
         Store and publish a TALK; the own copy (with C{ref}) comes off the
         feed.  A repeated C{cid} is answered with the original event.
 
+        A plain call, not a coroutine: with the embedded broker the TALK is
+        stored, fanned out and acknowledged before this returns, and this is
+        the path of every chat message (docs/performance.md).
+
         @param cid: the client's message id, for deduplication, or L{None}.
-        @raise NotMember: no live seat in C{room}.
-        @raise BrokerUnavailable: not known to be stored.
+        @return: a Deferred that fires (with L{None}) once the broker took
+            it; it fails with L{NotMember} (no live seat in C{room}) or
+            L{BrokerUnavailable} (not known to be stored).
         """
-        self._member_seat(room, member)
-        talked = await self._broker.talk(room, member, text, cid, ref)
+        seat = self._seats.get(room, member.connection_id)
+        if seat is None or not seat.is_member:
+            return defer.fail(NotMember(room))
+        return self._broker.talk(room, member, text, cid, ref).addCallback(self._talked, connection, ref)
+
+    @staticmethod
+    def _talked(talked, connection, ref):
         if talked.duplicate:
             # Already accepted once: the original, same id, is the ack.
             connection.send_text(messages.event(talked.event, ref))
@@ -259,9 +269,10 @@ class Hub:
     def deliver(self, delivery):
         """
         L{chatd.broker.interfaces.IBroker.set_feed} target: send one event
-        to every local seat in its room.  The shared text is encoded once
-        and the event id parsed once; nothing else is done per seat but the
-        seat's own check and the write (this loop runs once per member).
+        to every local seat in its room.  The text is encoded once and the
+        event id parsed once; the actor's copy is that text with its C{ref}
+        spliced in; nothing else is done per seat but the seat's own check
+        and the write (this loop runs once per member).
         """
         event = delivery.event
         room = event.room
@@ -276,21 +287,19 @@ class Hub:
                 if seat.state == ENTERING and seat.buffered_bytes > self._max_pending_bytes:
                     self._too_slow(room, seat)
                 continue
-            connection_id = seat.member.connection_id
-            if connection_id == origin:
-                # The actor's copy echoes its ref (with none, it is shared).
-                if delivery.ref is not None:
-                    self._send(seat, delivery)
-                else:
-                    if shared is None:
-                        shared = messages.event(event)
-                    seat.connection.send_shared(shared)
-                if event.type == messages.QUIT:
-                    self._drop(room, connection_id, seat)
-                continue
             if shared is None:
                 shared = messages.event(event)
-            seat.connection.send_shared(shared)
+            connection_id = seat.member.connection_id
+            if connection_id != origin:
+                seat.connection.send_shared(shared)
+                continue
+            # The actor's copy echoes its ref (with none, it is shared).
+            if delivery.ref is None:
+                seat.connection.send_shared(shared)
+            else:
+                seat.connection.send_text(messages.with_ref(shared, delivery.ref))
+            if event.type == messages.QUIT:
+                self._drop(room, connection_id, seat)
 
     def _send(self, seat, delivery):
         """One event to one seat alone; only the actor's copy carries its C{ref}."""

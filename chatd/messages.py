@@ -10,6 +10,7 @@ client authors; every rule it states about fields lives here.
 import dataclasses
 import json
 import re
+from json.encoder import encode_basestring
 from typing import Any, Optional, Tuple
 
 from chatd import errors
@@ -32,6 +33,7 @@ AUTH = "AUTH"
 
 @dataclasses.dataclass(frozen=True)
 class Enter:
+    kind = ENTER  # the type as sent (a class attribute, not a field)
     room: str
     since: Optional[str] = None
     ref: Any = None
@@ -39,6 +41,7 @@ class Enter:
 
 @dataclasses.dataclass(frozen=True)
 class Talk:
+    kind = TALK  # the type as sent (a class attribute, not a field)
     room: str
     message: str
     cid: Optional[str] = None
@@ -47,12 +50,14 @@ class Talk:
 
 @dataclasses.dataclass(frozen=True)
 class Quit:
+    kind = QUIT  # the type as sent (a class attribute, not a field)
     room: str
     ref: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Auth:
+    kind = AUTH  # the type as sent (a class attribute, not a field)
     token: str
     ref: Any = None
 
@@ -109,15 +114,30 @@ def is_room_name(name):
     return isinstance(name, str) and ROOM_NAME.match(name) is not None
 
 
+# The keys of recently seen event ids: each event's id is parsed by the
+# broker, the hub and the seats; a TALK's costs one parse this way.  Bounded
+# (emptied when full), as clients choose the ids they send as since.
+_KEYS: dict = {}
+_KEYS_MAX = 4096
+
+
 def event_id_key(event_id) -> Tuple[int, ...]:
     """
     The sort key of an event id: its decimal parts, compared left to right.
 
     @raise ValueError: if C{event_id} is not such an id.
     """
+    if event_id.__class__ is str:
+        key = _KEYS.get(event_id)
+        if key is not None:
+            return key
     if not isinstance(event_id, str) or not EVENT_ID.match(event_id):
         raise ValueError(f"not an event id: {event_id!r}")
-    return tuple(int(part) for part in event_id.split("-"))
+    key = tuple(map(int, event_id.split("-")))
+    if len(_KEYS) >= _KEYS_MAX:
+        _KEYS.clear()
+    _KEYS[event_id] = key
+    return key
 
 
 def entered_text(name):
@@ -235,9 +255,13 @@ def parse_client_message(text, max_talk_chars):
 # --- encoding ----------------------------------------------------------------
 
 
+# One encoder for every frame (json.dumps with options makes one per call).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode(wire):
     """A server frame as text; C{ensure_ascii=False} keeps chat text compact."""
-    return json.dumps(wire, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(wire)
 
 
 def welcome(user, expires, ref=None):
@@ -262,5 +286,48 @@ def error(code, message, ref=None):
     return encode(wire)
 
 
+def _ref_text(ref):
+    """C{ref} as JSON, or L{None} when it is of no type a client can send."""
+    kind = ref.__class__
+    if kind is str:
+        return encode_basestring(ref)
+    if kind is int:
+        return int.__repr__(ref)
+    return None
+
+
 def event(room_event, ref=None):
-    return encode(room_event.to_wire(ref))
+    """
+    A room event as text: exactly C{encode(room_event.to_wire(ref))}, built
+    directly (this runs once per event, and for every actor's copy).
+    """
+    e = room_event
+    if e.user_count.__class__ is not int or e.ts.__class__ is not int:
+        return encode(e.to_wire(ref))
+    s = encode_basestring
+    text = (
+        f'{{"type":{s(e.type)},"id":{s(e.id)},"room":{s(e.room)},"sender":{s(e.sender)},'
+        f'"message":{s(e.message)},"userCount":{int.__repr__(e.user_count)},"ts":{int.__repr__(e.ts)}'
+    )
+    if e.system:
+        text += ',"system":true'
+    if ref is None:
+        return text + "}"
+    quoted = _ref_text(ref)
+    if quoted is None:
+        return encode(e.to_wire(ref))
+    return f'{text},"ref":{quoted}}}'
+
+
+def with_ref(event_text, ref):
+    """
+    The actor's copy of an event from the text everyone else gets: the same
+    as C{event(room_event, ref)} where C{event_text} is
+    C{event(room_event)}, without encoding the event again.
+    """
+    if ref is None:
+        return event_text
+    quoted = _ref_text(ref)
+    if quoted is None:
+        return encode(dict(json.loads(event_text), ref=ref))
+    return f'{event_text[:-1]},"ref":{quoted}}}'

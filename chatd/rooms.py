@@ -122,9 +122,8 @@ class Room:
 
     def _keep(self, event):
         size = text_bytes(event.message)
-        key = event_id_key(event.id)
         if self._history_size == 0 or size > self._max_bytes:
-            self._max_dropped = key
+            self._max_dropped = event_id_key(event.id)
             return
         self.history.append(event)
         self._sizes.append(size)

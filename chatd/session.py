@@ -133,18 +133,24 @@ class Session:
             self._send_error(e)
             return defer.succeed(None)
         if self._metrics is not None:
-            self._metrics.count_received(command.__class__.__name__.upper())
-        d = defer.ensureDeferred(self._dispatch(command))
+            self._metrics.count_received(command.kind)
+        if command.__class__ is messages.Talk:
+            # Every chat message: a plain call (the embedded broker answers
+            # it at once), not a coroutine (docs/performance.md).
+            try:
+                d = self._hub.talk(
+                    command.room, self.member, self._connection, command.message, command.cid, command.ref
+                )
+            except Exception:
+                d = defer.fail()
+        else:
+            d = defer.ensureDeferred(self._dispatch(command))
         d.addErrback(self._failed, command)
         return d
 
     async def _dispatch(self, command):
         connection = self._connection
-        if isinstance(command, messages.Talk):
-            await self._hub.talk(
-                command.room, self.member, connection, command.message, command.cid, command.ref
-            )
-        elif isinstance(command, messages.Enter):
+        if isinstance(command, messages.Enter):
             if not self.principal.may_enter(command.room):
                 raise Forbidden(command.room)
             if len(self._hub.rooms_of(self.member.connection_id)) >= self._limits.max_rooms_per_connection:

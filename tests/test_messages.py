@@ -326,3 +326,12 @@ def test_protocol_error_codes_are_known():
     with pytest.raises(AssertionError):
         ProtocolError("nope", "x")
     assert ProtocolError(errors.FORBIDDEN, "m", "r").ref == "r"
+
+
+def test_event_id_keys_are_remembered_within_a_bound():
+    """Parsed keys are kept for the next caller of the same id, never more than _KEYS_MAX of them."""
+    first = event_id_key("77-1")
+    assert event_id_key("77-1") is first
+    for n in range(messages._KEYS_MAX + 10):
+        assert event_id_key(f"78-{n}") == (78, n)
+    assert len(messages._KEYS) <= messages._KEYS_MAX

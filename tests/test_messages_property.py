@@ -150,3 +150,34 @@ def test_well_formed_talk_is_accepted(room, message):
         json.dumps({"type": "TALK", "room": room, "message": message, "ref": 7}), 50
     )
     assert command == messages.Talk(room=room, message=message, ref=7)
+
+
+refs = st.one_of(
+    st.none(), st.text(max_size=20), st.integers(-(2**53) + 1, 2**53 - 1),
+    st.booleans(), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2),
+)
+room_events = st.builds(
+    messages.RoomEvent,
+    type=st.sampled_from([messages.ENTER, messages.TALK, messages.QUIT]),
+    id=st.from_regex(r"[0-9]{1,20}(-[0-9]{1,20}){0,3}", fullmatch=True),
+    room=st.text(max_size=70),
+    sender=st.text(max_size=30),
+    message=st.text(max_size=200),
+    user_count=st.one_of(st.integers(0, 10**6), st.booleans()),
+    ts=st.one_of(st.integers(0, 2**53), st.floats(allow_nan=False, allow_infinity=False)),
+    system=st.booleans(),
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(event=room_events, ref=refs)
+@example(event=messages.RoomEvent("TALK", "1-1", "r", "a\u2028b", "\"\\\x00\ud800é", 1, 0), ref="\udfff")
+def test_event_text_is_the_encoding_of_to_wire(event, ref):
+    """
+    event() builds the text directly; it is exactly the JSON encoding of
+    to_wire(ref), and with_ref() of the shared text is the actor's copy,
+    for any text, ref (of any type) and field value.
+    """
+    expected = json.dumps(event.to_wire(ref), ensure_ascii=False, separators=(",", ":"))
+    assert messages.event(event, ref) == expected
+    assert messages.with_ref(messages.event(event), ref) == expected

@@ -201,12 +201,19 @@ def test_closed_cancels_expiry_and_leaves_rooms():
     assert connection.closes == [] and connection.take() == []
 
 
-def test_unexpected_error_is_unavailable(logged_failures):
-    """An unexpected error handling a command becomes ERROR unavailable with the ref, and is logged."""
+@pytest.mark.parametrize("how", ["raises", "fails"])
+def test_unexpected_error_is_unavailable(logged_failures, how):
+    """
+    An unexpected error handling a command becomes ERROR unavailable with
+    the ref, and is logged: raised by the hub's TALK (a plain call) or
+    failing its Deferred.
+    """
     logged_failures.expect("boom")
     class BrokenHub(Hub):
-        async def talk(self, *args, **kwargs):
-            raise RuntimeError("boom")
+        def talk(self, *args, **kwargs):
+            if how == "raises":
+                raise RuntimeError("boom")
+            return defer.fail(RuntimeError("boom"))
 
     _, connection, session = make(hub_class=BrokenHub)
     connection.take()
