@@ -9,9 +9,10 @@ counting), and turned into Prometheus families only when C{/metrics} is
 scraped, by L{_Collector}.  Frames written, the one count made per member
 per event, are counted on each connection only and summed at scrape time.  Gauges (connections, rooms, broker up) are not
 kept at all: they are read from the objects that know them, at scrape time,
-through the callables given to L{Metrics.watch}.  Only the fan-out
-histogram is prometheus-client's own, observed once per event delivered
-(not per member).
+through the callables given to L{Metrics.watch}.  The fan-out histogram,
+observed once per event delivered (not per member), is a list of bucket
+counts too (prometheus-client's C{Histogram} takes a lock and several calls
+per observation, a measurable share of a small room's TALK).
 
 Labels are bounded: message types, ERROR codes, HTTP statuses and close
 codes are each mapped onto a fixed set (anything else is C{other}), so a
@@ -22,10 +23,12 @@ Each L{Metrics} has its own C{CollectorRegistry}, not prometheus-client's
 global one, so several services (and tests) can live in one process.
 """
 
+import bisect
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 import chatd
 from chatd import errors, messages
@@ -78,11 +81,10 @@ class Metrics:
         self._broker_up = lambda: True
         self._webhooks = None  # the WebhookService, when [webhook] url is set
         self._sent_by_open = lambda: 0
-        self.fanout = Histogram(
-            "chatd_fanout_seconds",
-            "Seconds from an event coming off the broker feed until written to the last local member.",
-            buckets=FANOUT_BUCKETS, registry=self.registry,
-        )
+        # chatd_fanout_seconds: observations per bucket (not cumulative; the
+        # last is over the largest bound) and their sum.
+        self.fanout_counts = [0] * (len(FANOUT_BUCKETS) + 1)
+        self.fanout_sum = 0.0
         self.registry.register(_Collector(self))
 
     def watch(self, connections=None, rooms=None, broker_up=None, webhooks=None, sent_by_open=None):
@@ -142,7 +144,7 @@ class Metrics:
         @param local_users: C{room -> int}, the hub's count of local members.
         """
         timer = self.timer
-        observe = self.fanout.observe
+        observe = self.observe_fanout
 
         def timed(delivery):
             if not local_users(delivery.event.room):
@@ -155,12 +157,17 @@ class Metrics:
 
         return timed
 
+    def observe_fanout(self, seconds):
+        """One fan-out took C{seconds}."""
+        self.fanout_counts[bisect.bisect_left(FANOUT_BUCKETS, seconds)] += 1
+        self.fanout_sum += seconds
+
     def fanout_started(self):
         """The time now, to hand back to L{fanout_done}."""
         return self.timer()
 
     def fanout_done(self, started):
-        self.fanout.observe(self.timer() - started)
+        self.observe_fanout(self.timer() - started)
 
     # --- scraping ---------------------------------------------------------------
 
@@ -221,6 +228,15 @@ class _Collector:
                 family = CounterMetricFamily(name, documentation)
                 family.add_metric([], value)
                 yield family
+        cumulative, buckets = 0, []
+        for bound, count in zip(FANOUT_BUCKETS + (float("inf"),), m.fanout_counts):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        yield HistogramMetricFamily(
+            "chatd_fanout_seconds",
+            "Seconds from an event coming off the broker feed until written to the last local member.",
+            buckets=buckets, sum_value=m.fanout_sum,
+        )
         build = GaugeMetricFamily("chatd_build_info", "chatd's version; always 1.", labels=["version"])
         build.add_metric([m.version], 1)
         yield build
