@@ -10,12 +10,16 @@ same over TLS on a real twistd.
 
 import dataclasses
 import json
+import struct
 
 import pytest
 import txaio
 from autobahn.twisted.testing import create_memory_agent
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from twisted.internet import defer
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 
 from chatd import config, errors, ws
@@ -496,3 +500,182 @@ def test_compressed_members_get_the_shared_event(clocked):
     world.pumps.flush()  # the talker's pump runs last: once more for what it made the others get
     for client in (squeezed, plain):
         assert client.received[-1]["type"] == "TALK" and client.received[-1]["message"] == "hi " * 50
+
+
+# --- the receive fast path (_GuardedMixin._text_frames) --------------------------------------
+
+
+FAST_LIMIT = 512  # max_message_bytes of the echo servers below
+HANDSHAKE = (
+    b"GET /echo HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class AutobahnOnly(ws.EchoServerProtocol):
+    """/echo with the fast path off: Autobahn parses every frame."""
+
+    def _text_frames(self, data):
+        return data
+
+
+class CountingEcho(ws.EchoServerProtocol):
+    """/echo that counts the frames Autobahn itself parsed."""
+
+    parsed = 0
+
+    def processData(self):
+        self.parsed += 1
+        return super().processData()
+
+
+def open_echo(protocol_class):
+    """
+    An open /echo protocol (limits: FAST_LIMIT bytes) on a StringTransport,
+    its handshake answer cleared.
+    """
+    reactor = MemoryReactorClock()
+    txaio.config.loop = reactor
+    settings = config.defaults(websocket__ping_interval=0, limits__max_message_bytes=FAST_LIMIT)
+    factory = ws.EchoServerFactory(settings, None, reactor)
+    factory.protocol = protocol_class
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    transport.registerProducer(object(), True)  # as the HTTP channel had; the guard replaces it
+    protocol.dataReceived(HANDSHAKE)
+    assert protocol.state == protocol.STATE_OPEN
+    transport.clear()
+    return protocol, transport
+
+
+def client_frame(opcode, payload, key, fin=True, masked=True, rsv=0, width=None):
+    """
+    One client frame with mask C{key}; C{width} (7, 16 or 64) forces the
+    length encoding, minimal or not.
+    """
+    n = len(payload)
+    width = width or (7 if n < 126 else 16 if n < 65536 else 64)
+    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    bit = 0x80 if masked else 0
+    if width == 7:
+        head += bytes([bit | n])
+    elif width == 16:
+        head += bytes([bit | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([bit | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return head + payload
+    return head + key + rawws.mask(payload, key)
+
+
+def _frames(draw_kind, text, key):
+    """The bytes of one frame (or fragmented message) of kind C{draw_kind}."""
+    data = text.encode("utf-8")
+    if draw_kind == "text":
+        return client_frame(rawws.OP_TEXT, data, key)
+    if draw_kind == "long text":  # a 16-bit length, maybe over the limit
+        return client_frame(rawws.OP_TEXT, (data or b"x") * (1 + 600 // max(1, len(data))), key)
+    if draw_kind == "limit":
+        return client_frame(rawws.OP_TEXT, (data + b"y" * FAST_LIMIT)[:FAST_LIMIT], key)
+    if draw_kind == "bad utf-8":
+        return client_frame(rawws.OP_TEXT, data + b"\xff", key)
+    if draw_kind == "cut utf-8":
+        return client_frame(rawws.OP_TEXT, data + b"\xc3", key)
+    if draw_kind == "surrogate":
+        return client_frame(rawws.OP_TEXT, data + b"\xed\xa0\x80", key)
+    if draw_kind == "empty":
+        return client_frame(rawws.OP_TEXT, b"", key)
+    if draw_kind == "binary":
+        return client_frame(rawws.OP_BINARY, data, key)
+    if draw_kind == "ping":
+        return client_frame(rawws.OP_PING, data[:100], key)
+    if draw_kind == "fragments":
+        half = len(data) // 2
+        return (client_frame(rawws.OP_TEXT, data[:half], key, fin=False)
+                + client_frame(rawws.OP_CONT, data[half:], key))
+    if draw_kind == "unmasked":
+        return client_frame(rawws.OP_TEXT, data, key, masked=False)
+    if draw_kind == "rsv":
+        return client_frame(rawws.OP_TEXT, data, key, rsv=4)
+    if draw_kind == "16-bit small":  # not minimally encoded
+        return client_frame(rawws.OP_TEXT, data, key, width=16)
+    if draw_kind == "64-bit small":
+        return client_frame(rawws.OP_TEXT, data, key, width=64)
+    if draw_kind == "close":
+        return client_frame(rawws.OP_CLOSE, struct.pack("!H", 1000), key)
+    raise AssertionError(draw_kind)
+
+
+FRAME_KINDS = [
+    "text", "text", "text", "long text", "limit", "bad utf-8", "cut utf-8", "surrogate", "empty",
+    "binary", "ping", "fragments", "unmasked", "rsv", "16-bit small", "64-bit small", "close",
+]
+
+
+@given(
+    frames=st.lists(
+        st.tuples(st.sampled_from(FRAME_KINDS), st.text(max_size=40), st.binary(min_size=4, max_size=4)),
+        min_size=1, max_size=8,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=4),
+)
+@hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fast_path_answers_as_autobahn_does(frames, cuts):
+    """
+    Any stream of frames, good and bad, in any chunks: the fast path writes
+    byte for byte what Autobahn alone writes (the echoes in order, pongs,
+    close frames with their codes: 1002, 1007, 1009) and ends in the same
+    state.
+    """
+    stream = b"".join(_frames(kind, text, key) for kind, text, key in frames)
+    bounds = sorted({min(cut, len(stream)) for cut in cuts} | {0, len(stream)})
+    chunks = [stream[a:b] for a, b in zip(bounds, bounds[1:])]
+    saved = txaio.config.loop
+    try:
+        results = []
+        for protocol_class in (ws.EchoServerProtocol, AutobahnOnly):
+            protocol, transport = open_echo(protocol_class)
+            for chunk in chunks:
+                protocol.dataReceived(chunk)
+            results.append((transport.value(), protocol.state, protocol.data, protocol.inside_message))
+    finally:
+        txaio.config.loop = saved
+    assert results[0] == results[1]
+
+
+def test_fast_path_takes_whole_text_frames(clocked):
+    """
+    Complete small text frames, several in one read, never reach Autobahn's
+    frame parser; each is echoed, in order; a frame cut in two is Autobahn's
+    until it is complete, and the next whole frame is the fast path's again.
+    """
+    protocol, transport = open_echo(CountingEcho)
+    key = b"\x01\x02\x03\x04"
+    protocol.dataReceived(b"".join(client_frame(rawws.OP_TEXT, b"m%d" % i, key) for i in range(3)))
+    long = "é".encode("utf-8") * 100
+    protocol.dataReceived(client_frame(rawws.OP_TEXT, long, key))
+    assert protocol.parsed == 0
+    cut = client_frame(rawws.OP_TEXT, b"half", key)
+    protocol.dataReceived(cut[:5])
+    protocol.dataReceived(cut[5:])
+    assert protocol.parsed > 0
+    parsed = protocol.parsed
+    protocol.dataReceived(client_frame(rawws.OP_TEXT, b"again", key))
+    assert protocol.parsed == parsed
+    frames = transport.value()
+    expected = b"".join(
+        bytes([0x81, len(p)]) + p for p in (b"m0", b"m1", b"m2")
+    ) + b"\x81\x7e" + struct.pack("!H", len(long)) + long + b"\x81\x04half\x81\x05again"
+    assert frames == expected
+
+
+def test_fast_path_bad_utf8_closes_1007(clocked):
+    """Invalid UTF-8 in a frame the fast path would take is still closed 1007, by Autobahn."""
+    protocol, transport = open_echo(CountingEcho)
+    key = b"\x09\x08\x07\x06"
+    protocol.dataReceived(client_frame(rawws.OP_TEXT, b"ok", key) + client_frame(rawws.OP_TEXT, b"\xed\xa0\x80", key))
+    out = transport.value()
+    assert out.startswith(b"\x81\x02ok\x88")
+    assert struct.unpack("!H", out[6:8])[0] == errors.CLOSE_INVALID_PAYLOAD
+    assert protocol.state != protocol.STATE_OPEN
