@@ -11,7 +11,7 @@ import dataclasses
 import json
 import re
 from json.encoder import encode_basestring
-from typing import Any, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 from chatd import errors
 from chatd.errors import ProtocolError
@@ -62,11 +62,14 @@ class Auth:
     ref: Any = None
 
 
-@dataclasses.dataclass(frozen=True)
-class RoomEvent:
+class RoomEvent(NamedTuple):
     """
     One ENTER, TALK or QUIT as every member of the room sees it.  C{id}
     orders the room's events (see L{event_id_key}).
+
+    A named tuple: made for every message, it is cheaper to build than a
+    frozen dataclass, and C{tuple(event)} is what a room's history keeps
+    (see L{chatd.rooms.Room}).
     """
 
     type: str

@@ -28,7 +28,12 @@ class Room:
     even when the room is forgotten and made again, and across restarts.
 
     History is bounded twice: at most C{history_size} TALKs and at most
-    C{max_bytes} of their text, the oldest dropped first.  Deduplication
+    C{max_bytes} of their text, the oldest dropped first.  It keeps each
+    event as a plain tuple (C{tuple(event)}, made a L{RoomEvent} again when
+    read): CPython stops tracking a tuple of strings and numbers at the
+    first garbage collection it survives, while every L{RoomEvent} kept
+    made each full collection longer and brought the next one sooner (the
+    latency tail in docs/performance.md).  Deduplication
     keeps only the id and time of each (sub, cid), for L{DEDUP_WINDOW}, at
     most L{DEDUP_MAX} per user.
     """
@@ -38,7 +43,7 @@ class Room:
         self._epoch = epoch
         self._counter = counter
         self.members = {}  # connection_id -> Member
-        self.history = collections.deque()
+        self._history = collections.deque()  # tuple(event) of each TALK kept
         self._sizes = collections.deque()  # text_bytes of each history event
         self.history_bytes = 0
         self._history_size = history_size
@@ -49,13 +54,18 @@ class Room:
         self._cids = {}  # sub -> {cid: (accepted_at, event id)}, in acceptance order
 
     @property
+    def history(self):
+        """The TALK events kept, oldest first."""
+        return tuple(self._kept())
+
+    @property
     def users(self):
         return len(self.members)
 
     @property
     def forgettable(self):
         """Nothing worth keeping: no members, no history, nothing dropped."""
-        return not self.members and not self.history and self._max_dropped is None
+        return not self.members and not self._history and self._max_dropped is None
 
     def expired(self, now, ttl):
         """No members and no event for C{ttl} seconds: forget it, history and all."""
@@ -88,7 +98,7 @@ class Room:
     def replay_since(self, since):
         """The TALK events after C{since} still in history, and whether that is all."""
         since_key = event_id_key(since)
-        replay = tuple(e for e in self.history if event_id_key(e.id) > since_key)
+        replay = tuple(e for e in self._kept() if event_id_key(e.id) > since_key)
         if since_key[0] != self._epoch:
             # An id from another life of this broker: what happened between
             # then and now is gone with that process.
@@ -125,17 +135,21 @@ class Room:
         if self._history_size == 0 or size > self._max_bytes:
             self._max_dropped = event_id_key(event.id)
             return
-        self.history.append(event)
+        self._history.append(tuple(event))
         self._sizes.append(size)
         self.history_bytes += size
-        while len(self.history) > self._history_size or self.history_bytes > self._max_bytes:
-            dropped = self.history.popleft()
+        while len(self._history) > self._history_size or self.history_bytes > self._max_bytes:
+            dropped = RoomEvent._make(self._history.popleft())
             self.history_bytes -= self._sizes.popleft()
             self._max_dropped = event_id_key(dropped.id)
 
+    def _kept(self, newest_first=False):
+        """The history as L{RoomEvent}s, oldest first (or newest first)."""
+        return map(RoomEvent._make, reversed(self._history) if newest_first else self._history)
+
     def _original(self, member, text, accepted_at, event_id, system=False):
         key = event_id_key(event_id)
-        for event in reversed(self.history):
+        for event in self._kept(newest_first=True):
             if event.id == event_id:
                 return event
             if event_id_key(event.id) < key:
@@ -155,7 +169,7 @@ class Room:
         if since is not None:
             events, complete = self.replay_since(since)
             return events[:limit], complete
-        kept = tuple(self.history)
+        kept = tuple(self._kept())
         return kept[-limit:], self._max_dropped is None and len(kept) <= limit
 
     def quit(self, member, now):

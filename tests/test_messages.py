@@ -276,7 +276,7 @@ def test_event_wire_round_trip():
 
 def test_system_event_says_so():
     """A TALK posted through the server API carries "system": true; others carry no such key."""
-    system = dataclasses.replace(EVENT, sender="system", system=True)
+    system = EVENT._replace(sender="system", system=True)
     assert json.loads(messages.event(system))["system"] is True
     assert "system" not in EVENT.to_wire()
     assert RoomEvent.from_wire(system.to_wire()) == system
@@ -335,3 +335,4 @@ def test_event_id_keys_are_remembered_within_a_bound():
     for n in range(messages._KEYS_MAX + 10):
         assert event_id_key(f"78-{n}") == (78, n)
     assert len(messages._KEYS) <= messages._KEYS_MAX
+

@@ -4,6 +4,8 @@ chatd.rooms: ids, user counts, the history window with its C{complete}
 rule, and TALK deduplication by (sub, cid).
 """
 
+import gc
+
 import pytest
 
 from chatd import messages
@@ -83,6 +85,22 @@ def test_history_keeps_only_talk():
     said = talks(r, 2)
     r.quit(ALICE, 0)
     assert list(r.history) == said
+
+
+def test_history_is_not_tracked_by_the_garbage_collector():
+    """
+    Kept events are plain tuples of strings and numbers, which the collector
+    stops tracking once they survive a collection: a long history costs
+    full collections nothing.  Read back, they are RoomEvents again.
+    """
+    r = room()
+    r.enter(ALICE, None, 0)
+    said = talks(r, 3)
+    gc.collect()
+    assert len(r._history) == 3
+    assert not any(gc.is_tracked(kept) for kept in r._history)
+    assert r.history_page(None, 10)[0] == tuple(said)
+    assert all(isinstance(e, messages.RoomEvent) for e in r.history_page(None, 10)[0])
 
 
 def test_replay_since():
