@@ -24,6 +24,7 @@ before they get this far.
 
 import itertools
 
+from autobahn.twisted.util import peer2str
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny
@@ -58,11 +59,32 @@ SERVER_NAME = "chatd"
 FRAGMENT_COST = 64
 
 # What Autobahn keeps of the opening handshake for the connection's life
-# (the request's bytes and headers, the answer's text): about 1 KiB per
-# idle connection, read by nothing once it is open.  Set to None on open.
+# (the request's bytes, headers and parameters, the answer's text): read by
+# nothing once the connection is open.
 HANDSHAKE_LEFTOVERS = (
     "http_request_data", "http_response_data", "http_headers", "http_request_params", "_wskey",
+    "http_status_line", "http_request_uri", "http_request_host", "http_request_path",
+    "websocket_origin", "websocket_protocols", "websocket_extensions",
 )
+
+# Autobahn's per-connection flags, codes and timers, each at its starting
+# value on an idle open connection.
+AT_REST = dict(
+    dict.fromkeys((
+        "wasMaxFramePayloadSizeExceeded", "wasMaxMessagePayloadSizeExceeded", "closedByMe",
+        "failedByMe", "droppedByMe", "wasClean", "wasServerConnectionDropTimeout",
+        "wasOpenHandshakeTimeout", "wasCloseHandshakeTimeout", "wasServingFlashSocketPolicyFile",
+        "triggered", "inside_message",
+    ), False),
+    **dict.fromkeys((
+        "_perMessageCompress", "trackedTimings", "wasNotCleanReason", "localCloseCode",
+        "localCloseReason", "remoteCloseCode", "remoteCloseReason", "openHandshakeTimeoutCall",
+        "closeHandshakeTimeoutCall", "autoPingTimeoutCall", "autoPingPending", "autoPingPendingSent",
+        "current_frame", "_transport_details",
+    ), None),
+    autoPingPendingSeq=0,
+)
+_KEEP = object()
 
 
 class _SendQueue(list):
@@ -239,12 +261,44 @@ class _GuardedMixin:
             self._close_on_open = (code, reason)
 
     def connectionMade(self):
-        super().connectionMade()
+        """
+        Autobahn's, without what it does on every connection for nothing
+        chatd uses: the transport details (the TLS channel binding, worked
+        out here and again on open, and the peer certificate) and a debug
+        line formatted whether or not debug is on (docs/performance.md).
+        """
+        self._transport_details = None
+        self.peer = peer2str(self.transport)
+        try:
+            self.transport.setTcpNoDelay(self.tcpNoDelay)
+        except Exception:  # as Autobahn: not every transport has it
+            pass
+        self._connectionMade()
         self.send_queue = _SendQueue()
 
+    def _onOpen(self):
+        # Autobahn's fills in the transport details first; there are none.
+        self.onOpen()
+        self._compact()
+
+    def _compact(self):
+        """
+        Drop the handshake's leftovers and every attribute at its starting
+        value (L{AT_REST}, class attributes here) from the open connection's
+        attribute dict, into a new dict sized for what is left.
+
+        Autobahn sets about 60 attributes per connection, and a dict that
+        ever held that many stays sized for up to 85: 1.6 KiB per idle
+        connection, about half of it for values nobody will change unless
+        the connection closes (docs/performance.md).  An attribute set
+        later goes into the dict again, so reading one is unchanged.
+        """
+        self.__dict__ = {
+            name: value for name, value in self.__dict__.items()
+            if AT_REST.get(name, _KEEP) is not value and name not in HANDSHAKE_LEFTOVERS
+        }
+
     def _guard_open(self):
-        for name in HANDSHAKE_LEFTOVERS:
-            setattr(self, name, None)
         factory = self.factory
         if factory.guard is not None:
             factory.guard.upgraded(self.transport.getPeer())
@@ -386,6 +440,11 @@ class _GuardedMixin:
 
     def _slow_consumer(self):
         """Hook: the connection was let go for not reading."""
+
+
+# What _compact leaves an attribute to: a class attribute of the same value.
+for _name, _value in {**AT_REST, **dict.fromkeys(HANDSHAKE_LEFTOVERS)}.items():
+    setattr(_GuardedMixin, _name, _value)
 
 
 @implementer(IConnection)
