@@ -5,6 +5,7 @@ a good file parses into settings.  The refusals run a real twistd process,
 because the promise is about what an operator sees.
 """
 
+import gc
 import os
 import socket
 import subprocess
@@ -334,3 +335,21 @@ def test_text_log_installs_the_escaping_logger(tmp_path, sections):
     from chatd import logs
 
     assert isinstance(tap.log_observer(), logs.EscapingObserver)
+
+
+def test_make_service_freezes_what_start_up_made(tmp_path, sections):
+    """
+    makeService leaves what start-up made out of the garbage collector's
+    sight (gc.freeze), so full collections walk only later objects.
+    """
+    path = tmp_path / "chatd.ini"
+    write_config(path, sections)
+    options = tap.Options()
+    options.parseOptions(["--config", str(path)])
+    gc.unfreeze()
+    try:
+        service = tap.makeService(options)
+        assert gc.get_freeze_count() > 0
+        assert not service.running  # built, not started: twistd starts it
+    finally:
+        gc.unfreeze()  # the test process keeps collecting as before
