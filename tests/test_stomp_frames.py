@@ -288,6 +288,7 @@ def test_message_frames_per_subscription(version, subscription, line):
     assert data.endswith(b'content-length:7\n\n{"m":1}\0')
     [back] = FrameParser(4096, version).feed(data)
     assert back.get("subscription") == subscription
+    assert encoder.encode_value(frames.header_value(subscription, version)) == data
 
 
 @pytest.mark.parametrize("version,subscription", [(frames.V10, "a\nb"), (frames.V11, "a\rb"), (frames.V12, "a\0b")])
@@ -295,6 +296,8 @@ def test_message_frames_refuse_what_the_version_cannot_carry(version, subscripti
     """As encode: a subscription id the version cannot write is a ValueError."""
     with pytest.raises(ValueError):
         frames.MessageFrames("/topic/a", "7-0", "{}", version).encode(subscription)
+    with pytest.raises(ValueError):
+        frames.header_value(subscription, version)
 
 
 def test_error_frame():

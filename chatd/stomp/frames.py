@@ -169,17 +169,28 @@ def _header_line(name, value, version, escaped):
     return _header_text(name, name, version, escaped) + ":" + _header_text(value, name, version, escaped)
 
 
+def header_value(value, version, name="subscription"):
+    """
+    The value of a server frame's header C{name} (any but CONNECTED's) as
+    written in C{version}, as bytes: escaped in 1.1 and 1.2.
+
+    @raise ValueError: as L{encode}.
+    """
+    return _header_text(value, name, version, version != V10).encode("utf-8")
+
+
 class MessageFrames:
     """
     The MESSAGE frames of one event to one destination, in one version,
     for any subscription id: the headers around the C{subscription} value
-    and the body are encoded once, so a frame per subscriber costs one
-    escaped value and a concatenation instead of a whole L{encode}.
+    and the body are encoded once, so a frame per subscriber costs a
+    concatenation (and the id's escaping, unless done already with
+    L{header_value}) instead of a whole L{encode}.
 
     C{MessageFrames(d, m, b, v).encode(s) == encode(message(d, s, m, b), v)}.
     """
 
-    __slots__ = ("_version", "_escaped", "_before", "_after")
+    __slots__ = ("_version", "_before", "_after")
 
     def __init__(self, destination, message_id, body, version):
         """
@@ -187,7 +198,7 @@ class MessageFrames:
         @raise ValueError: as L{encode}.
         """
         self._version = version
-        self._escaped = escaped = version != V10
+        escaped = version != V10
         whole = encode(message(destination, "", message_id, body), version)
         before = "\n".join(["MESSAGE", _header_line("destination", destination, version, escaped), "subscription:"])
         self._before = before.encode("utf-8")
@@ -200,8 +211,14 @@ class MessageFrames:
 
         @raise ValueError: as L{encode}.
         """
-        value = _header_text(subscription, "subscription", self._version, self._escaped)
-        return self._before + value.encode("utf-8") + self._after
+        return self._before + header_value(subscription, self._version) + self._after
+
+    def encode_value(self, value):
+        """
+        The frame for a subscription id written as L{header_value} wrote
+        it in this version.
+        """
+        return self._before + value + self._after
 
 
 # --- parsing -----------------------------------------------------------------
