@@ -33,6 +33,8 @@ CAROL = Principal(sub="carol", name="Carol", exp=EXP, rooms=frozenset({"lobby"})
 class FakeStompConnection:
     """Keeps the frames it was sent, parsed back, and the raw bytes objects."""
 
+    framing = "plain"
+
     def __init__(self, connection_id):
         self.connection_id = connection_id
         self.raw = []
@@ -345,6 +347,43 @@ def test_one_frame_for_every_subscriber_alike():
     (a, _), (b, _) = conns
     assert a.raw[-1] is b.raw[-1]
     assert body(a.take()[-1])["sender"] == "Dan"
+
+
+def test_frames_per_subscription_id_and_version():
+    """
+    In one room, each subscription id and version gets a MESSAGE of its own
+    (escaped as its version says), subscribers alike share one, and a new
+    subscription's id is used from its first event on.
+    """
+    world = World()
+    people = [Principal(sub=name, name=name.title(), exp=EXP) for name in ("ann", "ben", "cy", "di", "ed")]
+    a, sa = world.stomp(people[0])
+    b, sb = world.stomp(people[1])
+    c, sc = world.stomp(people[2])
+    d, sd = world.stomp(people[3], accept_version="1.1")
+    e, se = world.stomp(people[4], accept_version="1.0")
+    for session, sub_id in ((sa, "sub-0"), (sb, "sub-0"), (sc, "x:y"), (sd, "sub-0")):
+        send(session, "SUBSCRIBE", destination="/topic/a", id=sub_id)
+    send(se, "SUBSCRIBE", destination="/topic/a")  # 1.0: no id, the destination names it
+    _, talker = world.json()
+    talker.received(json.dumps({"type": "ENTER", "room": "a"}))
+    for connection in (a, b, c, d, e):
+        connection.raw.clear()
+    talker.received(json.dumps({"type": "TALK", "room": "a", "message": "hi"}))
+    assert a.raw[-1] is b.raw[-1]
+    assert len({id(connection.raw[-1]) for connection in (a, c, d, e)}) == 4
+    for connection, version, sub_id in (
+        (a, "1.2", "sub-0"), (c, "1.2", "x:y"), (d, "1.1", "sub-0"), (e, "1.0", "/topic/a"),
+    ):
+        [message] = FrameParser(1 << 20, version).feed(connection.raw[-1])
+        assert message.get("subscription") == sub_id and body(message)["message"] == "hi"
+    assert b"\nsubscription:x\\cy\n" in c.raw[-1]
+    send(sa, "UNSUBSCRIBE", id="sub-0")
+    send(sa, "SUBSCRIBE", destination="/topic/a", id="again")
+    talker.received(json.dumps({"type": "TALK", "room": "a", "message": "and again"}))
+    [message] = FrameParser(1 << 20).feed(a.raw[-1])
+    assert message.get("subscription") == "again" and body(message)["message"] == "and again"
+    assert b.raw[-1] is not a.raw[-1] and b"subscription:sub-0\n" in b.raw[-1]
 
 
 # --- SEND ----------------------------------------------------------------------

@@ -127,9 +127,10 @@ class FakeProtocol:
     def sendMessage(self, payload, isBinary=False):
         self.sent.append(payload)
 
-    def sendPreparedMessage(self, prepared):
-        self.prepared_sent.append(prepared)
-        self.sent.append(prepared.payload)
+    def send_prepared(self, prepared):
+        if self.state == self.STATE_OPEN:
+            self.prepared_sent.append(prepared)
+            self.sent.append(prepared.payload)
 
     def count_sent(self):
         self.counted += 1
@@ -244,16 +245,31 @@ def test_plain_wire_passes_bytes_through():
     assert data.startswith(b"CONNECTED\nversion:1.2\n")
 
 
+def shared_event(message="hi", sender="Dan"):
+    """A chatd.v1 TALK text as the hub shares it."""
+    return json.dumps({"type": "TALK", "room": "a", "id": "7-0", "sender": sender, "message": message,
+                       "userCount": 2, "ts": 1})
+
+
 def test_shared_frames_prepared_once_per_event():
     """Connections alike get the same prepared message for one event; plain and SockJS apart."""
-    shared = SharedFrames(lambda payload: object())
-    data = b"MESSAGE\n\n\0"
-    plain = shared.prepared(data, False)
-    assert shared.prepared(data, False) is plain
-    in_sockjs = shared.prepared(data, True)
-    assert in_sockjs is not plain and shared.prepared(data, True) is in_sockjs
-    equal_copy = bytes(bytearray(data))
-    assert equal_copy == data and shared.prepared(equal_copy, False) is not plain  # by identity
+    prepared = []
+    shared = SharedFrames(lambda payload: prepared.append(payload) or types.SimpleNamespace(payload=payload))
+    subscription = types.SimpleNamespace(destination="/topic/a", id="sub-0")
+    plain_key = shared.events.key(subscription, frames.V12, transport.PLAIN)
+    sockjs_key = shared.events.key(subscription, frames.V12, transport.SOCKJS)
+    text = shared_event()
+    plain = shared.events.frame(text, plain_key)
+    assert shared.events.frame(text, plain_key) is plain
+    in_sockjs = shared.events.frame(text, sockjs_key)
+    assert shared.events.frame(text, sockjs_key) is in_sockjs and in_sockjs is not plain
+    assert len(prepared) == 2
+    assert json.loads(in_sockjs.payload[1:]) == [plain.payload.decode()]  # a["<the frame>"]
+    [message] = FrameParser(1 << 20).feed(plain.payload)
+    assert message.get("subscription") == "sub-0" and json.loads(message.body)["message"] == "hi"
+    equal_copy = shared_event()
+    assert equal_copy == text and shared.events.frame(equal_copy, plain_key) is not plain  # by identity
+    assert len(prepared) == 3
 
 
 # --- the real protocol, in process (Autobahn's memory agent, as tests/test_ws.py) --------
@@ -274,14 +290,14 @@ class RawClient(WebSocketClientProtocol):
         self.closed = code
 
 
-def open_raw(world, path, protocols, query=None):
-    """A RawClient at C{path} offering C{protocols}, once its handshake is over."""
+def open_raw(world, path, protocols, query=None, client_class=None):
+    """A RawClient (or C{client_class}) at C{path} offering C{protocols}, once its handshake is over."""
     if query is None:
         query = "ticket=" + world.ticket()
     made = []
 
     def client():
-        made.append(RawClient())
+        made.append((client_class or RawClient)())
         return made[-1]
 
     options = {"protocols": protocols, "origin": ORIGIN}
@@ -383,3 +399,115 @@ def test_shutdown_close_is_1001_with_sockjs_c_first(clocked):  # noqa: F811
     assert client.received[-1] == b'c[1001,"server shutting down"]'
     assert client.closed == errors.CLOSE_GOING_AWAY
 
+
+
+# --- the fan-out to STOMP members, on the real protocol ---------------------------------
+
+
+SUBSCRIBE = frames.encode(Frame("SUBSCRIBE", (("destination", "/topic/lobby"), ("id", "sub-0"), ("receipt", "in"))))
+
+
+def stomp_member(world, path="/ws", subscribe=SUBSCRIBE, client_class=None):
+    """A STOMP client CONNECTed and subscribed to /topic/lobby (plain, or SockJS under /ws-stomp)."""
+    in_sockjs = path.startswith("/ws-stomp")
+    member = open_raw(world, path, [] if in_sockjs else ["v12.stomp"],
+                      query="ticket=" + world.ticket(f"m{len(world.servers)}"), client_class=client_class)
+    for data in (CONNECT, subscribe):
+        member.sendMessage(json.dumps([data.decode()]).encode() if in_sockjs else data)
+        world.pumps.flush()
+    assert b"receipt-id:in" in member.received[-1], member.received
+    member.received.clear()
+    return member
+
+
+def messages_to(member):
+    """The MESSAGE frames a plain or SockJS STOMP member got."""
+    out = []
+    for payload in member.received:
+        if payload.startswith(b"a["):
+            out.extend(FrameParser(1 << 20).feed(json.loads(payload[1:])[0].encode()))
+        elif payload.startswith(b"MESSAGE"):
+            out.extend(FrameParser(1 << 20).feed(payload))
+    return out
+
+
+def test_stomp_members_get_one_prepared_frame_per_framing_and_id(clocked):  # noqa: F811
+    """
+    A TALK fanned out to STOMP members is prepared once per framing and
+    subscription id (two plain members as sub-0 share one, SockJS and an id
+    of its own one each); every member gets it, counted as sent.
+    """
+    world = stomp_world()
+    prepared = []
+    shared = world.factory.stomp_shared
+    original = shared._prepare
+    shared._prepare = lambda payload: prepared.append(payload) or original(payload)
+    plain = [stomp_member(world), stomp_member(world)]
+    in_sockjs = stomp_member(world, "/ws-stomp/000/abcdefgh/websocket")
+    own = stomp_member(world, subscribe=SUBSCRIBE.replace(b"id:sub-0", b"id:mine"))
+    talker = world.connect(sub="talker")
+    world.send(talker, {"type": "ENTER", "room": "lobby"})
+    world.pumps.flush()  # the talker's pump runs last: once more for what it made the others get
+    members = plain + [in_sockjs, own]
+    for member in members:
+        member.received.clear()
+    sent_before = world.factory.sent_by_open()
+    prepared.clear()
+    world.send(talker, {"type": "TALK", "room": "lobby", "message": "hi", "ref": "r1"})
+    world.pumps.flush()
+    assert len(prepared) == 3
+    assert prepared[0] == plain[0].received[-1] and prepared[1].startswith(b'a["MESSAGE\\n')
+    for member, sub_id in zip(members, ["sub-0", "sub-0", "sub-0", "mine"]):
+        [message] = messages_to(member)
+        assert message.get("subscription") == sub_id and json.loads(message.body)["message"] == "hi"
+    assert world.factory.sent_by_open() - sent_before == len(members) + 1  # and the talker's own
+
+
+def test_stomp_slow_consumer_closes_4008(clocked):  # noqa: F811
+    """A STOMP member that stops reading is closed with 4008 and leaves the room, as a chatd.v1 one."""
+    world = stomp_world(limits__max_send_buffer_bytes=4096)
+    member = stomp_member(world)
+    talker = world.connect(sub="talker")
+    world.send(talker, {"type": "ENTER", "room": "lobby"})
+    world.servers[0].transport.producer.pauseProducing()  # what TCP does once its buffer is full
+    for _ in range(3):
+        world.send(talker, {"type": "TALK", "room": "lobby", "message": "y" * 2000})
+    world.reactor.advance(0)
+    assert world.factory.hub.local_users("lobby") == 1
+    world.pumps.flush()
+    assert member.closed == errors.CLOSE_SLOW_CONSUMER and talker.closed is None
+    assert [m["type"] for m in talker.received].count("QUIT") == 1
+
+
+class DeflateRawClient(RawClient):
+    """A RawClient that offers permessage-deflate."""
+
+    def startHandshake(self):
+        from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
+
+        self.perMessageCompressionOffers = [PerMessageDeflateOffer()]
+        self.perMessageCompressionAccept = PerMessageDeflateResponseAccept
+        super().startHandshake()
+
+
+def test_compressed_stomp_member_gets_the_shared_frame(clocked):  # noqa: F811
+    """A STOMP member that took permessage-deflate gets the shared MESSAGE compressed; one that did not, plain."""
+    world = stomp_world(websocket__compression=True)
+    squeezed = stomp_member(world, client_class=DeflateRawClient)
+    plain = stomp_member(world)
+    assert world.servers[0]._perMessageCompress is not None and world.servers[1]._perMessageCompress is None
+    talker = world.connect(sub="talker")
+    world.send(talker, {"type": "ENTER", "room": "lobby"})
+    world.pumps.flush()
+    squeezed.received.clear()
+    plain.received.clear()
+    servers = world.servers[:2]
+    before = [server.trafficStats.outgoingOctetsWireLevel for server in servers]
+    world.send(talker, {"type": "TALK", "room": "lobby", "message": "hi " * 50})
+    world.pumps.flush()
+    for member in (squeezed, plain):
+        [message] = messages_to(member)
+        assert json.loads(message.body)["message"] == "hi " * 50
+    assert squeezed.received == plain.received
+    on_wire = [server.trafficStats.outgoingOctetsWireLevel - was for server, was in zip(servers, before)]
+    assert 0 < on_wire[0] < on_wire[1] / 2  # compressed

@@ -55,14 +55,19 @@ class IStompConnection(Interface):
 
     connection_id = Attribute("Unique across instances.")
 
+    framing = Attribute(
+        "How the transport wraps a STOMP frame (hashable; plain or SockJS): "
+        "connections alike share one prepared MESSAGE (see L{EventFrames})."
+    )
+
     def send_frame(data):
         """Send one STOMP frame (or a heart-beat), as bytes."""
 
-    def send_shared_frame(data):
+    def send_shared_frame(prepared):
         """
-        Send a MESSAGE frame of the event being fanned out: the very same
-        bytes object goes to every connection alike, so the transport may
-        frame it once (see L{EventFrames}).
+        Send a MESSAGE frame of the event being fanned out, as the
+        instance's L{EventFrames} prepared it for this connection's
+        C{framing}: the very same object goes to every connection alike.
         """
 
     def close(code, reason):
@@ -72,45 +77,79 @@ class IStompConnection(Interface):
         """As L{chatd.hub.IConnection.when_drained}: the send buffer is low again."""
 
 
+def _unprepared(data, framing):
+    return data
+
+
 class EventFrames:
     """
-    MESSAGE frames for the event being fanned out, made once per
-    destination and subscription id: the hub hands the very same C{str} to
-    every local member (see L{chatd.hub.IConnection.send_shared}), and
-    clients of one app subscribe alike (stomp.js calls every first
-    subscription C{sub-0}).  One per instance, shared by its STOMP
-    connections; the last event is kept, by identity.
+    The MESSAGE frames of the event being fanned out, made once per
+    destination, subscription id, version and framing (a L{key}): the hub
+    hands the very same C{str} to every local member (see
+    L{chatd.hub.IConnection.send_shared}), and clients of one app subscribe
+    alike (stomp.js calls every first subscription C{sub-0}), so a room
+    usually shares one frame.  Subscribers with ids of their own each get
+    one, made from the event's headers and body encoded once
+    (L{frames.MessageFrames}).  One per instance, shared by its STOMP
+    connections; the last event is kept, by identity, with what was made
+    for it (at most one frame per local subscriber of its room).
+
+    @ivar text: the chatd.v1 text of the last event.
+    @ivar room: its room.
+    @ivar frames: its frames so far, by key.
     """
 
-    def __init__(self):
-        self._text = None
+    def __init__(self, prepare=_unprepared):
+        """
+        @param prepare: C{prepare(data, framing)}: what a connection of
+            that framing's C{send_shared_frame} takes for the MESSAGE frame
+            C{data} (bytes); by default, C{data}.
+        """
+        self._prepare = prepare
+        self.text = None
+        self.room = None
+        self.frames = {}
         self._event = None
         self._body = None
-        self._frames = {}
+        self._encoders = {}
 
-    def message(self, text, destination, subscription, version):
+    @staticmethod
+    def key(subscription, version, framing):
+        """
+        The key of the frames for a L{mapping.Subscribe} in C{version} and
+        C{framing} (the id in it is written as the frame carries it).
+        """
+        return (subscription.destination, frames.header_value(subscription.id, version), version, framing)
+
+    def start(self, text):
+        """Decode the event text C{text} the hub shared, once per event."""
+        event = messages.RoomEvent.from_wire(json.loads(text))
+        self._event = event
+        self._body = mapping.event_body(event)
+        self._encoders = {}
+        self.frames = {}
+        self.room = event.room
+        self.text = text
+
+    def frame(self, text, key):
         """
         @param text: the chatd.v1 event text the hub shared.
-        @return: the MESSAGE frame as bytes (the same object for the same
-            event, destination, subscription and version).
+        @param key: from L{key}.
+        @return: the prepared MESSAGE frame (the same object for the same
+            event and key).
         """
-        if text is not self._text:
-            self._event = messages.RoomEvent.from_wire(json.loads(text))
-            self._body = mapping.event_body(self._event)
-            self._frames = {}
-            self._text = text
-        key = (destination, subscription, version)
-        data = self._frames.get(key)
-        if data is None:
-            frame = frames.message(destination, subscription, self._event.id, self._body)
-            data = self._frames[key] = frames.encode(frame, version)
-        return data
-
-    def room_of(self, text):
-        """The room of a shared event text (decoded once per event)."""
-        if text is not self._text:
-            self.message(text, "", "", frames.V12)
-        return self._event.room
+        if text is not self.text:
+            self.start(text)
+        prepared = self.frames.get(key)
+        if prepared is None:
+            destination, value, version, framing = key
+            encoder = self._encoders.get((destination, version))
+            if encoder is None:
+                encoder = self._encoders[(destination, version)] = frames.MessageFrames(
+                    destination, self._event.id, self._body, version
+                )
+            prepared = self.frames[key] = self._prepare(encoder.encode_value(value), framing)
+        return prepared
 
 
 @implementer(IConnection)
@@ -120,14 +159,13 @@ class _SessionSide:
     def __init__(self, stomp, connection_id):
         self._stomp = stomp
         self.connection_id = connection_id
+        # IConnection API.  The hub calls it once per member per event: the
+        # session's own method, without a call in between.
+        self.send_shared = stomp._shared_event
 
     def send_text(self, text):
         """IConnection API"""
         self._stomp._from_session(text)
-
-    def send_shared(self, text):
-        """IConnection API"""
-        self._stomp._shared_event(text)
 
     def close(self, code, reason):
         """IConnection API"""
@@ -170,6 +208,8 @@ class StompSession:
         self._routes = mapping.Routes.from_settings(settings.stomp)
         self._parser = frames.FrameParser(settings.limits.max_message_bytes)
         self._subscriptions = mapping.Subscriptions()
+        self._shared_keys = {}  # room -> its subscription's EventFrames key
+        self._send_shared_frame = connection.send_shared_frame
         self._side = _SessionSide(self, connection.connection_id)
         self._bucket = TokenBucket(self._limits.rate, self._limits.burst, clock)
         self._queue = collections.deque()
@@ -284,7 +324,7 @@ class StompSession:
         if command == "SUBSCRIBE":
             await self._subscribe(frame)
         elif command == "UNSUBSCRIBE":
-            subscription = self._subscriptions.remove(mapping.unsubscribe(frame))
+            subscription = self._unsubscribed(mapping.unsubscribe(frame))
             await self._command(type=messages.QUIT, room=subscription.room)
         elif command == "SEND":
             await self._send_frame(frame)
@@ -327,11 +367,19 @@ class StompSession:
     async def _subscribe(self, frame):
         subscription = mapping.subscribe(frame, self._routes)
         self._subscriptions.add(subscription)
+        self._shared_keys[subscription.room] = EventFrames.key(
+            subscription, self._version, self._connection.framing
+        )
         try:
             await self._command(type=messages.ENTER, room=subscription.room, since=subscription.since)
         except ProtocolError:
-            self._subscriptions.remove(subscription.id)
+            self._unsubscribed(subscription.id)
             raise
+
+    def _unsubscribed(self, subscription_id):
+        subscription = self._subscriptions.remove(subscription_id)
+        del self._shared_keys[subscription.room]
+        return subscription
 
     async def _send_frame(self, frame):
         destination = frame.get("destination")
@@ -398,12 +446,17 @@ class StompSession:
         # WELCOME: CONNECTED said it; a renewal's answer is the RECEIPT.
 
     def _shared_event(self, text):
+        # Once per member per event (docs/performance.md): the common case
+        # is two dict look-ups and the write.
         if self._closing:
             return
-        subscription = self._subscriptions.of_room(self._event_frames.room_of(text))
-        if subscription is not None:
-            data = self._event_frames.message(text, subscription.destination, subscription.id, self._version)
-            self._connection.send_shared_frame(data)
+        shared = self._event_frames
+        if text is not shared.text:
+            shared.start(text)
+        key = self._shared_keys.get(shared.room)
+        if key is not None:
+            prepared = shared.frames.get(key)
+            self._send_shared_frame(prepared if prepared is not None else shared.frame(text, key))
 
     def _closed_by_session(self, code, reason):
         if code == errors.CLOSE_TOKEN_EXPIRED:

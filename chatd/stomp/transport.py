@@ -58,28 +58,27 @@ def choose(path, offered, stomp):
     return Choice(subprotocol, False) if subprotocol else None
 
 
+# IStompConnection.framing: a STOMP frame per WebSocket message, or inside SockJS's a["..."].
+PLAIN = "plain"
+SOCKJS = "sockjs"
+
+
 class SharedFrames:
     """
     What an instance's STOMP connections share: the L{EventFrames} of the
-    event being fanned out, and the last WebSocket frame prepared from one
-    of them (plain and SockJS), kept by identity like
-    L{chatd.ws.ChatServerFactory.frame}.
+    event being fanned out, each MESSAGE prepared as a WebSocket message
+    of its framing (plain, or in SockJS's C{a[...]}) once for every
+    connection alike.
     """
 
     def __init__(self, prepare):
         """@param prepare: the factory's C{prepareMessage}."""
-        self.events = EventFrames()
         self._prepare = prepare
-        self._last = {False: (None, None), True: (None, None)}
+        self.events = EventFrames(self.prepared)
 
-    def prepared(self, data, in_sockjs):
-        """The prepared WebSocket message for the STOMP frame C{data}."""
-        last, prepared = self._last[in_sockjs]
-        if data is not last:
-            payload = _sockjs_payload(data) if in_sockjs else data
-            prepared = self._prepare(payload)
-            self._last[in_sockjs] = (data, prepared)
-        return prepared
+    def prepared(self, data, framing):
+        """The prepared WebSocket message for the STOMP frame C{data} in C{framing}."""
+        return self._prepare(_sockjs_payload(data) if framing == SOCKJS else data)
 
 
 def sockjs_message_limit(max_frame_bytes):
@@ -117,6 +116,11 @@ class StompWire:
             limit = sockjs_message_limit(protocol.factory.settings.limits.max_message_bytes)
             protocol.maxMessagePayloadSize = protocol.maxFramePayloadSize = limit
         self._shared = protocol.factory.stomp_shared
+        self.framing = SOCKJS if in_sockjs else PLAIN
+        # IStompConnection API, once per member per event: the protocol's
+        # own write of a message framed once (it checks the state, counts
+        # and guards the send buffer as for chatd.v1's events).
+        self.send_shared_frame = protocol.send_prepared
         self._heartbeat = None
         self._carry = ""  # half a surrogate pair that ended a SockJS message
         self.session = None
@@ -194,13 +198,6 @@ class StompWire:
         protocol = self._protocol
         if protocol.state == protocol.STATE_OPEN:
             protocol.sendMessage(_sockjs_payload(data) if self._sockjs else data)
-            protocol.count_sent()
-
-    def send_shared_frame(self, data):
-        """IStompConnection API: framed once per event for every connection alike."""
-        protocol = self._protocol
-        if protocol.state == protocol.STATE_OPEN:
-            protocol.sendPreparedMessage(self._shared.prepared(data, self._sockjs))
             protocol.count_sent()
 
     def close(self, code, reason):
