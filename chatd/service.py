@@ -11,7 +11,9 @@ set on a part after it is built.
 
 The listener's factory is layered, outermost first: L{guard.GuardedFactory}
 (handshake deadline and caps, so it must sit outside TLS to cover the TLS
-handshake), then TLS when it is on, then the Site.
+handshake), then TLS when it is on, then L{web.DirectUpgrades} (a first
+request that upgrades /ws goes straight to the WebSocket factory), then
+the Site.
 
 On stop, WebSocket clients are closed with 1001 and the listener stops;
 the broker stops only after both (see L{ChatService}).
@@ -215,14 +217,17 @@ def make_chat_service(settings, reactor=None, tls_options=None, environ=None):
         request_factory=connection_guard.guard_requests(web.ChatRequest), reactor=reactor,
         api_resource=api_resource, drain_state=drain_state, proxies=proxies,
     )
-    listening = site
+    routes = {b"/ws": ws_factory}
+    if echo_factory is not None:
+        routes[b"/echo"] = echo_factory
+    listening = web.DirectUpgrades(site, routes)
     server_tls = None
     if settings.server.tls:
         if tls_options is None:
             tls_options = tls.certificate_options(settings)
         server_tls = ReloadableServerTLS(tls_options)
         metrics.certificate_expiry = certificate_expiry(tls_options.certificate)
-        listening = tls.CoalescingTLSFactory(server_tls, site, reactor)
+        listening = tls.CoalescingTLSFactory(server_tls, listening, reactor)
     others = [strports.service(
         settings.server.endpoint, connection_guard.wrap(listening), reactor=reactor
     )]

@@ -9,14 +9,19 @@ Every answer that is not the page is JSON, errors included.
 
 import json
 import math
+import re
 from importlib import resources
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
+from twisted.internet.interfaces import IProtocolNegotiationFactory
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web import http, server
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from chatd import errors, guard, tickets
 from chatd.auth import InvalidToken
@@ -411,3 +416,153 @@ def make_site(
     return ChatSite(
         root, settings.server.access_log, request_factory, reactor, proxies, settings.server.tls
     )
+
+
+# --- upgrades straight to the WebSocket ---------------------------------------
+
+# A request's method or header name (RFC 9110 token), a request target
+# (printable ASCII), a header value twisted.web refuses (NUL).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+
+
+def upgrade_route(head, routes):
+    """
+    The WebSocket factory a connection's first request goes straight to, or
+    L{None} for twisted.web.
+
+    Only a request twisted.web would route to a L{WebSocketEndpoint} and
+    that endpoint would hand to Autobahn goes straight: C{GET} of exactly
+    one of the C{routes}' paths over HTTP/1.1, well-formed header lines
+    within twisted.web's limits, no body, and an C{Upgrade} header (the
+    last one, as the endpoint reads it) naming C{websocket}.  Anything else
+    (a malformed, unusual or oversized request included) is left to
+    twisted.web, which answers it as it always did.
+
+    @param head: the request line and header lines, without the blank line.
+    @param routes: C{{path: factory}}, such as C{{b"/ws": ...}}.
+    """
+    if len(head) > http.HTTPChannel.totalHeadersSize:
+        return None
+    lines = head.split(b"\r\n")
+    if len(lines) > http.HTTPChannel.maxHeaders:
+        return None
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1" or not _TARGET.fullmatch(parts[1]):
+        return None
+    factory = routes.get(parts[1].partition(b"?")[0])
+    if factory is None:
+        return None
+    upgrade = None
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name) or b"\x00" in value:
+            return None
+        name = name.lower()
+        if name in (b"content-length", b"transfer-encoding", b"expect"):
+            return None
+        if name == b"upgrade":
+            upgrade = value
+    if upgrade is None or b"websocket" not in [word.strip().lower() for word in upgrade.split(b",")]:
+        return None
+    return factory
+
+
+class _FirstRequest(Protocol):
+    """
+    A new connection until the head of its first request has arrived; then
+    the connection is handed to the protocol that serves it, with the bytes
+    read so far: the WebSocket protocol of L{upgrade_route}'s choice, or
+    the Site's HTTP channel.
+    """
+
+    # Anything else than this cannot be an upgrade L{upgrade_route} takes.
+    _START = b"GET /"
+    # A head longer than twisted.web takes is twisted.web's to refuse.
+    _MAX_HEAD = http.HTTPChannel.totalHeadersSize + 4
+
+    def __init__(self, factory, addr):
+        self._factory = factory
+        self._addr = addr
+        self._buffer = b""
+
+    def dataReceived(self, data):
+        buffer = self._buffer + data if self._buffer else data
+        target = None
+        if buffer[:len(self._START)] != self._START[:len(buffer)]:
+            target = self._factory.wrappedFactory
+        else:
+            # Where the blank line may start: not in what was searched before.
+            end = buffer.find(b"\r\n\r\n", max(0, len(buffer) - len(data) - 3))
+            if end >= 0:
+                target = upgrade_route(buffer[:end], self._factory.routes) or self._factory.wrappedFactory
+            elif len(buffer) > self._MAX_HEAD:
+                target = self._factory.wrappedFactory
+        if target is None:
+            self._buffer = buffer
+            return
+        self._buffer = b""
+        self._hand_over(target.buildProtocol(self._addr), buffer)
+
+    def _hand_over(self, protocol, data):
+        # As Autobahn's WebSocketResource takes a transport over from twisted.web.
+        transport = self.transport
+        if isinstance(transport, ProtocolWrapper):
+            transport.wrappedProtocol = protocol
+        else:
+            transport.protocol = protocol
+        self.transport = None
+        protocol.makeConnection(transport)
+        protocol.dataReceived(data)
+
+
+@implementer(IProtocolNegotiationFactory)
+class DirectUpgrades(WrappingFactory):
+    """
+    The listening factory of a L{ChatSite}: a connection whose first request
+    is a WebSocket upgrade of one of C{routes} goes straight to that
+    WebSocket factory's protocol, and every other connection to the Site.
+
+    Through the Site, twisted.web would parse the request, build a Request
+    and walk the resource tree, and Autobahn's C{WebSocketResource} would
+    then give the request's bytes to the WebSocket protocol to parse again:
+    about a tenth of the CPU of each new connection (docs/performance.md).
+    What the client sees is the same either way: the upgrade's answers
+    (101, and every refusal) are Autobahn's and chatd's alone, never
+    twisted.web's.  A keep-alive connection that upgrades after other
+    requests still upgrades through the Site's L{WebSocketEndpoint}.
+    """
+
+    noisy = False
+
+    def __init__(self, site, routes):
+        """
+        @param site: the L{ChatSite}.
+        @param routes: C{{path: WebSocket factory}}; the path as the request
+            line has it, such as C{b"/ws"}.
+        """
+        super().__init__(site)
+        self.routes = dict(routes)
+
+    def acceptableProtocols(self):
+        """
+        IProtocolNegotiationFactory API: the Site's (ALPN C{http/1.1}).
+        Twisted's TLS asks the factory inside it; without an answer, a client
+        offering ALPN (every browser) would get a TLS internal error.
+        """
+        return self.wrappedFactory.acceptableProtocols()
+
+    def logPrefix(self):
+        """The Site's: the start-up line names the listener as before."""
+        return self.wrappedFactory.logPrefix()
+
+    def buildProtocol(self, addr):
+        """
+        A L{_FirstRequest}; on a listener without peer ports (UNIX
+        sockets), the Site's channel at once: there the guard sets no
+        deadline (docs/security.md), and twisted.web's idle timeout, which
+        starts with the channel, is the only one.
+        """
+        if getattr(addr, "port", None) is None:
+            return self.wrappedFactory.buildProtocol(addr)
+        return _FirstRequest(self, addr)

@@ -58,7 +58,7 @@ def listening_factory(reactor):
 
 
 def test_one_tls_listener(reactor, dev_dir):
-    """With TLS on: one TCP listener, the guard around TLS around the Site."""
+    """With TLS on: one TCP listener, the guard around TLS around the direct upgrades around the Site."""
     settings = make_settings(dev_dir[0])
     top = service.make_chat_service(settings, reactor, tls.certificate_options(settings))
     assert reactor.tcpServers == []  # built, not listening yet
@@ -66,15 +66,19 @@ def test_one_tls_listener(reactor, dev_dir):
     factory = listening_factory(reactor)
     assert isinstance(factory, guard.GuardedFactory)
     assert isinstance(factory.wrappedFactory, TLSMemoryBIOFactory)
-    assert isinstance(factory.wrappedFactory.wrappedFactory, web.ChatSite)
+    direct = factory.wrappedFactory.wrappedFactory
+    assert isinstance(direct, web.DirectUpgrades)
+    assert isinstance(direct.wrappedFactory, web.ChatSite)
+    assert list(direct.routes) == [b"/ws"]
 
 
 def test_one_plain_listener(reactor):
-    """With TLS off (behind a proxy): the guard directly around the Site."""
+    """With TLS off (behind a proxy): the guard around the direct upgrades around the Site."""
     top = service.make_chat_service(make_settings(), reactor)
     top.startService()
     factory = listening_factory(reactor)
-    assert isinstance(factory.wrappedFactory, web.ChatSite)
+    assert isinstance(factory.wrappedFactory, web.DirectUpgrades)
+    assert isinstance(factory.wrappedFactory.wrappedFactory, web.ChatSite)
     assert top.broker.running
 
 

@@ -8,15 +8,21 @@ tests/test_flow.py shows the same resources on a real twistd over TLS.
 
 import dataclasses
 import json
+import socket
+import time
 
 import pytest
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.test.requesthelper import DummyRequest
 
-from chatd import config, errors, web
+from chatd import config, errors, guard, web
 from chatd.auth import TokenVerifier
 from chatd.broker.memory import MemoryBroker
 from chatd.errors import BrokerUnavailable, RoomLimitReached
@@ -279,6 +285,126 @@ def test_ticket_buckets_are_forgotten_once_full(clock):
     assert resource.rate_limited_users() == 1
 
 
+# --- upgrades straight to the WebSocket (DirectUpgrades) ----------------------
+
+UPGRADE = (
+    b"GET /ws?ticket=t HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13"
+)
+
+
+@pytest.mark.parametrize("head, direct", [
+    (UPGRADE, True),
+    (UPGRADE.replace(b"Upgrade: websocket", b"upgrade:  WebSocket, h2c"), True),
+    (UPGRADE.replace(b"/ws?ticket=t", b"/ws"), True),
+    (UPGRADE.replace(b"Upgrade: websocket\r\n", b""), False),  # twisted.web: 426
+    (UPGRADE.replace(b"Upgrade: websocket", b"Upgrade: websocket\r\nUpgrade: h2c"), False),  # the last counts
+    (UPGRADE.replace(b"GET", b"POST"), False),  # 405
+    (UPGRADE.replace(b"HTTP/1.1", b"HTTP/1.0"), False),
+    (UPGRADE.replace(b"/ws?", b"/ws/x?"), False),  # 404
+    (UPGRADE.replace(b"/ws?", b"/w%73?"), False),  # twisted.web's to decode
+    (UPGRADE.replace(b"/ws?", b"/echo?"), False),  # not a route here
+    (UPGRADE.replace(b"GET /ws", b"GET  /ws"), False),
+    (UPGRADE.replace(b"Host: localhost", b"Host localhost"), False),  # twisted.web: 400
+    (UPGRADE.replace(b"Host: localhost", b"Host: local\x00host"), False),
+    (UPGRADE.replace(b"\r\nConnection", b"\r\n continued\r\nConnection"), False),
+    (UPGRADE + b"\r\nContent-Length: 5", False),  # a body is twisted.web's to read
+    (UPGRADE + b"\r\nTransfer-Encoding: chunked", False),
+    (UPGRADE + b"\r\nExpect: 100-continue", False),
+    (UPGRADE + b"\r\nX-Big: " + b"x" * 16384, False),  # twisted.web: 400 or 431
+])
+def test_upgrade_route_takes_only_what_the_endpoint_would_upgrade(head, direct):
+    """
+    Only a well-formed GET upgrade of exactly a route's path goes straight
+    to its factory; everything else stays twisted.web's, to answer as before.
+    """
+    factory = object()
+    assert (web.upgrade_route(head, {b"/ws": factory}) is factory) == direct
+
+
+class _Recorder(Protocol):
+    """What a WebSocket factory's protocol was given."""
+
+    def __init__(self):
+        self.received = b""
+
+    def dataReceived(self, data):
+        self.received += data
+
+
+def direct_connection(site, pieces):
+    """
+    A connection to L{web.DirectUpgrades} around C{site} (with a recording
+    /ws factory) behind a wrapper, as TLS or the guard wraps it; C{pieces}
+    arrive one by one.
+
+    @return: the protocol serving the connection in the end, and the transport.
+    """
+    factory = web.DirectUpgrades(site, {b"/ws": Factory.forProtocol(_Recorder)})
+    wrapper = WrappingFactory(factory).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    wrapper.makeConnection(transport)
+    for piece in pieces:
+        wrapper.dataReceived(piece)
+    return wrapper.wrappedProtocol, transport
+
+
+def test_direct_upgrade_reaches_the_websocket_protocol_whole(world):
+    """
+    An upgrade arriving in pieces goes to the WebSocket factory's protocol
+    with every byte (frames sent right behind it included), and twisted.web
+    never sees it: nothing was answered.
+    """
+    site, _ = world
+    request = UPGRADE + b"\r\n\r\n\x81\x80"
+    pieces = [request[:10], request[10:60], request[60:-4], request[-4:-3], request[-3:]]
+    served, transport = direct_connection(site, pieces)
+    assert isinstance(served, _Recorder)
+    assert served.received == request
+    assert served.transport is not None and transport.value() == b""
+
+
+@pytest.mark.parametrize("pieces", [
+    [b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n"],
+    [b"GET /w", b"s HTTP/1.1\r\nHost: x\r\n", b"\r\n"],
+])
+def test_ws_without_upgrade_still_answers_426_through_the_site(world, pieces):
+    """A first request that is not an upgrade is the Site's: /ws answers 426 JSON as before."""
+    site, _ = world
+    served, transport = direct_connection(site, pieces)
+    assert isinstance(served, guard.HeaderLimitChannel)
+    assert transport.value().startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert b'"upgrade_required"' in transport.value() and b"Server: chatd" in transport.value()
+
+
+def test_other_requests_go_to_the_site_at_their_first_byte(world):
+    """A request that cannot be an upgrade is handed over before its head is complete."""
+    site, _ = world
+    served, transport = direct_connection(site, [b"POST /auth/ticket HT"])
+    assert isinstance(served, guard.HeaderLimitChannel)
+    served, transport = direct_connection(site, [b"GET /healthz HTTP/1.1\r\n\r\n"])
+    assert b'"status": "ok"' in transport.value()
+
+
+def test_unix_socket_connections_are_the_sites_from_the_start(world):
+    """
+    Without peer ports the guard sets no deadline; the Site's channel is
+    built at once, so twisted.web's idle timeout runs from accept as before.
+    """
+    site, _ = world
+    factory = web.DirectUpgrades(site, {b"/ws": Factory.forProtocol(_Recorder)})
+    assert isinstance(factory.buildProtocol(UNIXAddress("/run/chatd.sock")), guard.HeaderLimitChannel)
+    assert not isinstance(factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1)), guard.HeaderLimitChannel)
+
+
+def test_an_oversized_first_head_is_the_sites_to_refuse(world):
+    """A head over twisted.web's limit, still incomplete, is handed over and answered 431 as before."""
+    site, _ = world
+    served, transport = direct_connection(site, [UPGRADE + b"\r\nX-Big: " + b"x" * 17000])
+    assert isinstance(served, guard.HeaderLimitChannel)
+    assert transport.value().startswith(b"HTTP/1.1 431 ")
+
+
 # --- on a real twistd (issue 8, items 12 and 13) -------------------------------
 
 
@@ -311,3 +437,40 @@ def test_no_hsts_behind_a_proxy(start_chatd):
     status, headers, _ = support.http("GET", server.base + "/healthz")
     assert status == 200 and "strict-transport-security" not in headers
     assert headers["server"] == "chatd"
+
+
+def test_upgrade_after_keep_alive_requests_on_a_real_twistd(start_chatd):
+    """
+    A connection whose first request is not an upgrade stays twisted.web's;
+    an upgrade on it later still opens the WebSocket (through the Site's
+    /ws endpoint), WELCOME included.
+    """
+    server = start_chatd()
+    raw = rawws.RawWebSocket(server.port)
+    try:
+        raw.send_raw(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head = raw._read_until(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        assert head.startswith(b"HTTP/1.1 200 ") and b'"ok"' in raw._read_exactly(length, time.monotonic() + 10)
+        status, head = raw.upgrade("/ws?ticket=" + server.ticket("alice"))
+        assert status == 101 and b"\r\nServer: chatd\r\n" in head
+        assert raw.recv_json()["type"] == "WELCOME"
+    finally:
+        raw.close()
+
+
+def test_alpn_offer_gets_http_1_1_on_a_real_twistd(start_chatd):
+    """
+    A client offering ALPN (as browsers do: h2, http/1.1) is answered
+    http/1.1 and served; Twisted's TLS asks the factory inside it, which
+    is L{web.DirectUpgrades} now (it answered nothing at first, and the
+    handshake failed with an internal error alert).
+    """
+    server = start_chatd()
+    context = support.client_tls()
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", server.port), timeout=support.RECV_TIMEOUT) as sock:
+        with context.wrap_socket(sock, server_hostname="localhost") as tls:
+            assert tls.selected_alpn_protocol() == "http/1.1"
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            assert tls.recv(100).startswith(b"HTTP/1.1 200 ")
