@@ -158,6 +158,16 @@ async def test_instances_share_one_order(brokers):
 
 
 @pytest_twisted.ensureDeferred
+async def test_both_links_turn_nagle_off(brokers):
+    """Both Redis connections send without Nagle's delay: pipelined commands go out at once."""
+    import socket
+
+    broker = await brokers()
+    for link in (broker._commands, broker._subscriber):
+        handle = link.protocol.transport.getHandle()
+        assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
 async def test_tickets_and_cids_across_instances(brokers):
     """A ticket issued on one instance works once on any; a cid is accepted once on any."""
     a, b = await brokers(), await brokers()

@@ -73,6 +73,14 @@ class _LinkProtocolMixin:
 
     def connectionMade(self):
         """Protocol API: the link runs the handshake, not txredisapi."""
+        # Commands are small and pipelined (each TALK is one EVALSHA while
+        # others await their replies): without TCP_NODELAY, Nagle holds
+        # each behind the previous one's acknowledgement.  Redis sets it on
+        # its side; redis-py and hiredis set it on theirs.  Not on UNIX
+        # sockets, which have no such option.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         # password and dbid are None, so txredisapi's connectionMade only
         # marks the protocol usable.
         super().connectionMade()
