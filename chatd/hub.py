@@ -181,9 +181,10 @@ class Hub:
             it; it fails with L{NotMember} (no live seat in C{room}) or
             L{BrokerUnavailable} (not known to be stored).
         """
-        seat = self._seats.get(room, member.connection_id)
-        if seat is None or not seat.is_member:
-            return defer.fail(NotMember(room))
+        try:
+            self._member_seat(room, member)
+        except NotMember:
+            return defer.fail()
         return self._broker.talk(room, member, text, cid, ref).addCallback(self._talked, connection, ref)
 
     @staticmethod
