@@ -43,6 +43,7 @@ from chatd.observer import OneShotObserverList
 from chatd.proxies import TrustedProxies
 from chatd.session import Session
 from chatd.stomp import transport as stomp_transport
+from chatd.timers import BatchedTimer
 
 
 REFUSAL_LOG_RATE = 2.0  # refused upgrades of one kind logged per second, after
@@ -772,6 +773,9 @@ class ChatServerFactory(_OptionsOnClass, WebSocketServerFactory):
             for the per-address cap and the logs.
         """
         super().__init__(server=SERVER_NAME)
+        # Autobahn's timers (handshake timeouts, auto-ping) on our clock, for
+        # a fraction of txaio's memory per timer (chatd.timers).
+        self._batched_timer = BatchedTimer(clock)
         self.metrics = metrics if metrics is not None else Metrics()
         self.drain_state = drain_state
         self.proxies = proxies if proxies is not None else TrustedProxies()
@@ -871,6 +875,7 @@ class EchoServerFactory(_OptionsOnClass, WebSocketServerFactory):
 
     def __init__(self, settings, guard, clock):
         super().__init__(server=SERVER_NAME)
+        self._batched_timer = BatchedTimer(clock)
         self.guard = guard
         self.clock = clock
         self.metrics = Metrics()  # not the service's: /echo is for the testsuite only
