@@ -41,9 +41,11 @@ WebSocket factories; the factory that wraps the listener
 
 import json
 
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFactory
 from twisted.web import http
+from zope.interface import directlyProvides, providedBy
 
 from chatd import errors
 from chatd.limits import CapReached, ConnectionCaps, TokenBucket
@@ -66,6 +68,27 @@ def _peer_key(address):
 
 def _host(address):
     return getattr(address, "host", None) or str(address)
+
+
+_DECLARATIONS = {}  # (wrapper class, what the transport provides) -> the wrapper's declaration
+
+
+def provide_like(wrapper, transport):
+    """
+    Declare that C{wrapper} provides what C{transport} provides, as
+    Twisted's C{ProtocolWrapper} and TLS wrapper do on every connection
+    (C{directlyProvides(wrapper, providedBy(transport))}), but with zope's
+    declaration made once per kind of wrapper and transport and shared, as
+    zope shares it itself: made anew, it was 3 % of the CPU of each new
+    connection (docs/performance.md).
+    """
+    key = (type(wrapper), providedBy(transport))
+    declaration = _DECLARATIONS.get(key)
+    if declaration is None:
+        directlyProvides(wrapper, key[1])
+        _DECLARATIONS[key] = wrapper.__provides__
+    else:
+        wrapper.__provides__ = declaration
 
 
 class _LogBudget:
@@ -107,7 +130,11 @@ class _GuardedConnection(ProtocolWrapper, TimeoutMixin):
         self.callLater = clock.callLater  # TimeoutMixin's hook for the clock
 
     def makeConnection(self, transport):
-        super().makeConnection(transport)
+        # ProtocolWrapper's, with the interfaces declared by provide_like.
+        provide_like(self, transport)
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self.wrappedProtocol.makeConnection(self)
         self.factory.guard._connected(self)
 
     def connectionLost(self, reason):
@@ -219,12 +246,15 @@ class ConnectionGuard:
         now on (pings and token expiry look after it) and it leaves the
         handshake caps (L{chatd.ws} counts it instead).
         """
-        connection = self._by_peer.get(_peer_key(address))
+        key = _peer_key(address)
+        connection = self._by_peer.get(key)
         if connection is None or connection.upgraded:
             return
         connection.upgraded = True
         connection.setTimeout(None)
         self._release(connection)
+        # Nothing looks an open WebSocket up here again: no entry for its life.
+        del self._by_peer[key]
 
     def request_done(self, address):
         """An HTTP request on the connection from C{address} finished: re-arm."""

@@ -16,10 +16,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from chatd.config import ConfigError
+from chatd.guard import provide_like
 
 # Mozilla "intermediate" (server side TLS guidelines v5.7), TLS 1.2 suites;
 # TLS 1.3 suites are OpenSSL's defaults, which are all intermediate-grade.
@@ -200,6 +202,18 @@ class CoalescingTLSProtocol(TLSMemoryBIOProtocol):
     _pending = None
     _pending_bytes = 0
     _lost = False
+
+    def makeConnection(self, transport):
+        # TLSMemoryBIOProtocol's (a server's: the wrapped protocol connects at
+        # once), with the transport's interfaces declared once, not once per
+        # interface and again, and the declaration shared (guard.provide_like).
+        self._tlsConnection = self.factory._creatorCallable(self)
+        self._appSendBuffer = []
+        provide_like(self, transport)
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self.wrappedProtocol.makeConnection(self)
+        self._checkHandshakeStatus()
 
     def write(self, data):
         if self._lost:

@@ -171,6 +171,30 @@ def connect(listener, host="198.51.100.1", port=40000):
     return protocol, transport
 
 
+def test_wrapper_provides_what_its_transport_provides():
+    """
+    The guard's wrapper declares its transport's interfaces (as Twisted's
+    wrappers do); wrappers over the same kind of transport share one
+    declaration, and another kind gets its own.
+    """
+    from twisted.internet.interfaces import ITCPTransport
+    from zope.interface import directlyProvides, providedBy
+
+    _, listener, _ = make_guard()
+    first, transport = connect(listener, port=1)
+    second, _ = connect(listener, port=2)
+    assert set(providedBy(transport)) <= set(providedBy(first))
+    assert first.__provides__ is second.__provides__
+    assert not ITCPTransport.providedBy(first)
+    peer = IPv4Address("TCP", "198.51.100.1", 3)
+    tcp_like = StringTransport(peerAddress=peer)
+    directlyProvides(tcp_like, ITCPTransport)
+    third = listener.buildProtocol(peer)
+    third.makeConnection(tcp_like)
+    assert ITCPTransport.providedBy(third) and not ITCPTransport.providedBy(first)
+    assert third.wrappedProtocol.transport is third and listener.protocols.keys() >= {first, second, third}
+
+
 def test_silent_connection_is_aborted_at_the_deadline():
     """A connection that neither opens a WebSocket nor completes a request is aborted."""
     guard, listener, clock = make_guard(timeout=10)

@@ -195,6 +195,25 @@ class _TLSPairs:
         return server, client.wrappedProtocol, pump, writes
 
 
+def test_server_connection_provides_what_its_transport_does(tmp_path):
+    """
+    The TLS server protocol declares its transport's interfaces as Twisted's
+    does (twisted.web asks for ISSLTransport, Autobahn for the TCP ones),
+    its application is connected once, over TLS, and the handshake runs.
+    """
+    from twisted.internet.interfaces import ISSLTransport, ITCPTransport
+    from zope.interface import providedBy
+
+    pairs = _TLSPairs(tmp_path)
+    server, client, pump, _ = pairs.connect()
+    assert set(providedBy(server.transport)) <= set(providedBy(server))
+    assert ISSLTransport.providedBy(server) and ITCPTransport.providedBy(server)
+    assert server.wrappedProtocol.transport is server and pairs.factory.protocols == {server: 1}
+    server.write(b"hello")
+    pump.flush()
+    assert client.received == b"hello"
+
+
 def test_writes_of_one_turn_are_one_tls_write(tmp_path):
     """Three writes in one reactor turn reach the peer in order, as one TLS write at the next turn."""
     server, client, pump, writes = _TLSPairs(tmp_path).connect()
