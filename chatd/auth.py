@@ -44,7 +44,7 @@ class InvalidToken(Exception):
     """The JWT was refused; the message is safe to show the client."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # one per connection: no per-instance dict
 class Principal:
     """Who a connection acts for, as the JWT said."""
 

@@ -26,7 +26,6 @@ from zope.interface import implementer
 from chatd import errors, guard, tickets
 from chatd.auth import InvalidToken
 from chatd.errors import BrokerUnavailable
-from chatd.limits import TokenBucket
 from chatd.logs import printable, redact_uri
 from chatd.proxies import TrustedProxies
 from chatd.stomp.transport import SockJSResource
@@ -76,12 +75,32 @@ def _error_body(request, failure):
 
 def _answer_later(request, answer):
     """
-    Finish C{request} with what the Deferred C{answer} fires with, a
-    C{(status, body)} pair; a failure is answered by L{_error_body}.  Nothing
-    is written to a client that went away meanwhile.
+    Answer C{request} with what the Deferred C{answer} fires with, a
+    C{(status, body)} pair; a failure is answered by L{_error_body}.
 
-    @return: C{NOT_DONE_YET}, for C{render}.
+    When C{answer} has fired already (the embedded broker answers at once),
+    the body is returned for C{render} to write with its length, as a
+    synchronous resource would.  Otherwise the request is finished when it
+    fires, and nothing is written to a client that went away meanwhile.
+
+    @return: the body, or C{NOT_DONE_YET}, for C{render}.
     """
+    now = []
+    waiting = []
+
+    def route(result):
+        if waiting:
+            return result
+        now.append(result)
+        return None
+
+    answer.addBoth(route)
+    if now:
+        result = now[0]
+        if isinstance(result, Failure):
+            return _error_body(request, result)
+        return _json(request, *result)
+    waiting.append(True)
     gone = []
     request.notifyFinish().addErrback(gone.append)
 
@@ -159,29 +178,32 @@ class TicketResource(_Authenticated):
         self._ttl = ttl
         self._rate = rate
         self._clock = clock
-        self._buckets = {}  # sub -> (TokenBucket, when it is full again)
+        # sub -> when its bucket is full again: the whole state of a token
+        # bucket that starts full (the tokens left are TICKET_BURST minus
+        # the rate times the time until then), one float per user.
+        self._full_at = {}
         self._swept = clock.seconds()
 
     def rate_limited_users(self):
         """How many users' buckets are remembered (those not full)."""
         self._forget_full()
-        return len(self._buckets)
+        return len(self._full_at)
 
     def _take(self, sub):
         """Spend one of C{sub}'s tickets; False when it has none left."""
         now = self._clock.seconds()
-        if len(self._buckets) >= TICKET_USERS_BEFORE_SWEEP and now - self._swept >= 1:
+        if len(self._full_at) >= TICKET_USERS_BEFORE_SWEEP and now - self._swept >= 1:
             self._forget_full()
-        bucket, _ = self._buckets.get(sub) or (TokenBucket(self._rate, TICKET_BURST, self._clock), now)
-        taken = bucket.take()
-        # A bucket left alone this long is full, the same as a new one.
-        self._buckets[sub] = (bucket, now + TICKET_BURST / self._rate)
-        return taken
+        full_at = max(self._full_at.get(sub, now), now)
+        if (full_at - now) * self._rate > TICKET_BURST - 1:
+            return False  # under one token left
+        self._full_at[sub] = full_at + 1 / self._rate
+        return True
 
     def _forget_full(self):
         now = self._swept = self._clock.seconds()
-        for sub in [sub for sub, (_, full) in self._buckets.items() if full <= now]:
-            del self._buckets[sub]
+        for sub in [sub for sub, full_at in self._full_at.items() if full_at <= now]:
+            del self._full_at[sub]
 
     def render_POST(self, request):
         try:

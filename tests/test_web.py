@@ -187,6 +187,28 @@ def test_nothing_written_after_the_client_left(world, failures):
     assert failures == []
 
 
+def test_ticket_answered_when_a_slower_broker_has_stored_it(world):
+    """
+    A broker that stores the ticket later (Redis): the request stays open
+    until then and is answered 200 with the ticket; the embedded broker's
+    answer is rendered at once, with its length.
+    """
+    site, broker = world
+    stored = defer.Deferred()
+    broker.issue_ticket = lambda ticket, grant, ttl: stored
+    req = request(site, b"POST", b"/auth/ticket", token("alice"))
+    assert req.finished == 0 and req.written == []
+    stored.callback(None)
+    status, body = answer(req)
+    assert status == 200 and body["expires_in"] == 30 and len(body["ticket"]) >= 32
+    del broker.issue_ticket
+    req = DummyRequest([b"auth", b"ticket"])
+    req.method = b"POST"
+    req.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + token("bob").encode()])
+    body = site.getResourceFor(req).render(req)
+    assert body is not server.NOT_DONE_YET and json.loads(body)["expires_in"] == 30
+
+
 def test_healthz(world):
     """/healthz is 200 with the instance id while the broker can serve."""
     site, _ = world
