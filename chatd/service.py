@@ -24,7 +24,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from chatd import admin, drain, errors, guard, systemd, tls, web, ws
+from chatd import admin, drain, eager, errors, guard, systemd, tls, web, ws
 from chatd.api import ApiResource
 from chatd.api_backend import BrokerApiBackend, ControlDispatcher
 from chatd.auth import TokenVerifier
@@ -228,7 +228,7 @@ def make_chat_service(settings, reactor=None, tls_options=None, environ=None):
         server_tls = ReloadableServerTLS(tls_options)
         metrics.certificate_expiry = certificate_expiry(tls_options.certificate)
         listening = tls.CoalescingTLSFactory(server_tls, listening, reactor)
-    others = [strports.service(
+    others = [eager.service(
         settings.server.endpoint, connection_guard.wrap(listening), reactor=reactor
     )]
     if settings.admin.endpoint:
