@@ -23,11 +23,13 @@ before they get this far.
 """
 
 import itertools
+import types
 
 from autobahn.twisted.util import peer2str
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny
+from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import http
@@ -68,6 +70,15 @@ HANDSHAKE_LEFTOVERS = (
     "websocket_origin", "websocket_protocols", "websocket_extensions",
 )
 
+# What Autobahn keeps of the last frame and message it received through its
+# own path (chatd's fast path keeps none): set again at the start of the
+# next before anything reads it.
+MESSAGE_LEFTOVERS = (
+    "_isMessageCompressed", "message_is_binary", "message_data", "message_data_total_length",
+    "utf8validateLast", "utf8validateIncomingCurrentMessage", "frame_data", "frame_length",
+    "control_frame_data", "current_frame_masker", "_fragments",
+)
+
 # Autobahn's per-connection flags, codes and timers, each at its starting
 # value on an idle open connection.
 AT_REST = dict(
@@ -84,8 +95,31 @@ AT_REST = dict(
         "current_frame", "_transport_details",
     ), None),
     autoPingPendingSeq=0,
+    _recompact=False,
+    data=b"",  # nothing buffered (CPython has one empty bytes object)
+    websocket_version=13,  # RFC 6455's, which every client speaks today
 )
 _KEEP = object()
+
+# Autobahn's ObservableMixin state, the same for every connection nobody
+# calls .on() for (chatd never does): shared, read-only.
+_EVENTS = ("message",)
+_NO_RESULTS = types.MappingProxyType(dict.fromkeys(_EVENTS))
+
+
+class _LazyValidator:
+    """
+    Autobahn's incremental UTF-8 validator, made when a text message takes
+    Autobahn's path (chatd's fast path checks UTF-8 by decoding) and
+    dropped at rest: Autobahn resets it at each message's start, so a new
+    one is the same.
+    """
+
+    def __get__(self, protocol, owner=None):
+        if protocol is None:
+            return self
+        validator = protocol.__dict__["utf8validator"] = Utf8Validator()
+        return validator
 
 
 class _SendQueue(list):
@@ -291,13 +325,39 @@ class _GuardedMixin:
         Autobahn sets about 60 attributes per connection, and a dict that
         ever held that many stays sized for up to 85: 1.6 KiB per idle
         connection, about half of it for values nobody will change unless
-        the connection closes (docs/performance.md).  An attribute set
-        later goes into the dict again, so reading one is unchanged.
+        the connection closes (docs/performance.md).  Also dropped: what
+        every idle connection holds alike (no extensions, Autobahn's event
+        table), and between messages the last one's leftovers
+        (L{MESSAGE_LEFTOVERS}) and the UTF-8 validator (L{_LazyValidator}); at 21 entries
+        or fewer the dict takes 464 bytes, over that 832.  An attribute set
+        later goes into the dict again, so reading one is unchanged; after a
+        pong (Autobahn's auto-ping sets four attributes back to rest) the
+        dict is compacted again (L{dataReceived}).
         """
+        state = self.__dict__
+        shared = set(HANDSHAKE_LEFTOVERS)
+        if not state.get("websocket_extensions_in_use", True):
+            shared.add("websocket_extensions_in_use")
+        if (
+            state.get("_listeners") is None and tuple(state.get("_valid_events", ())) == _EVENTS
+            and not any(state.get("_results", {}).values())
+        ):
+            shared.update(("_valid_events", "_results"))
+        if not state.get("inside_message", False) and state.get("current_frame") is None:
+            # Between messages: no frame or message of Autobahn's is under way.
+            shared.add("utf8validator")
+            shared.update(MESSAGE_LEFTOVERS)
+        # One new dict, sized for what it holds (a dict never shrinks).
         self.__dict__ = {
-            name: value for name, value in self.__dict__.items()
-            if AT_REST.get(name, _KEEP) is not value and name not in HANDSHAKE_LEFTOVERS
+            name: value for name, value in state.items()
+            if AT_REST.get(name, _KEEP) is not value and name not in shared
         }
+
+    def _onPong(self, payload):
+        super()._onPong(payload)
+        # Compacted once this read is over (Autobahn still sets attributes
+        # back to rest after this): pongs come every ping_interval.
+        self._recompact = True
 
     def _guard_open(self):
         factory = self.factory
@@ -325,6 +385,9 @@ class _GuardedMixin:
             if not data:
                 return
         self._dataReceived(data)
+        if self._recompact and self.state == self.STATE_OPEN:
+            self._recompact = False
+            self._compact()
 
     def _text_frames(self, data):
         """
@@ -446,6 +509,13 @@ class _GuardedMixin:
 # What _compact leaves an attribute to: a class attribute of the same value.
 for _name, _value in {**AT_REST, **dict.fromkeys(HANDSHAKE_LEFTOVERS)}.items():
     setattr(_GuardedMixin, _name, _value)
+for _name in MESSAGE_LEFTOVERS:
+    if not hasattr(_GuardedMixin, _name):
+        setattr(_GuardedMixin, _name, None)
+_GuardedMixin.websocket_extensions_in_use = ()
+_GuardedMixin._valid_events = _EVENTS
+_GuardedMixin._results = _NO_RESULTS
+_GuardedMixin.utf8validator = _LazyValidator()
 
 
 @implementer(IConnection)

@@ -679,3 +679,45 @@ def test_fast_path_bad_utf8_closes_1007(clocked):
     assert out.startswith(b"\x81\x02ok\x88")
     assert struct.unpack("!H", out[6:8])[0] == errors.CLOSE_INVALID_PAYLOAD
     assert protocol.state != protocol.STATE_OPEN
+
+
+# --- an idle connection's attributes (docs/performance.md) --------------------
+
+
+class _Fragmenting(MemoryClient):
+    """A client that sends its text messages in two fragments (Autobahn's receive path)."""
+
+    def send_fragmented(self, frame):
+        data = json.dumps(frame).encode()
+        self.beginMessage(isBinary=False)
+        self.sendMessageFrame(data[:5])
+        self.sendMessageFrame(data[5:])
+        self.endMessage()
+
+
+def test_idle_connection_keeps_no_attribute_at_rest(clocked):
+    """
+    An open connection's attribute dict holds no attribute at its starting
+    value, nor the shared ones (events, extensions, the UTF-8 validator);
+    after ping/pong cycles and a message through Autobahn's path it is
+    compacted again, with the ping sequence and the count of messages in
+    the only additions; what was dropped still reads as before.
+    """
+    world = World(websocket__ping_interval=5, websocket__ping_timeout=3)
+    client = world.connect(client_class=_Fragmenting)
+    [server] = world.servers
+    opened = set(server.__dict__)
+    assert not opened & {*ws.AT_REST, "_valid_events", "_results", "utf8validator", "websocket_extensions_in_use"}
+    assert server.websocket_extensions_in_use == () and server.data == b"" and server.current_frame is None
+    client.send_fragmented({"type": "ENTER", "room": "lobby", "ref": "e1"})
+    world.pumps.flush()
+    assert client.received[-1]["type"] == "ENTER" and client.received[-1]["ref"] == "e1"  # through Autobahn's path
+    for _ in range(2):
+        world.reactor.advance(5)
+        world.pumps.flush()
+    assert server.state == server.STATE_OPEN
+    assert set(server.__dict__) - opened == {"autoPingPendingSeq", "_received"}
+    assert server.autoPingPending is None and server.autoPingTimeoutCall is None
+    client.send_fragmented({"type": "TALK", "room": "lobby", "message": "still here", "ref": "t1"})
+    world.pumps.flush()
+    assert client.received[-1]["type"] == "TALK" and client.received[-1]["message"] == "still here"
