@@ -28,6 +28,7 @@ import types
 from autobahn.twisted.util import peer2str
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from autobahn.websocket.protocol import TrafficStats
 from autobahn.websocket.types import ConnectionDeny
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
@@ -92,6 +93,7 @@ AT_REST = dict(
         "_perMessageCompress", "trackedTimings", "wasNotCleanReason", "localCloseCode",
         "localCloseReason", "remoteCloseCode", "remoteCloseReason", "openHandshakeTimeoutCall",
         "closeHandshakeTimeoutCall", "autoPingTimeoutCall", "autoPingPending", "autoPingPendingSent",
+        "autoPingPendingCall",
         "current_frame", "_transport_details",
     ), None),
     autoPingPendingSeq=0,
@@ -308,8 +310,28 @@ class _GuardedMixin:
             self.transport.setTcpNoDelay(self.tcpNoDelay)
         except Exception:  # as Autobahn: not every transport has it
             pass
-        self._connectionMade()
+        if self.CONFIG_ATTRS:
+            # Not from an _OptionsOnClass factory: Autobahn copies the options.
+            self._connectionMade()
+            self.send_queue = _SendQueue()
+            return
+        # Autobahn's _connectionMade for a server whose options are class
+        # attributes: its flags, codes, timers and buffer start at their class
+        # values (AT_REST) and the UTF-8 validator is made when needed
+        # (_LazyValidator), so only what each connection has of its own is
+        # set (Autobahn sets about 40 attributes, most of them dropped again
+        # on open by _compact).
+        self.trafficStats = TrafficStats()
+        self.state = self.STATE_CONNECTING
+        self.send_state = self.SEND_STATE_GROUND
         self.send_queue = _SendQueue()
+        if self.trackTimings:
+            self.setTrackTimings(True)
+        if self.openHandshakeTimeout > 0:
+            self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(
+                self.openHandshakeTimeout, self.onOpenHandshakeTimeout,
+            )
+        self.factory.countConnections += 1
 
     def _onOpen(self):
         # Autobahn's fills in the transport details first; there are none.

@@ -707,7 +707,8 @@ def test_idle_connection_keeps_no_attribute_at_rest(clocked):
     client = world.connect(client_class=_Fragmenting)
     [server] = world.servers
     opened = set(server.__dict__)
-    assert not opened & {*ws.AT_REST, "_valid_events", "_results", "utf8validator", "websocket_extensions_in_use"}
+    assert not [name for name, value in vars(server).items() if ws.AT_REST.get(name, object()) is value]
+    assert not opened & {"_valid_events", "_results", "utf8validator", "websocket_extensions_in_use"}
     assert server.websocket_extensions_in_use == () and server.data == b"" and server.current_frame is None
     client.send_fragmented({"type": "ENTER", "room": "lobby", "ref": "e1"})
     world.pumps.flush()
@@ -721,3 +722,31 @@ def test_idle_connection_keeps_no_attribute_at_rest(clocked):
     client.send_fragmented({"type": "TALK", "room": "lobby", "message": "still here", "ref": "t1"})
     world.pumps.flush()
     assert client.received[-1]["type"] == "TALK" and client.received[-1]["message"] == "still here"
+
+
+def test_connection_starts_as_autobahn_starts_it():
+    """
+    chatd's connectionMade sets only what a connection has of its own; every
+    attribute Autobahn's _connectionMade sets reads the same (a value of
+    the same type, and equal when it is a plain value) on a new connection.
+    """
+    from autobahn.websocket.protocol import WebSocketProtocol
+    from twisted.internet.task import Clock
+
+    factory = ws.EchoServerFactory(config.defaults(), None, Clock())
+    ours = factory.buildProtocol(None)
+    ours.makeConnection(StringTransport())
+    theirs = factory.buildProtocol(None)
+    before = set(vars(theirs))
+    WebSocketProtocol._connectionMade(theirs)
+    set_by_autobahn = {name: value for name, value in vars(theirs).items() if name not in before}
+    assert len(set_by_autobahn) > 25
+    for name, value in set_by_autobahn.items():
+        mine = getattr(ours, name)
+        if name == "send_queue":
+            assert mine == [] and hasattr(mine, "popleft")
+        elif value is None or isinstance(value, (bool, int, bytes)):
+            assert mine == value and type(mine) is type(value), name
+        else:
+            assert type(mine) is type(value), name
+    assert len(vars(ours)) <= 15
