@@ -317,3 +317,60 @@ def test_sslyze_mozilla_intermediate(start_chatd, tmp_path):
     assert curves == INTERMEDIATE_CURVES
     assert result["tls_compression"]["result"]["supports_compression"] is False
     assert "Traceback" not in server.log_text()
+
+
+def _memory_handshake(server_context, client_context, session=None):
+    """A TLS handshake between a pyOpenSSL server and a Python ssl client over memory BIOs."""
+    import ssl as stdlib_ssl
+
+    from OpenSSL import SSL
+
+    server = SSL.Connection(server_context, None)
+    server.set_accept_state()
+    incoming, outgoing = stdlib_ssl.MemoryBIO(), stdlib_ssl.MemoryBIO()
+    client = client_context.wrap_bio(incoming, outgoing, server_side=False, session=session)
+    for _ in range(10):  # a TLS 1.3 handshake takes two flights each way
+        try:
+            client.do_handshake()
+            done = True
+        except stdlib_ssl.SSLWantReadError:
+            done = False
+        data = outgoing.read()
+        if data:
+            server.bio_write(data)
+            try:
+                server.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                incoming.write(server.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+        elif done:
+            break
+    try:
+        client.read(1)  # takes in what the server sent after the handshake
+    except stdlib_ssl.SSLWantReadError:
+        pass
+    return client
+
+
+def test_no_session_is_resumed(tmp_path):
+    """
+    Resumption stays off (docs/security.md): a client offering the session
+    of an earlier connection gets a full handshake, over TLS 1.3 and 1.2.
+    """
+    import ssl as stdlib_ssl
+
+    _, chain, key = make_pki(str(tmp_path))
+    settings = config.replace(config.defaults(), tls__certificate=chain, tls__private_key=key)
+    server_context = tls.certificate_options(settings).getContext()
+    for version in (stdlib_ssl.TLSVersion.TLSv1_3, stdlib_ssl.TLSVersion.TLSv1_2):
+        client_context = stdlib_ssl.create_default_context()
+        client_context.check_hostname = False
+        client_context.verify_mode = stdlib_ssl.CERT_NONE
+        client_context.minimum_version = client_context.maximum_version = version
+        first = _memory_handshake(server_context, client_context)
+        assert first.version() == version.name.replace("v1_", "v1.")
+        again = _memory_handshake(server_context, client_context, session=first.session)
+        assert not again.session_reused
