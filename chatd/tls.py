@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from chatd.config import ConfigError
@@ -155,6 +157,31 @@ def certificate_options(settings):
 # --- writes: one TLS write per connection per reactor turn -------------------
 
 
+def _bio_probes():
+    """
+    How many bytes an OpenSSL memory BIO holds, and how many decrypted bytes
+    an C{SSL} holds: C{(mem_pending, ssl_pending)}, or L{None} where
+    pyOpenSSL does not give the raw calls.
+
+    pyOpenSSL only says "nothing there" by raising C{WantReadError}, an
+    exception built and caught twice for every read of a TLS connection
+    (docs/performance.md).  C{BIO_get_mem_data} (with no pointer to fill:
+    the length only) and C{SSL_pending} are in the cryptography binding
+    pyOpenSSL itself is built on, the route L{limit_groups} takes; if a
+    future one drops them, the TLS layer does what Twisted does.
+    """
+    try:
+        from OpenSSL._util import ffi, lib
+
+        mem_data, ssl_pending, null = lib.BIO_get_mem_data, lib.SSL_pending, ffi.NULL
+    except (ImportError, AttributeError):
+        return None
+    return (lambda bio: mem_data(bio, null)), ssl_pending
+
+
+_PROBES = _bio_probes()
+
+
 class _TurnFlush:
     """
     The TLS connections written to in this reactor turn, flushed together
@@ -237,6 +264,56 @@ class CoalescingTLSProtocol(TLSMemoryBIOProtocol):
             self._pending = None
             self._pending_bytes = 0
             TLSMemoryBIOProtocol.write(self, pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def _flushSendBIO(self):
+        """
+        Twisted's: write what TLS made to the transport; but with the BIO
+        asked first, so there is no C{WantReadError} when there is nothing
+        (every read, once its data has gone up), and all of it in one write.
+        """
+        if _PROBES is None:
+            return super()._flushSendBIO()
+        connection = self._tlsConnection
+        try:
+            pending = _PROBES[0](connection._from_ssl)
+        except AttributeError:  # not a memory-BIO connection as pyOpenSSL makes them
+            return super()._flushSendBIO()
+        if pending > 0:
+            self.transport.write(connection.bio_read(pending))
+
+    def _flushReceiveBIO(self):
+        """
+        Twisted's: deliver what the bytes received decrypt to, then write
+        what TLS made; but once a read leaves nothing behind (no decrypted
+        bytes held, nothing left in the BIO) the loop ends there, instead of
+        at the C{WantReadError} of one more C{SSL_read}: there is nothing
+        for it to read.  Anything left (a second record, an alert, a
+        post-handshake message) is read as in Twisted's loop.
+        """
+        if _PROBES is None:
+            return super()._flushReceiveBIO()
+        mem_pending, ssl_pending = _PROBES
+        connection = self._tlsConnection
+        try:
+            into, ssl_object = connection._into_ssl, connection._ssl
+        except AttributeError:
+            return super()._flushReceiveBIO()
+        while not self._lostTLSConnection:
+            try:
+                data = connection.recv(2**15)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)
+                if not ssl_pending(ssl_object) and not mem_pending(into):
+                    break
+        self._flushSendBIO()
 
     def loseConnection(self):
         self.flush_writes()

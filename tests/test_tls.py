@@ -21,10 +21,14 @@ import warnings
 
 import pytest
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from OpenSSL import SSL
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import protocol, ssl, task
+from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 
@@ -270,6 +274,149 @@ def test_writes_after_the_connection_is_lost_are_dropped(tmp_path):
     assert client.lost
     server.write(b"too late")
     assert pairs.clock.getDelayedCalls() == []
+
+
+class _RawClient:
+    """
+    A TLS server protocol of a factory on a C{StringTransport}, and a
+    pyOpenSSL client on memory BIOs, handshaken: the test decides where TLS
+    records begin and end and how the bytes are cut into reads.
+    """
+
+    def __init__(self, server_factory, clock):
+        self.clock = clock
+        self.server = server_factory.buildProtocol(None)
+        self.transport = StringTransport()
+        self.server.makeConnection(self.transport)
+        self.app = self.server.wrappedProtocol
+        self.client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        self.client.set_connect_state()
+        for _ in range(20):
+            try:
+                self.client.do_handshake()
+            except SSL.WantReadError:
+                pass
+            else:
+                break
+            self.server.dataReceived(self._from_client())
+            self._to_client()
+        else:
+            raise AssertionError("the handshake never finished")
+        self.server.dataReceived(self._from_client())  # the client's Finished
+        self._to_client()
+
+    def _from_client(self):
+        try:
+            return self.client.bio_read(1 << 20)
+        except SSL.WantReadError:
+            return b""
+
+    def _to_client(self):
+        data = self.transport.value()
+        self.transport.clear()
+        if data:
+            self.client.bio_write(data)
+
+    def records(self, messages, close=False):
+        """Each message as its own TLS record (then a close_notify), as bytes."""
+        out = []
+        for message in messages:
+            self.client.send(message)
+            out.append(self._from_client())
+        if close:
+            self.client.shutdown()
+            out.append(self._from_client())
+        return b"".join(out)
+
+    def client_reads(self):
+        """Everything the server sent since, decrypted by the client."""
+        self.clock.advance(0)
+        self._to_client()
+        got = []
+        for _ in range(1000):
+            try:
+                got.append(self.client.recv(1 << 16))
+            except (SSL.WantReadError, SSL.ZeroReturnError):
+                break
+        return b"".join(got)
+
+
+def _plain_factory(options, clock):
+    """Twisted's own server TLS factory: the oracle for chatd's."""
+    return TLSMemoryBIOFactory(options, False, protocol.Factory.forProtocol(_Recorder), clock)
+
+
+@pytest.fixture(scope="module")
+def tls_options(tmp_path_factory):
+    """The listener's TLS options, made once for the module."""
+    _, chain, key = make_pki(str(tmp_path_factory.mktemp("pki")))
+    settings = config.replace(config.defaults(), tls__certificate=chain, tls__private_key=key)
+    return tls.certificate_options(settings)
+
+
+def _cuts(data, points):
+    """C{data} cut at C{points} (fractions of its length)."""
+    at = sorted({int(p * len(data)) for p in points} | {0, len(data)})
+    return [data[a:b] for a, b in zip(at, at[1:])]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    messages=st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=8),
+    points=st.lists(st.floats(0, 1), max_size=6),
+    close=st.booleans(),
+    garbage=st.booleans(),
+    probes=st.booleans(),
+)
+def test_reads_as_twisted_does(tls_options, messages, points, close, garbage, probes):
+    """
+    Any records (one per message), then maybe a close_notify or garbage,
+    cut into reads anywhere: chatd's TLS delivers exactly what Twisted's own
+    TLSMemoryBIOProtocol delivers (the messages, in order), and loses the
+    connection when and as Twisted's does, with or without the BIO probes.
+    """
+    results = []
+    saved = tls._PROBES
+    tls._PROBES = saved if probes else None  # not monkeypatch: its undo comes only after every example
+    try:
+        for chatd_tls in (True, False):
+            clock = task.Clock()
+            if chatd_tls:
+                factory = tls.CoalescingTLSFactory(tls_options, protocol.Factory.forProtocol(_Recorder), clock)
+            else:
+                factory = _plain_factory(tls_options, clock)
+            pair = _RawClient(factory, clock)
+            stream = pair.records(messages, close=close) + (b"\x17\x03\x03\x00\x05junk" if garbage else b"")
+            for chunk in _cuts(stream, points):
+                pair.server.dataReceived(chunk)
+            results.append((pair.app.received, pair.app.lost, pair.transport.disconnecting))
+    finally:
+        tls._PROBES = saved
+    assert results[0] == results[1]
+    assert results[0][0] == b"".join(messages)
+
+
+def test_reads_answer_only_when_tls_has_something_to_send(tls_options):
+    """A read that decrypts to data writes nothing back; a large write reaches the client whole, in order."""
+    clock = task.Clock()
+    pair = _RawClient(tls.CoalescingTLSFactory(tls_options, protocol.Factory.forProtocol(_Recorder), clock), clock)
+    pair.client_reads()  # the session tickets, if any
+    pair.server.dataReceived(pair.records([b"hello", b"again"]))
+    assert pair.app.received == b"helloagain"
+    assert pair.transport.value() == b""
+    big = bytes(range(256)) * 400  # 100 KiB: several records, more than one bio_read of Twisted's size
+    pair.server.write(big)
+    pair.server.write(b"after")
+    assert pair.client_reads() == big + b"after"
+
+
+def test_close_notify_after_data_in_one_read(tls_options):
+    """Data and the client's close_notify in one read: the data is delivered, then the connection closes."""
+    clock = task.Clock()
+    pair = _RawClient(tls.CoalescingTLSFactory(tls_options, protocol.Factory.forProtocol(_Recorder), clock), clock)
+    pair.server.dataReceived(pair.records([b"bye"], close=True))
+    assert pair.app.received == b"bye"
+    assert pair.transport.disconnecting
 
 
 def test_chain_and_key_as_cryptography_objects(tmp_path):
