@@ -88,6 +88,39 @@ def percentile(sorted_values, fraction):
     return sorted_values[index]
 
 
+BURST_GAP_NS = 1_000_000  # TALKs sent closer together than this went out as one burst
+
+
+def talk_bursts(sent_ns, gap_ns=BURST_GAP_NS):
+    """
+    How the window refilled: the sizes of the bursts of TALKs (sends within
+    C{gap_ns} of the one before), in order.  The sender refills the window
+    as messages complete, so when the whole window completes at once (the
+    servers and the generator taking turns instead of overlapping) every
+    burst is the whole window.
+    """
+    sizes = []
+    last = None
+    for t in sent_ns:
+        if last is not None and t - last < gap_ns:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+        last = t
+    return sizes
+
+
+def burst_fields(sizes):
+    """C{talk_bursts} and C{talk_burst_p50}: the size of the burst the median TALK went out in."""
+    if not sizes:
+        return {"talk_bursts": 0, "talk_burst_p50": None}
+    half, seen = sum(sizes) / 2, 0
+    for size in sorted(sizes):
+        seen += size
+        if seen >= half:
+            return {"talk_bursts": len(sizes), "talk_burst_p50": size}
+
+
 class Meter:
     """CPU of the watched server PIDs and of this process over one window."""
 
@@ -425,10 +458,12 @@ class Generator:
         remaining = [n] * messages
         state = {"next": 0, "complete": 0}
         finished = self.loop.create_future()
+        sent_ns = array.array("q")
 
         def send_next():
             seq = state["next"]
             state["next"] = seq + 1
+            sent_ns.append(time.perf_counter_ns())
             self.talk(sender, room, seq, pad)
 
         def on_delivery(seq):
@@ -460,7 +495,7 @@ class Generator:
             delivered=self.delivered_count, lost=expected - self.delivered_count,
             deliveries_per_s=round(self.delivered_count / elapsed) if elapsed > 0 else None,
             server_cpu_us_per_delivery=round(1e6 * meter.server_cpu / max(1, self.delivered_count), 2),
-            **self.latency_fields(), **meter.fields(),
+            **self.latency_fields(), **meter.fields(), **burst_fields(talk_bursts(sent_ns)),
         )
 
     async def idle(self):

@@ -225,8 +225,10 @@ SCENARIOS = {
                 ["server_cpu_ms_per_1000", "p50_ms", "p99_ms", "lost"]),
     # Scenario 4's yardstick is scenario 1 on one chatd (target: at least 0.9x),
     # so it alternates with that instead of with the reference.
+    # talk_burst_p50 shows how the window refilled: at the window's size, the
+    # servers and the generator took turns (docs/performance.md, scenario 4).
     4: Scenario(4, "fan-out, 2 chatd + Redis", "fanout", [("chatd", 1), ("chatd", 2)], _fanout_spec,
-                ["deliveries_per_s", "server_cpu_us_per_delivery", "p50_ms", "p99_ms", "lost"]),
+                ["deliveries_per_s", "server_cpu_us_per_delivery", "p50_ms", "p99_ms", "lost", "talk_burst_p50"]),
     # Scenario 5's yardstick is scenario 1 with chatd.v1 clients on the same
     # chatd: only the framing differs (STOMP SUBSCRIBE/SEND/MESSAGE).
     5: Scenario(5, "fan-out, STOMP clients", "fanout", [("chatd", 1, "json"), ("chatd", 1, "stomp")],

@@ -34,6 +34,21 @@ def test_percentile_picks_nearest_rank():
     assert loadgen.percentile([], 0.99) is None
 
 
+def test_talk_bursts_show_how_the_window_refilled():
+    """Sends closer than the gap are one burst; p50 is the burst size the median TALK went out in."""
+    loadgen = _load("loadgen")
+    ms = 1_000_000
+    sent = [0, 10, 20, 5 * ms, 5 * ms + 10, 9 * ms, 20 * ms]
+    assert loadgen.talk_bursts(sent) == [3, 2, 1, 1]
+    assert loadgen.talk_bursts([]) == []
+    # A chain of sends each within the gap of the one before is one burst, however long.
+    assert loadgen.talk_bursts([i * ms // 2 for i in range(10)]) == [10]
+    # Window refills of 18 and 2: most TALKs went out in bursts of 18.
+    assert loadgen.burst_fields([18, 2] * 50) == {"talk_bursts": 100, "talk_burst_p50": 18}
+    assert loadgen.burst_fields([1] * 7) == {"talk_bursts": 7, "talk_burst_p50": 1}
+    assert loadgen.burst_fields([]) == {"talk_bursts": 0, "talk_burst_p50": None}
+
+
 def test_profile_summary_per_function(tmp_path, capsys):
     """py-spy's raw stacks are summed per function (line numbers dropped), own and total."""
     run = _load("run")
@@ -154,6 +169,8 @@ def test_tiny_run_of_scenarios_1_3_and_5():
     for r in runs:
         assert r["lost"] == 0 and r["errors"] == 0, r
         assert r["delivered"] == (2 * 30 if r["scenario"] == 3 else 5 * 10), r
+        if r["scenario"] != 3:
+            assert 1 <= r["talk_bursts"] <= 10 and 1 <= r["talk_burst_p50"] <= 10, r
     assert any(line.get("summary") and line["figure"] == "deliveries_per_s" for line in lines)
     assert "ratio of the medians" in done.stdout
     assert any(line.get("summary") and "stomp_vs_json" in line for line in lines)
