@@ -61,14 +61,20 @@ class EagerServer(tcp.Server):
         does not take; otherwise (or on any error) Twisted's C{write}.
         """
         if data.__class__ is bytes and data and self._eager():
-            sent = self.writeSomeData(data)
-            if sent.__class__ is int and sent > 0:
-                if sent == len(data):
-                    return
-                data = data[sent:]
-            # Nothing sent (the kernel's buffer is full, or an error, which
-            # doWrite will meet again and report), or a part: the rest is
-            # buffered, the socket watched, the producer paused if due.
+            try:
+                # As writeSomeData, at most SEND_LIMIT bytes at a time, but
+                # without its untilConcludes (Python retries EINTR itself,
+                # PEP 475) and memoryview for the small writes of chat.
+                sent = self.socket.send(
+                    data if len(data) <= self.SEND_LIMIT else memoryview(data)[:self.SEND_LIMIT]
+                )
+            except OSError:
+                # The kernel's buffer is full (EAGAIN, ENOBUFS), or an error,
+                # which doWrite meets again and reports: all of it is buffered.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]  # the rest is buffered, the socket watched, the producer paused if due
         tcp.Server.write(self, data)
 
     def writeSequence(self, iovec):

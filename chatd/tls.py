@@ -159,9 +159,10 @@ def certificate_options(settings):
 
 def _bio_probes():
     """
-    How many bytes an OpenSSL memory BIO holds, and how many decrypted bytes
-    an C{SSL} holds: C{(mem_pending, ssl_pending)}, or L{None} where
-    pyOpenSSL does not give the raw calls.
+    The raw calls that say how many bytes an OpenSSL memory BIO holds
+    (C{BIO_get_mem_data(bio, NULL)}) and how many decrypted bytes an C{SSL}
+    holds (C{SSL_pending}): C{(mem_data, ssl_pending, NULL)}, or L{None}
+    where pyOpenSSL's binding does not have them.
 
     pyOpenSSL only says "nothing there" by raising C{WantReadError}, an
     exception built and caught twice for every read of a TLS connection
@@ -173,10 +174,9 @@ def _bio_probes():
     try:
         from OpenSSL._util import ffi, lib
 
-        mem_data, ssl_pending, null = lib.BIO_get_mem_data, lib.SSL_pending, ffi.NULL
+        return lib.BIO_get_mem_data, lib.SSL_pending, ffi.NULL
     except (ImportError, AttributeError):
         return None
-    return (lambda bio: mem_data(bio, null)), ssl_pending
 
 
 _PROBES = _bio_probes()
@@ -275,7 +275,7 @@ class CoalescingTLSProtocol(TLSMemoryBIOProtocol):
             return super()._flushSendBIO()
         connection = self._tlsConnection
         try:
-            pending = _PROBES[0](connection._from_ssl)
+            pending = _PROBES[0](connection._from_ssl, _PROBES[2])
         except AttributeError:  # not a memory-BIO connection as pyOpenSSL makes them
             return super()._flushSendBIO()
         if pending > 0:
@@ -292,7 +292,7 @@ class CoalescingTLSProtocol(TLSMemoryBIOProtocol):
         """
         if _PROBES is None:
             return super()._flushReceiveBIO()
-        mem_pending, ssl_pending = _PROBES
+        mem_data, ssl_pending, null = _PROBES
         connection = self._tlsConnection
         try:
             into, ssl_object = connection._into_ssl, connection._ssl
@@ -311,7 +311,7 @@ class CoalescingTLSProtocol(TLSMemoryBIOProtocol):
             else:
                 if not self._aborted:
                     ProtocolWrapper.dataReceived(self, data)
-                if not ssl_pending(ssl_object) and not mem_pending(into):
+                if not ssl_pending(ssl_object) and not mem_data(into, null):
                     break
         self._flushSendBIO()
 
