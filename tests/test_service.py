@@ -14,11 +14,12 @@ import json
 import pytest
 import txaio
 from autobahn.twisted.testing import create_memory_agent
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from chatd import config, drain, errors, guard, service, tls, web
+from chatd import config, drain, eager, errors, guard, service, tls, web
 from chatd.auth import Principal
 from tests.fakes import MemoryClient, Pumps
 
@@ -58,7 +59,7 @@ def listening_factory(reactor):
 
 
 def test_one_tls_listener(reactor, dev_dir):
-    """With TLS on: one TCP listener, the guard around TLS around the direct upgrades around the Site."""
+    """With TLS on: one TCP listener, eager, the guard around TLS around the direct upgrades around the Site."""
     settings = make_settings(dev_dir[0])
     top = service.make_chat_service(settings, reactor, tls.certificate_options(settings))
     assert reactor.tcpServers == []  # built, not listening yet
@@ -70,6 +71,9 @@ def test_one_tls_listener(reactor, dev_dir):
     assert isinstance(direct, web.DirectUpgrades)
     assert isinstance(direct.wrappedFactory, web.ChatSite)
     assert list(direct.routes) == [b"/ws"]
+    # Its TCP connections send at once (chatd/eager.py).
+    [listener] = [child for child in top if isinstance(child, StreamServerEndpointService)]
+    assert isinstance(listener.endpoint, eager.EagerWrites)
 
 
 def test_one_plain_listener(reactor):
