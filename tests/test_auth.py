@@ -8,6 +8,8 @@ import time
 
 import jwt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -299,3 +301,112 @@ def test_principal_json_round_trip(rooms):
         assert data["rooms"] == ["a", "b"]
     if rooms is None:
         assert data["rooms"] is None
+
+
+# --- the path that accepts common tokens without PyJWT's generality -----------------
+
+
+def _outcome(call, token_):
+    """What a verification comes to: the Principal, or the refusal's text."""
+    try:
+        return call(token_)
+    except InvalidToken as e:
+        return f"refused: {e}"
+
+
+def test_a_common_token_is_accepted_without_pyjwt(monkeypatch):
+    """An HS256 token with the usual claims is accepted by chatd's own checks; PyJWT is not called."""
+    v = verifier(issuer="https://issuer.example")
+    monkeypatch.setattr(jwt, "decode", lambda *a, **kw: pytest.fail("PyJWT was asked"))
+    principal = v.verify(token(name="Alice", rooms=["lobby"], iss="https://issuer.example", jti="j1"))
+    assert (principal.sub, principal.name, principal.rooms) == ("alice", "Alice", frozenset({"lobby"}))
+
+
+@pytest.mark.parametrize("why, token_, kwargs", [
+    ("wrong key", lambda: token(key=OTHER_SECRET), {}),
+    ("expired", lambda: token(ttl=-10), {}),
+    ("alg none", lambda: jwt.encode({"sub": "a", "exp": int(time.time()) + 60}, None, algorithm="none"), {}),
+    ("alg not allowed", lambda: token(algorithm="HS384"), {}),
+    ("float exp", lambda: token(exp=time.time() + 60), {}),
+    ("kid header", lambda: jwt.encode({"sub": "a", "exp": int(time.time()) + 60}, SECRET, headers={"kid": "k"}), {}),
+    ("audience configured", lambda: token(aud="chat"), {"audience": "chat"}),
+    ("wrong issuer", lambda: token(iss="https://other.example"), {"issuer": "https://issuer.example"}),
+    ("padded segments", lambda: token().replace(".", "=.", 1), {}),
+])
+def test_anything_else_is_pyjwts_to_decide(why, token_, kwargs):
+    """Tokens off the common path get PyJWT's verdict, word for word, whatever it is."""
+    v = verifier(**kwargs)
+    t = token_()
+    assert v._accepted_at_once(t) is None, why
+    assert _outcome(v.verify, t) == _outcome(lambda x: principal_from_claims(v._decoded(x)), t)
+
+
+def test_a_short_key_leaves_every_token_to_pyjwt():
+    """A key PyJWT warns about for an allowed algorithm turns chatd's own path off."""
+    assert verifier(key=b"short", algorithms=["HS256"])._fast_key is None
+    assert verifier(key=b"k" * 32, algorithms=["HS256", "HS512"])._fast_key is None
+    assert verifier(key=b"k" * 64, algorithms=["HS256", "HS512"])._fast_key == b"k" * 64
+
+
+_NOW = int(time.time())
+_TIMES = st.one_of(
+    st.sampled_from([_NOW - 10_000, _NOW - 5, _NOW + 5, _NOW + 10_000]),
+    st.floats(min_value=_NOW - 10_000, max_value=_NOW + 10_000).filter(lambda t: abs(t - _NOW) > 100),
+    st.sampled_from(["1999999999", True, None, [1]]),
+)
+_STRINGS = st.one_of(st.sampled_from(["alice", "https://issuer.example", ""]), st.integers(), st.none())
+
+
+def _b64(data):
+    import base64
+
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    header=st.one_of(
+        st.sampled_from([{"alg": "HS256"}, {"alg": "HS256", "typ": "JWT"}, {"typ": "JWT", "alg": "HS512"}]),
+        st.dictionaries(
+            st.sampled_from(["alg", "typ", "kid", "crit", "b64"]),
+            st.sampled_from(["HS256", "HS384", "HS512", "none", "RS256", "JWT", "jwt", 7, None, ["exp"], False]),
+        ),
+    ),
+    changes=st.dictionaries(st.sampled_from(["exp", "iat", "nbf", "sub", "iss", "aud", "jti", "name"]),
+                            st.one_of(_TIMES, _STRINGS, st.just("(drop)")), max_size=3),
+    payload_kind=st.sampled_from(["object"] * 8 + ["list", "junk"]),
+    key=st.sampled_from([SECRET] * 4 + [OTHER_SECRET]),
+    tamper=st.sampled_from([""] * 8 + ["pad", "junk", "dots", "unicode"]),
+    issuer=st.sampled_from(["", "https://issuer.example"]),
+    audience=st.sampled_from(["", "", "", "alice"]),
+    leeway=st.sampled_from([0, 30]),
+    algorithms=st.sampled_from([["HS256"], ["HS256"], ["HS256", "HS512"], ["HS384"]]),
+)
+def test_chatd_path_and_pyjwt_agree_on_every_token(
+    header, changes, payload_kind, key, tamper, issuer, audience, leeway, algorithms
+):
+    """
+    Whatever the token, verify() comes to what PyJWT alone decides (with
+    chatd's own claim rules after it), and chatd's own path accepts only
+    tokens PyJWT accepts.
+    """
+    import hmac as hmac_
+    import json as json_
+
+    from chatd.auth import _HMAC_HASHES
+
+    claims = {"sub": "alice", "exp": _NOW + 10_000, "iat": _NOW - 5, "iss": "https://issuer.example"}
+    claims.update(changes)
+    claims = {name: value for name, value in claims.items() if value != "(drop)"}
+    body = {"object": json_.dumps(claims), "list": "[1]", "junk": "{"}[payload_kind].encode()
+    signing_input = f"{_b64(json_.dumps(header).encode())}.{_b64(body)}"
+    digest = _HMAC_HASHES.get(header.get("alg") if isinstance(header.get("alg"), str) else None, None)
+    signature = hmac_.new(key, signing_input.encode(), digest or "sha256").digest()
+    t = f"{signing_input}.{_b64(signature)}"
+    t = {"": t, "pad": t + "=", "junk": t[:5] + "!" + t[5:], "dots": t + ".x", "unicode": t + "é"}[tamper]
+    v = TokenVerifier(SECRET, algorithms, issuer=issuer, audience=audience, leeway=leeway)
+    fast = v._accepted_at_once(t)
+    pyjwt = _outcome(lambda x: principal_from_claims(v._decoded(x)), t)
+    if fast is not None:
+        assert fast == v._decoded(t)  # PyJWT accepts it too, with the same claims
+    assert _outcome(v.verify, t) == pyjwt
