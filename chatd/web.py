@@ -37,6 +37,8 @@ TICKET_BURST = 10
 # Past this many remembered users, those whose buckets are full again are
 # forgotten (at most once a second; rate_limited_users() does it at once).
 TICKET_USERS_BEFORE_SWEEP = 1000
+# Tokens a ticket user's bucket may be short by and still give one (float rounding).
+TICKET_SLACK = 1e-3
 
 # The Server header of every answer: no library names or versions.
 SERVER_NAME = b"chatd"
@@ -195,8 +197,11 @@ class TicketResource(_Authenticated):
         if len(self._full_at) >= TICKET_USERS_BEFORE_SWEEP and now - self._swept >= 1:
             self._forget_full()
         full_at = max(self._full_at.get(sub, now), now)
-        if (full_at - now) * self._rate > TICKET_BURST - 1:
-            return False  # under one token left
+        # Under one token left; the slack absorbs the rounding of adding
+        # 1/rate steps to a wall-clock float (2.4e-7 s apart at 1.7e9 s),
+        # which made the tenth ticket of a full bucket fail at some rates.
+        if (full_at - now) * self._rate > TICKET_BURST - 1 + TICKET_SLACK:
+            return False
         self._full_at[sub] = full_at + 1 / self._rate
         return True
 

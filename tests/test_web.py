@@ -295,6 +295,25 @@ def test_tickets_are_rate_limited_per_user(clock):
     assert answer(request(site, b"POST", b"/auth/ticket", alice))[0] == 429
 
 
+@pytest.mark.parametrize("rate", [0.7, 13])
+def test_a_full_bucket_gives_the_whole_burst_at_a_wall_clock_time(clock, rate):
+    """
+    At a clock reading like the wall clock's (1.76e9 s, where a float's
+    steps are 2.4e-7 s), a user whose bucket is full gets all
+    TICKET_BURST tickets at once, then one more each 1/rate seconds, as
+    limits.TokenBucket gave (before: 9 at ticket_rate 0.7 or 13, the sum
+    of ten 1/rate steps rounding past the limit).
+    """
+    clock.advance(1764960000.37)
+    site, _ = make_world(clock, auth__ticket_rate=rate)
+    alice = token("alice")
+    statuses = [answer(request(site, b"POST", b"/auth/ticket", alice))[0] for _ in range(web.TICKET_BURST + 1)]
+    assert statuses == [200] * web.TICKET_BURST + [429]
+    clock.advance(1.001 / rate)
+    assert answer(request(site, b"POST", b"/auth/ticket", alice))[0] == 200
+    assert answer(request(site, b"POST", b"/auth/ticket", alice))[0] == 429
+
+
 def test_ticket_buckets_are_forgotten_once_full(clock):
     """Users whose buckets have refilled are not remembered: the table stays bounded."""
     site, _ = make_world(clock, auth__ticket_rate=10)
