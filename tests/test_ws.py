@@ -15,6 +15,7 @@ import struct
 import pytest
 import txaio
 from autobahn.twisted.testing import create_memory_agent
+from autobahn.twisted.websocket import WebSocketServerProtocol
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -750,3 +751,75 @@ def test_connection_starts_as_autobahn_starts_it():
         else:
             assert type(mine) is type(value), name
     assert len(vars(ours)) <= 15
+
+
+class Uncompacted(AutobahnOnly):
+    """
+    /echo as Autobahn alone keeps it: its own _connectionMade (every
+    attribute set per connection) and no compaction, on open or after a
+    pong; no fast path either.
+    """
+
+    def connectionMade(self):
+        self._transport_details = None
+        self.peer = "memory"
+        WebSocketServerProtocol._connectionMade(self)  # every attribute, set per connection
+        self.send_queue = ws._SendQueue()
+
+    def _compact(self):
+        pass
+
+
+def _compacting_frames(kind, text, key):
+    """L{_frames}, and pongs: alone, inside a fragmented message, and after one."""
+    data = text.encode("utf-8")
+    if kind == "pong":
+        return client_frame(rawws.OP_PONG, data[:100], key)
+    if kind == "pong inside fragments":
+        half = len(data) // 2
+        return (client_frame(rawws.OP_TEXT, data[:half], key, fin=False)
+                + client_frame(rawws.OP_PONG, b"p", key)
+                + client_frame(rawws.OP_CONT, data[half:], key))
+    if kind == "pong, then a fragment":
+        return client_frame(rawws.OP_PONG, b"", key) + client_frame(rawws.OP_TEXT, data, key, fin=False)
+    return _frames(kind, text, key)
+
+
+@given(
+    frames=st.lists(
+        st.tuples(
+            st.sampled_from(FRAME_KINDS + ["pong", "pong", "pong inside fragments", "pong, then a fragment"]),
+            st.text(max_size=40), st.binary(min_size=4, max_size=4),
+        ),
+        min_size=1, max_size=8,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=4),
+)
+@hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_compaction_answers_as_uncompacted_autobahn_does(frames, cuts):
+    """
+    Any stream of frames with pongs among them (each pong compacts the
+    dict again), in any chunks: chatd's connection (its own connectionMade,
+    compacted on open and after each pong) writes byte for byte what
+    Autobahn's uncompacted connection writes (echoes, pongs, close codes)
+    and ends in the same state, for every attribute Autobahn reads.
+    """
+    stream = b"".join(_compacting_frames(kind, text, key) for kind, text, key in frames)
+    bounds = sorted({min(cut, len(stream)) for cut in cuts} | {0, len(stream)})
+    chunks = [stream[a:b] for a, b in zip(bounds, bounds[1:])]
+    saved = txaio.config.loop
+    try:
+        results = []
+        for protocol_class in (ws.EchoServerProtocol, Uncompacted):
+            protocol, transport = open_echo(protocol_class)
+            for chunk in chunks:
+                protocol.dataReceived(chunk)
+            results.append((
+                transport.value(), protocol.state, protocol.data, protocol.inside_message,
+                protocol.wasClean, protocol.localCloseCode, protocol.remoteCloseCode,
+                protocol.closedByMe, protocol.failedByMe, protocol.droppedByMe,
+                protocol.websocket_extensions_in_use == [] or protocol.websocket_extensions_in_use == (),
+            ))
+    finally:
+        txaio.config.loop = saved
+    assert results[0] == results[1]
