@@ -15,6 +15,7 @@ search), and runs on the factory's injected clock.
 
 from functools import partial
 from itertools import islice
+from math import ceil
 
 from twisted.logger import Logger
 
@@ -43,11 +44,16 @@ class _Call:
 class BatchedTimer:
     """
     txaio's C{IBatchedTimer} (C{call_later(delay, func, *args, **kwargs)},
-    returning an object with C{cancel()}), with txaio's timing: a call is
-    due at the whole second C{int(now + delay)}, one clock call per such
-    second runs all its calls, in the order they were made, C{chunk_size}
-    at a time spread over C{chunk_seconds} (so a second holding many
-    thousand pings does not write them all in one reactor turn).
+    returning an object with C{cancel()}), batched as txaio batches: a
+    call is due at a whole second, one clock call per such second runs all
+    its calls, in the order they were made, C{chunk_size} at a time spread
+    over C{chunk_seconds} (so a second holding many thousand pings does not
+    write them all in one reactor turn).  Unlike txaio's, that second is
+    C{ceil(now + delay)}, not C{int(now + delay)}: Autobahn's timeouts are
+    what a peer is promised at least (C{[websocket] handshake_timeout} from
+    the request, C{ping_timeout}, the close timeout), so a call may run up
+    to a second late, never early (with txaio's, a C{handshake_timeout} of
+    1 could fail an upgrade after a few milliseconds).
 
     A call that raises is logged and the others still run.
     """
@@ -66,14 +72,14 @@ class BatchedTimer:
     def call_later(self, delay, func, *args, **kwargs):
         """
         IBatchedTimer API: run C{func(*args, **kwargs)} at the whole second
-        C{int(now + delay)} (as txaio: up to a second early, never late).
+        C{ceil(now + delay)}: never early, up to a second late.
 
         @return: a handle whose C{cancel()} unschedules it.
         """
         if kwargs:
             func = partial(func, **kwargs)
         now = self._clock.seconds()
-        due = int(now + delay)
+        due = ceil(now + delay)
         entry = self._seconds.get(due)
         if entry is None:
             entry = self._seconds[due] = (

@@ -4,6 +4,9 @@ real Autobahn connection (its auto-ping and ping timeout).
 """
 
 import txaio
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 
@@ -13,15 +16,15 @@ from tests.test_ws import World, clocked  # noqa: F401 - the fixture
 
 
 def test_call_runs_at_the_whole_second_of_its_due_time():
-    """As txaio's: due at int(now + delay), not before, and once."""
+    """Due at ceil(now + delay), not before (txaio: int(now + delay)), and once."""
     clock = Clock()
     clock.advance(100.5)
     timer = BatchedTimer(clock)
     ran = []
     timer.call_later(2, ran.append, "a")
-    clock.advance(1.4)  # 101.9
+    clock.advance(2.4)  # 102.9
     assert ran == []
-    clock.advance(0.1)  # 102.0 = int(102.5)
+    clock.advance(0.1)  # 103.0 = ceil(102.5)
     assert ran == ["a"]
     clock.advance(10)
     assert ran == ["a"] and timer.pending() == 0
@@ -126,3 +129,34 @@ def test_a_client_that_answers_pings_stays(clocked):  # noqa: F811
         world.pumps.flush()
     assert server.state == server.STATE_OPEN and client.state == client.STATE_OPEN
     assert world.factory._batched_timer.pending() == 1  # the next ping
+
+
+@given(
+    start=st.floats(min_value=0, max_value=2e9, allow_nan=False),
+    delays=st.lists(st.floats(min_value=0.001, max_value=40, allow_nan=False), min_size=1, max_size=20),
+)
+@hypothesis_settings(max_examples=200, deadline=None)
+def test_no_call_runs_before_its_delay(start, delays):
+    """
+    Autobahn's timeouts are minimums a peer is promised (handshake_timeout
+    from the request, ping_timeout, the close timeout): no call runs before
+    C{delay} has passed, and each runs within a second after (before: at
+    int(now + delay), up to a second early, as txaio's, so a
+    handshake_timeout of 1 could fail an upgrade after a few ms).
+    """
+    clock = Clock()
+    clock.advance(start)
+    timer = BatchedTimer(clock)
+    ran = {}
+    due = {}
+    for i, delay in enumerate(delays):
+        due[i] = clock.seconds() + delay
+        timer.call_later(delay, lambda i=i: ran.setdefault(i, clock.seconds()))
+    for _ in range(int(max(delays) + 3) * 10):
+        if not clock.getDelayedCalls():
+            break
+        clock.advance(min(c.getTime() for c in clock.getDelayedCalls()) - clock.seconds())
+    assert sorted(ran) == list(range(len(delays)))
+    for i, at in ran.items():
+        # (1e-6: the clock's float sum now + (second - now) may fall an ulp short)
+        assert due[i] - 1e-6 <= at < due[i] + 1, (i, due[i], at)
