@@ -27,9 +27,10 @@ from OpenSSL import SSL
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet import protocol, ssl, task
+from twisted.internet import error, protocol, ssl, task
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from chatd import config, tls
@@ -283,13 +284,20 @@ class _RawClient:
     records begin and end and how the bytes are cut into reads.
     """
 
-    def __init__(self, server_factory, clock):
+    def __init__(self, server_factory, clock, version=None):
+        """
+        @param version: the highest TLS version the client offers
+            (C{SSL.TLS1_2_VERSION}, ...); L{None}: OpenSSL's (TLS 1.3).
+        """
         self.clock = clock
         self.server = server_factory.buildProtocol(None)
         self.transport = StringTransport()
         self.server.makeConnection(self.transport)
         self.app = self.server.wrappedProtocol
-        self.client = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        context = SSL.Context(SSL.TLS_METHOD)
+        if version is not None:
+            context.set_max_proto_version(version)
+        self.client = SSL.Connection(context, None)
         self.client.set_connect_state()
         for _ in range(20):
             try:
@@ -298,11 +306,16 @@ class _RawClient:
                 pass
             else:
                 break
-            self.server.dataReceived(self._from_client())
-            self._to_client()
+            self._pump()
         else:
             raise AssertionError("the handshake never finished")
-        self.server.dataReceived(self._from_client())  # the client's Finished
+        self._pump()  # the client's Finished (TLS 1.3; TLS 1.2's went in the loop)
+
+    def _pump(self):
+        """What the client wrote to the server, the server's answer to the client."""
+        data = self._from_client()
+        if data:
+            self.server.dataReceived(data)
         self._to_client()
 
     def _from_client(self):
@@ -367,13 +380,15 @@ def _cuts(data, points):
     close=st.booleans(),
     garbage=st.booleans(),
     probes=st.booleans(),
+    version=st.sampled_from([SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION]),
 )
-def test_reads_as_twisted_does(tls_options, messages, points, close, garbage, probes):
+def test_reads_as_twisted_does(tls_options, messages, points, close, garbage, probes, version):
     """
     Any records (one per message), then maybe a close_notify or garbage,
-    cut into reads anywhere: chatd's TLS delivers exactly what Twisted's own
-    TLSMemoryBIOProtocol delivers (the messages, in order), and loses the
-    connection when and as Twisted's does, with or without the BIO probes.
+    cut into reads anywhere, over TLS 1.2 or 1.3: chatd's TLS delivers
+    exactly what Twisted's own TLSMemoryBIOProtocol delivers (the messages,
+    in order), and loses the connection when and as Twisted's does, with or
+    without the BIO probes.
     """
     results = []
     saved = tls._PROBES
@@ -385,7 +400,7 @@ def test_reads_as_twisted_does(tls_options, messages, points, close, garbage, pr
                 factory = tls.CoalescingTLSFactory(tls_options, protocol.Factory.forProtocol(_Recorder), clock)
             else:
                 factory = _plain_factory(tls_options, clock)
-            pair = _RawClient(factory, clock)
+            pair = _RawClient(factory, clock, version)
             stream = pair.records(messages, close=close) + (b"\x17\x03\x03\x00\x05junk" if garbage else b"")
             for chunk in _cuts(stream, points):
                 pair.server.dataReceived(chunk)
@@ -417,6 +432,67 @@ def test_close_notify_after_data_in_one_read(tls_options):
     pair.server.dataReceived(pair.records([b"bye"], close=True))
     assert pair.app.received == b"bye"
     assert pair.transport.disconnecting
+
+
+class _LostRecorder(_Recorder):
+    """L{_Recorder} that keeps the reason's type."""
+
+    def connectionLost(self, reason):
+        self.lost = reason.type
+
+
+def _both_tls(tls_options, version):
+    """A chatd TLS pair and a Twisted TLS pair (the oracle), each handshaken at C{version}."""
+    pairs = []
+    for chatd_tls in (True, False):
+        clock = task.Clock()
+        app = protocol.Factory.forProtocol(_LostRecorder)
+        if chatd_tls:
+            factory = tls.CoalescingTLSFactory(tls_options, app, clock)
+        else:
+            factory = TLSMemoryBIOFactory(tls_options, False, app, clock)
+        pairs.append(_RawClient(factory, clock, version))
+    return pairs
+
+
+@pytest.mark.parametrize("probes", [True, False])
+def test_renegotiation_is_refused_as_by_twisted(tls_options, probes, monkeypatch):
+    """
+    A TLS 1.2 client asking to renegotiate between records: chatd answers
+    what Twisted's TLS answers (OpenSSL's no_renegotiation alert), delivers
+    the same data and keeps the connection as Twisted does.
+    """
+    if not probes:
+        monkeypatch.setattr(tls, "_PROBES", None)
+    results = []
+    for pair in _both_tls(tls_options, SSL.TLS1_2_VERSION):
+        pair.server.dataReceived(pair.records([b"before"]))
+        pair.client.renegotiate()
+        with pytest.raises(SSL.WantReadError):
+            pair.client.do_handshake()
+        pair.server.dataReceived(pair._from_client())
+        answer = pair.transport.value()
+        results.append((pair.app.received, answer != b"", pair.app.lost, pair.transport.disconnecting))
+    assert results[0] == results[1]
+    assert results[0][0] == b"before" and results[0][1]
+
+
+@pytest.mark.parametrize("version", [SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION])
+@pytest.mark.parametrize("cut", [0, 3])
+def test_connection_lost_without_close_notify_as_by_twisted(tls_options, version, cut):
+    """
+    The TCP connection ends after whole records, or inside one, with no
+    close_notify: chatd delivers the whole records and reports the loss
+    with the reason Twisted's TLS gives (ConnectionLost, a truncation).
+    """
+    results = []
+    for pair in _both_tls(tls_options, version):
+        stream = pair.records([b"x", b"y"])
+        pair.server.dataReceived(stream[:len(stream) - cut])
+        pair.server.connectionLost(Failure(error.ConnectionDone()))
+        results.append((pair.app.received, pair.app.lost))
+    assert results[0] == results[1]
+    assert results[0] == (b"xy" if not cut else b"x", error.ConnectionLost)
 
 
 def test_chain_and_key_as_cryptography_objects(tmp_path):
