@@ -158,33 +158,6 @@ async def test_instances_share_one_order(brokers):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_burst_reaches_every_instance_whole_and_in_order(brokers):
-    """
-    Many TALKs at once come back as bursts the subscriber hands on in
-    halves (SPLIT_BURST): every instance still gets all of them, in the
-    order of their ids, the same order, and nothing stays held.
-    """
-    from chatd.broker.redis_link import SubscriberProtocol
-
-    a, b = await brokers(), await brokers()
-    for broker in (a, b):
-        await broker.subscribe("lobby")
-    alice = member(a, 1)
-    await a.enter("lobby", alice)
-    count = 3 * SubscriberProtocol.SPLIT_BURST
-    sent = await defer.gatherResults([a.talk("lobby", alice, f"t{i}") for i in range(count)])
-    for broker in (a, b):
-        await broker.feed.until(lambda events: len(events) >= count + 1, f"{count + 1} events")
-    assert a.feed.events == b.feed.events
-    talks = a.feed.of_type("TALK")
-    assert [e.message for e in talks] == [f"t{i}" for i in range(count)]
-    keys = [event_id_key(e.id) for e in talks]
-    assert keys == sorted(keys) and [t.event for t in sent] == talks
-    for broker in (a, b):
-        assert not broker._subscriber.protocol._held and broker._subscriber.protocol._resume is None
-
-
-@pytest_twisted.ensureDeferred
 async def test_both_links_turn_nagle_off(brokers):
     """Both Redis connections send without Nagle's delay: pipelined commands go out at once."""
     import socket

@@ -267,111 +267,44 @@ def test_stopping_the_service_closes_and_does_not_reconnect():
     assert redis.attempts == 1
 
 
-class _FedLink:
-    """What a subscriber protocol hands on, in place of a RedisLink."""
-
-    def __init__(self):
-        self.messages = []
-        self.lost = False
-
-    def connection_made(self, protocol):
-        pass
-
-    def connection_lost(self, protocol, why):
-        self.lost = True
-
-    def message_received(self, channel, message):
-        self.messages.append((channel, message))
-
-
-def _subscriber(clock=None):
-    link = _FedLink()
-    protocol = LinkFactory(link, SubscriberProtocol, clock or MemoryReactorClock()).buildProtocol(None)
-    protocol.makeConnection(StringTransport())
-    return link, protocol
-
-
 def _subscriber_fed(chunks):
-    """Every message the chunks carry, however many reactor turns that takes."""
-    clock = MemoryReactorClock()
-    link, protocol = _subscriber(clock)
+    class _Link:
+        def __init__(self):
+            self.messages = []
+
+        def connection_made(self, protocol):
+            pass
+
+        def connection_lost(self, protocol, why):
+            pass
+
+        def message_received(self, channel, message):
+            self.messages.append((channel, message))
+
+    link = _Link()
+    protocol = LinkFactory(link, SubscriberProtocol, MemoryReactorClock()).buildProtocol(None)
+    protocol.makeConnection(StringTransport())
     for chunk in chunks:
         protocol.dataReceived(chunk)
-    for _ in range(len(chunks) + 1):  # bounded: a burst takes at most one more turn
-        clock.advance(0)
     return link.messages
-
-
-def _publish(n, channel="chatd:0:events:lobby"):
-    payload = f"1-{n} 1 1 " + '{"type":"TALK","message":"' + "é" * (n % 7) + '"}'
-    data = payload.encode()
-    return b"*3\r\n$7\r\nmessage\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (
-        len(channel), channel.encode(), len(data), data)
-
-
-def _published(n, channel="chatd:0:events:lobby"):
-    return (channel, _publish(n, channel).split(b"\r\n")[-2].decode())
 
 
 def test_a_burst_is_parsed_in_one_turn():
     """
-    Every pub/sub message in the buffer is parsed within one dataReceived
+    Every pub/sub message in the buffer is handled within one dataReceived
     (txredisapi alone defers the rest of the buffer to the next reactor
-    turn after each bulk string); any split of the bytes gives the same
-    messages in the same order.
+    turn after each bulk string); any split of the bytes gives the same.
     """
-    stream = b"".join(_publish(n) for n in range(200))
-    expected = [_published(n) for n in range(200)]
+    def publish(n):
+        payload = f"1-{n} 1 1 " + '{"type":"TALK","message":"' + "é" * (n % 7) + '"}'
+        data = payload.encode()
+        return b"*3\r\n$7\r\nmessage\r\n$20\r\nchatd:0:events:lobby\r\n$%d\r\n%s\r\n" % (len(data), data)
+
+    stream = b"".join(publish(n) for n in range(200))
+    expected = [("chatd:0:events:lobby", publish(n).split(b"\r\n")[-2].decode()) for n in range(200)]
     assert _subscriber_fed([stream]) == expected
     assert _subscriber_fed([stream[i:i + 1] for i in range(len(stream))]) == expected
     assert _subscriber_fed([stream[i:i + 97] for i in range(0, len(stream), 97)]) == expected
-
-
-def test_a_small_burst_is_handed_on_at_once():
-    """Fewer than SPLIT_BURST messages read at once are all handed on in that turn."""
-    clock = MemoryReactorClock()
-    link, protocol = _subscriber(clock)
-    count = SubscriberProtocol.SPLIT_BURST - 1
-    protocol.dataReceived(b"".join(_publish(n) for n in range(count)))
-    assert link.messages == [_published(n) for n in range(count)]
-    assert not clock.getDelayedCalls()
-
-
-def test_a_large_burst_goes_in_two_turns_in_order():
-    """
-    A burst of SPLIT_BURST or more: the first half now, the rest at the
-    next reactor turn, with what arrived meanwhile after it, and the
-    answer to a SUBSCRIBE in its place in the order.
-    """
-    clock = MemoryReactorClock()
-    link, protocol = _subscriber(clock)
-    count = SubscriberProtocol.SPLIT_BURST + 3
-    half = (count + 1) // 2
-    subscribed = b"*3\r\n$9\r\nsubscribe\r\n$20\r\nchatd:0:events:hall1\r\n:2\r\n"
-    burst = b"".join(_publish(n) for n in range(half)) + subscribed
-    burst += b"".join(_publish(n) for n in range(half, count))
-    answered = fired(protocol.subscribe("chatd:0:events:hall1"))
-    protocol.dataReceived(burst)
-    assert link.messages == [_published(n) for n in range(half)]
-    assert answered == []  # its answer came after the first half
-    protocol.dataReceived(_publish(count) + _publish(count + 1))  # meanwhile: behind the rest
-    assert len(link.messages) == half
-    clock.advance(0)
-    assert link.messages == [_published(n) for n in range(count + 2)]
-    assert answered and answered[0][0] == "subscribe"
-    assert not clock.getDelayedCalls()
-
-
-def test_a_lost_connection_hands_on_what_it_read_first():
-    """The rest of a burst goes before the link hears of the loss, not never."""
-    clock = MemoryReactorClock()
-    link, protocol = _subscriber(clock)
-    count = SubscriberProtocol.SPLIT_BURST
-    protocol.dataReceived(b"".join(_publish(n) for n in range(count)))
-    assert len(link.messages) == count // 2
-    protocol.connectionLost(Failure(error.ConnectionDone()))
-    assert link.messages == [_published(n) for n in range(count)] and link.lost
-    assert not clock.getDelayedCalls()
 
 
 # --- the broker's wiring ------------------------------------------------------------

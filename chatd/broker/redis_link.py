@@ -25,7 +25,6 @@ again, register the instance) is the C{on_ready} callback of whoever owns
 the link (L{chatd.broker.redis.RedisBroker}).
 """
 
-import collections
 import random
 
 import txredisapi
@@ -42,11 +41,6 @@ log = Logger()
 RECONNECT_INITIAL_DELAY = 0.1  # seconds before the first retry; doubled per failure...
 RECONNECT_MAX_DELAY = 5.0  # ...up to this, plus up to 20% jitter
 RECONNECT_FACTOR = 2.0
-
-
-def _is_message(reply):
-    """A pub/sub message (not the answer to a SUBSCRIBE or a PING)."""
-    return isinstance(reply, list) and len(reply) == 3 and reply[0] in ("message", b"message")
 
 
 def _jitter():
@@ -103,77 +97,7 @@ class CommandProtocol(_LinkProtocolMixin, txredisapi.RedisProtocol):
 
 
 class SubscriberProtocol(_LinkProtocolMixin, txredisapi.SubscriberProtocol):
-    """
-    SUBSCRIBE and the messages it brings (a subscribed connection can do
-    nothing else).
-
-    A burst of at least C{SPLIT_BURST} messages read at once is handed on
-    in two reactor turns: the first half, then the rest (with whatever
-    came meanwhile) at the next turn, after the first half's WebSocket
-    writes went out (chatd.tls flushes them at the turn's end).  Handing
-    on a whole burst in one turn makes one write per member of all of it;
-    but when a sender's window of TALKs comes back as one burst, its
-    members then get the whole window at once, complete it at once and
-    send the next window at once, and the servers wait for them in
-    between (docs/performance.md, scenario 4's wait).  Halves keep the two
-    sides overlapping for one more write per member per burst; smaller
-    slices cost more than they save (measured there).  Every reply keeps
-    its place in the connection's order.
-    """
-
-    SPLIT_BURST = 12
-
-    _held = None  # replies parsed but not handed on yet, in order
-    _collecting = False
-    _resume = None  # the delayed call handing on the rest
-
-    def dataReceived(self, data, unpause=False):
-        """LineReceiver API: parse everything now; hand on at most half of a large burst."""
-        if self._held is None:
-            self._held = collections.deque()
-        self._collecting = True
-        try:
-            super().dataReceived(data, unpause)
-        finally:
-            self._collecting = False
-        if self._resume is not None:
-            return  # behind already: all of it goes at the next turn, in order
-        held = self._held
-        messages = sum(1 for reply in held if _is_message(reply))
-        if messages < self.SPLIT_BURST:
-            self._hand_on(len(held))
-            return
-        first, count = (messages + 1) // 2, 0
-        for count, reply in enumerate(held, 1):  # bounded: stops at the first half's last message
-            if _is_message(reply):
-                first -= 1
-                if first == 0:
-                    break
-        self._hand_on(count)
-        self._resume = self.callLater(0, self._hand_on_rest)
-
-    def _hand_on_rest(self):
-        self._resume = None
-        self._hand_on(len(self._held))
-
-    def _hand_on(self, count):
-        held = self._held
-        for _ in range(count):
-            txredisapi.SubscriberProtocol.replyReceived(self, held.popleft())
-
-    def replyReceived(self, reply):
-        """BaseRedisProtocol API: held until L{dataReceived} has parsed all it got."""
-        if self._collecting:
-            self._held.append(reply)
-        else:
-            txredisapi.SubscriberProtocol.replyReceived(self, reply)
-
-    def connectionLost(self, why):
-        """Protocol API: what was read is handed on before the loss is."""
-        if self._resume is not None:
-            self._resume.cancel()
-            self._hand_on_rest()
-        super().connectionLost(why)
+    """SUBSCRIBE and the messages it brings (a subscribed connection can do nothing else)."""
 
     def messageReceived(self, pattern, channel, message):
         """SubscriberProtocol API"""
