@@ -570,6 +570,26 @@ def client_frame(opcode, payload, key, fin=True, masked=True, rsv=0, width=None)
     return head + key + rawws.mask(payload, key)
 
 
+def _replay_on_each(stream, cuts, protocol_classes, observe):
+    """
+    Feed C{stream}, cut at C{cuts}, to an open echo connection of each
+    class in turn: for each, what it wrote and C{observe(protocol)}.
+    """
+    bounds = sorted({min(cut, len(stream)) for cut in cuts} | {0, len(stream)})
+    chunks = [stream[a:b] for a, b in zip(bounds, bounds[1:])]
+    saved = txaio.config.loop
+    try:
+        results = []
+        for protocol_class in protocol_classes:
+            protocol, transport = open_echo(protocol_class)
+            for chunk in chunks:
+                protocol.dataReceived(chunk)
+            results.append((transport.value(), observe(protocol)))
+    finally:
+        txaio.config.loop = saved
+    return results
+
+
 def _frames(draw_kind, text, key):
     """The bytes of one frame (or fragmented message) of kind C{draw_kind}."""
     data = text.encode("utf-8")
@@ -630,18 +650,10 @@ def test_fast_path_answers_as_autobahn_does(frames, cuts):
     state.
     """
     stream = b"".join(_frames(kind, text, key) for kind, text, key in frames)
-    bounds = sorted({min(cut, len(stream)) for cut in cuts} | {0, len(stream)})
-    chunks = [stream[a:b] for a, b in zip(bounds, bounds[1:])]
-    saved = txaio.config.loop
-    try:
-        results = []
-        for protocol_class in (ws.EchoServerProtocol, AutobahnOnly):
-            protocol, transport = open_echo(protocol_class)
-            for chunk in chunks:
-                protocol.dataReceived(chunk)
-            results.append((transport.value(), protocol.state, protocol.data, protocol.inside_message))
-    finally:
-        txaio.config.loop = saved
+    results = _replay_on_each(
+        stream, cuts, (ws.EchoServerProtocol, AutobahnOnly),
+        lambda protocol: (protocol.state, protocol.data, protocol.inside_message),
+    )
     assert results[0] == results[1]
 
 
@@ -805,21 +817,13 @@ def test_compaction_answers_as_uncompacted_autobahn_does(frames, cuts):
     and ends in the same state, for every attribute Autobahn reads.
     """
     stream = b"".join(_compacting_frames(kind, text, key) for kind, text, key in frames)
-    bounds = sorted({min(cut, len(stream)) for cut in cuts} | {0, len(stream)})
-    chunks = [stream[a:b] for a, b in zip(bounds, bounds[1:])]
-    saved = txaio.config.loop
-    try:
-        results = []
-        for protocol_class in (ws.EchoServerProtocol, Uncompacted):
-            protocol, transport = open_echo(protocol_class)
-            for chunk in chunks:
-                protocol.dataReceived(chunk)
-            results.append((
-                transport.value(), protocol.state, protocol.data, protocol.inside_message,
-                protocol.wasClean, protocol.localCloseCode, protocol.remoteCloseCode,
-                protocol.closedByMe, protocol.failedByMe, protocol.droppedByMe,
-                protocol.websocket_extensions_in_use == [] or protocol.websocket_extensions_in_use == (),
-            ))
-    finally:
-        txaio.config.loop = saved
+    results = _replay_on_each(
+        stream, cuts, (ws.EchoServerProtocol, Uncompacted),
+        lambda protocol: (
+            protocol.state, protocol.data, protocol.inside_message,
+            protocol.wasClean, protocol.localCloseCode, protocol.remoteCloseCode,
+            protocol.closedByMe, protocol.failedByMe, protocol.droppedByMe,
+            protocol.websocket_extensions_in_use == [] or protocol.websocket_extensions_in_use == (),
+        ),
+    )
     assert results[0] == results[1]
