@@ -41,6 +41,7 @@ from tests import support  # noqa: E402
 
 LOADGEN = os.path.join(HERE, "loadgen.py")
 REFERENCE = os.path.join(HERE, "reference.py")
+FLOOR = os.path.join(HERE, "floor.py")
 
 # chatd's per-user limits are for people, not for one generator: lifted.
 CHATD_OVERRIDES = dict(
@@ -114,17 +115,21 @@ def pin(pid, cpu):
 
 
 class Reference:
-    """bench/reference.py as a process (the same interface as support.Chatd here)."""
+    """
+    bench/reference.py (or, as C{script}, bench/floor.py) as a process (the
+    same interface as support.Chatd here).
+    """
 
-    def __init__(self, workdir, dev_dir):
-        self.workdir, self.dev_dir = workdir, dev_dir
+    def __init__(self, workdir, dev_dir, script=REFERENCE):
+        self.workdir, self.dev_dir, self.script = workdir, dev_dir, script
+        self.name = os.path.splitext(os.path.basename(script))[0]
         self.port = support.free_port()
         self.proc = None
 
     def start(self):
-        self.log = open(os.path.join(self.workdir, "reference.log"), "ab")
+        self.log = open(os.path.join(self.workdir, f"{self.name}.log"), "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, REFERENCE, "--port", str(self.port),
+            [sys.executable, self.script, "--port", str(self.port),
              "--certificate", os.path.join(self.dev_dir, "fullchain.pem"),
              "--private-key", os.path.join(self.dev_dir, "privkey.pem")],
             stdout=subprocess.PIPE, stderr=self.log,
@@ -132,7 +137,7 @@ class Reference:
         line = self.proc.stdout.readline()  # "ready", or EOF when it failed
         if line.strip() != b"ready":
             self.stop()
-            raise RuntimeError(f"the reference server did not start (see {self.log.name})")
+            raise RuntimeError(f"the {self.name} server did not start (see {self.log.name})")
         return self
 
     def stop(self):
@@ -163,8 +168,8 @@ class Setup:
 
     def _start(self):
         b = self.bench
-        if self.kind == "reference":
-            server = Reference(b.workdir, b.workdir)
+        if self.kind in ("reference", "floor"):
+            server = Reference(b.workdir, b.workdir, REFERENCE if self.kind == "reference" else FLOOR)
             self.servers.append(server)
             server.start()
             self.targets = [dict(host="127.0.0.1", port=server.port, ticket=False)]
@@ -252,6 +257,15 @@ def against(scenario, rev):
     return scenario._replace(variants=[(f"chatd@{rev}", *rest), ("chatd", *rest)], ratio_name="ratio")
 
 
+def on_floor(scenario):
+    """
+    Scenario 2 measured against bench/floor.py instead of the reference: a
+    TLS accept, handshake and canned 101 per connection, the least a server
+    on this stack does, so chatd's CPU per connection reads against it.
+    """
+    return scenario._replace(variants=[("floor", 1), *scenario.variants[1:]])
+
+
 def snapshot(rev, into):
     """Extract the tree of git revision C{rev} of this repository into C{into}."""
     repo = os.path.dirname(HERE)
@@ -274,6 +288,8 @@ class Bench:
             # of this tree's editable install.
             self.snapshot = snapshot(args.against, tempfile.mkdtemp(prefix="snapshot-", dir=self.workdir))
             self.scenarios = {n: against(s, args.against) for n, s in SCENARIOS.items()}
+        if args.yardstick == "floor":
+            self.scenarios[2] = on_floor(self.scenarios[2])
 
     def run_generator(self, setup, scenario, spec_fields, profile_to=None, protocol=None):
         a = self.args
@@ -476,6 +492,9 @@ def parse_args(argv=None):
     parser.add_argument("--quiet-wait", type=float, default=30, help="seconds to wait for quiet before a run")
     parser.add_argument("--against", metavar="REV",
                         help="compare chatd at git revision REV with this tree's, instead of with the reference")
+    parser.add_argument("--yardstick", choices=["reference", "floor"], default="reference",
+                        help="2: what chatd is measured against: the reference server, or bench/floor.py "
+                             "(TLS and a canned 101 per connection, the least any server here does)")
     parser.add_argument("--profile", metavar="FILE", help="also run one scenario on chatd under py-spy into FILE")
     parser.add_argument("--profile-scenario", type=int, default=1, choices=sorted(SCENARIOS),
                         help="the scenario --profile runs, on its second variant (5: STOMP clients)")
@@ -484,6 +503,8 @@ def parse_args(argv=None):
     for number in args.scenarios:
         if number not in SCENARIOS:
             parser.error(f"no scenario {number}: there are {sorted(SCENARIOS)}")
+    if args.yardstick == "floor" and (args.against or set(args.scenarios) != {2}):
+        parser.error("--yardstick floor is for scenario 2 alone, without --against")
     if os.cpu_count() < 2:
         log("one core: server and generator share it, the figures measure both")
         args.server_cpu = args.gen_cpu = 0

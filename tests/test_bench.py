@@ -1,8 +1,9 @@
 """
 The benchmark (bench/): its summary and profile arithmetic, the reference
 server's protocol in memory (create_memory_agent), the generator's STOMP
-frames against chatd's own STOMP framing, and one tiny real run of scenarios 1, 3
-and 5 (both servers, real TLS, tickets, STOMP, processes stopped by PID).  Figures are never asserted: only that the bench runs,
+frames against chatd's own STOMP framing, the floor server's answer, and tiny real
+runs of scenarios 1, 3 and 5, and of 2 against the floor (real TLS, tickets,
+STOMP, processes stopped by PID).  Figures are never asserted: only that the bench runs,
 reports one JSON line per run, and loses nothing.
 """
 
@@ -128,6 +129,33 @@ def test_reference_server_speaks_enough_chatd_v1(memory_reactor):
     assert [e["type"] for e in alice.received[1:]] == ["ENTER", "ENTER", "TALK", "QUIT"]
 
 
+def test_floor_server_answers_an_upgrade_with_the_rfc_accept_and_welcome():
+    """RFC 6455's sample key gets its sample accept, then chatd.v1's WELCOME frame; no key gets a 400 and a close."""
+    from twisted.internet.testing import StringTransport
+
+    floor = _load("floor")
+    protocol = floor.make_factory().buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    head = b"GET /ws HTTP/1.1\r\nHost: x\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    protocol.dataReceived(head[:20])
+    assert transport.value() == b""
+    protocol.dataReceived(head[20:])
+    reply = transport.value()
+    assert reply.startswith(b"HTTP/1.1 101 ")
+    assert b"\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in reply
+    welcome = reply.split(b"\r\n\r\n", 1)[1]
+    assert welcome[:2] == bytes([0x81, len(welcome) - 2]) and json.loads(welcome[2:])["type"] == "WELCOME"
+    protocol.dataReceived(b"\x81\x80....")  # frames after the upgrade are ignored
+    assert transport.value() == reply and not transport.disconnecting
+
+    refused = floor.make_factory().buildProtocol(None)
+    transport = StringTransport()
+    refused.makeConnection(transport)
+    refused.dataReceived(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 400 ") and transport.disconnecting
+
+
 def test_generator_stomp_frames_meet_chatd_framing():
     """SUBSCRIBE and SEND parse with chatd's STOMP parser; a MESSAGE and a RECEIPT chatd encodes are recognised."""
     from chatd.stomp import frames
@@ -174,3 +202,25 @@ def test_tiny_run_of_scenarios_1_3_and_5():
     assert any(line.get("summary") and line["figure"] == "deliveries_per_s" for line in lines)
     assert "ratio of the medians" in done.stdout
     assert any(line.get("summary") and "stomp_vs_json" in line for line in lines)
+
+
+def test_tiny_run_of_scenario_2_against_the_floor():
+    """Scenario 2 runs on the floor server and on chatd (tickets, real TLS); every connection opens on both."""
+    pytest.importorskip("picows", reason="the bench extra: pip install -e '.[bench]'")
+    pytest.importorskip("uvloop", reason="the bench extra: pip install -e '.[bench]'")
+    done = subprocess.run(
+        [sys.executable, RUN, "2", "--yardstick", "floor", "--runs", "1", "--connections", "30",
+         "--quiet-wait", "0", "--timeout", "20"],
+        capture_output=True, text=True, timeout=100, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{") and '"run"' in line]
+    assert sorted(r["server"] for r in runs) == ["chatd", "floor"]
+    assert all(r["connected"] == 30 and r["cpu_ms_per_connection"] > 0 for r in runs), runs
+
+
+def test_floor_yardstick_is_for_scenario_2_alone():
+    """Asking for the floor with another scenario, or with --against, is a usage error naming the option."""
+    for argv in (["1", "2", "--yardstick", "floor"], ["2", "--yardstick", "floor", "--against", "HEAD"]):
+        done = subprocess.run([sys.executable, RUN, *argv], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert done.returncode == 2 and "--yardstick floor is for scenario 2 alone" in done.stderr
