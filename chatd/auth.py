@@ -133,9 +133,16 @@ class TokenVerifier:
             raise InvalidToken("algorithm not allowed") from None
         except jwt.InvalidSignatureError:
             raise InvalidToken("bad signature") from None
-        except (jwt.InvalidTokenError, ValueError, TypeError):
-            # DecodeError, InvalidKeyError and friends: nothing worth
-            # telling a client beyond "no".
+        except jwt.InvalidKeyError:
+            # The key does not suit an allowed algorithm (a PEM as an HS*
+            # secret, say).  config.read_jwt_key refuses such keys at
+            # start-up and on reload; a verifier built otherwise still
+            # answers "no" (401), never an error out of verify.
+            raise InvalidToken("token cannot be verified") from None
+        except (jwt.PyJWTError, ValueError, TypeError):
+            # DecodeError and friends (and any other PyJWT error, which
+            # is not an InvalidTokenError): nothing worth telling a client
+            # beyond "no".
             raise InvalidToken("malformed token") from None
         return principal_from_claims(claims)
 

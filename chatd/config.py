@@ -550,7 +550,8 @@ def read_jwt_key(settings):
                 "secret_file",
                 f"secret is {len(secret)} bytes; HS* needs at least {MIN_HS_SECRET_BYTES}",
             )
-        return secret
+        why = "holds a key or certificate (PEM, SSH or DER), which PyJWT refuses as an HS* secret"
+        return _suited_key(path, "secret_file", secret, algorithms, why)
     pem = _read_file(settings, "auth", "public_key_file", algorithms[0])
     if b"PRIVATE KEY" in pem:
         raise ConfigError(path, "auth", "public_key_file", "holds a private key; give the public key")
@@ -565,22 +566,39 @@ def _public_key(path, pem, algorithms):
     a certificate becomes its public key (PyJWT reads no certificates), and
     a key of the wrong type would otherwise fail every token at run time.
     """
-    import jwt
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
-    try:
-        if b"-----BEGIN CERTIFICATE-----" in pem:
+    why = f"not a PEM public key for {' '.join(algorithms)}"
+    if b"-----BEGIN CERTIFICATE-----" in pem:
+        try:
             pem = x509.load_pem_x509_certificate(pem).public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
+        except (UnsupportedAlgorithm, ValueError, TypeError):
+            raise ConfigError(path, "auth", "public_key_file", why) from None
+    return _suited_key(path, "public_key_file", pem, algorithms, why)
+
+
+def _suited_key(path, key_name, key, algorithms, why):
+    """
+    C{key}, tried once with every allowed algorithm as PyJWT will use it
+    on each token: PyJWT refuses a key unsuited to the algorithm (a public
+    key or certificate as an HS* secret, an EC key for RS256) with
+    C{InvalidKeyError} only when a token comes.
+
+    @raise ConfigError: naming C{[auth] key_name}, with C{why}.
+    """
+    import jwt
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    try:
         for name in algorithms:
-            jwt.get_algorithm_by_name(name).prepare_key(pem)
+            jwt.get_algorithm_by_name(name).prepare_key(key)
     except (jwt.InvalidKeyError, UnsupportedAlgorithm, ValueError, TypeError):
-        why = f"not a PEM public key for {' '.join(algorithms)}"
-        raise ConfigError(path, "auth", "public_key_file", why) from None
-    return pem
+        raise ConfigError(path, "auth", key_name, why) from None
+    return key
 
 
 def replace(settings, **changes):

@@ -190,6 +190,30 @@ def test_wrong_rsa_key(rsa_public_pem):
     assert refusal(forged, key=rsa_public_pem, algorithms=["RS256"]) == "bad signature"
 
 
+@pytest.mark.parametrize("form", ["pem", "openssh", "der"])
+def test_public_key_as_hs_secret_is_a_refusal(rsa_key, form):
+    """
+    PyJWT refuses a public key as an HMAC secret with InvalidKeyError, which
+    is no InvalidTokenError: a verifier built with one refuses every token
+    with InvalidToken (a 401), rather than letting PyJWT's error out.
+    """
+    encodings = {
+        "pem": (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+        "openssh": (serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
+        "der": (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+    }
+    key = rsa_key.public_key().public_bytes(*encodings[form])
+    assert refusal(token(), key=key) == "token cannot be verified"
+
+
+@pytest.mark.parametrize("key", [SECRET, b""], ids=["secret", "empty"])
+def test_secret_as_rs256_key_is_a_refusal(rsa_key, key):
+    """An RS256 verifier whose key is no public key refuses a well-signed token with InvalidToken."""
+    assert refusal(token(key=rsa_key, algorithm="RS256"), key=key, algorithms=["RS256"]) == (
+        "token cannot be verified"
+    )
+
+
 @pytest.mark.parametrize("bad", ["", None, 5, "not.a.jwt", "abc", "eyJhbGciOiJIUzI1NiJ9..."])
 def test_malformed(bad):
     """Garbage and non-strings are refused without detail."""

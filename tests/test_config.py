@@ -99,6 +99,23 @@ def pem_private(key):
     )
 
 
+def self_signed(key):
+    """A self-signed certificate for C{key}: what a certificate file holds."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "issuer")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+
+
 # --- the good case -------------------------------------------------------------
 
 
@@ -225,23 +242,10 @@ def test_public_key_file(ini, tmp_path, rsa_key):
 
 def test_public_key_from_certificate(ini, tmp_path, rsa_key):
     """A PEM certificate in public_key_file yields its public key, which verifies tokens."""
-    import datetime
-
     import jwt
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
 
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "idp")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(rsa_key.public_key()).serial_number(1)
-        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-        .sign(rsa_key, hashes.SHA256())
-    )
     public = tmp_path / "idp.crt"
-    public.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    public.write_bytes(self_signed(rsa_key).public_bytes(serialization.Encoding.PEM))
     settings = config.load(
         ini(auth__algorithms="RS256", auth__secret_file=None, auth__public_key_file=str(public))
     )
@@ -504,6 +508,31 @@ def test_secret_of_exactly_32_bytes(ini, files):
     with open(files["secret"], "wb") as f:
         f.write(b"x" * 32)
     assert config.load(ini()).jwt_key == b"x" * 32
+
+
+@pytest.mark.parametrize("form", ["pem", "openssh", "der", "certificate"])
+@pytest.mark.parametrize("algorithms", ["HS256", "HS512 HS256"])
+def test_key_as_hs_secret_is_refused(ini, files, rsa_key, form, algorithms):
+    """
+    A public key or certificate in secret_file (PyJWT refuses it as an HMAC
+    secret, with InvalidKeyError on every token) stops loading, naming
+    [auth] secret_file and not echoing the file.
+    """
+    if form == "certificate":
+        secret = self_signed(rsa_key).public_bytes(serialization.Encoding.PEM)
+    else:
+        encoding, format_ = {
+            "pem": (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+            "openssh": (serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
+            "der": (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+        }[form]
+        secret = rsa_key.public_key().public_bytes(encoding, format_)
+    with open(files["secret"], "wb") as f:
+        f.write(secret)
+    path = ini(auth__algorithms=algorithms)
+    error = failure(path)
+    assert_names(error, path, "auth", "secret_file", "PyJWT refuses as an HS* secret")
+    assert "AAAA" not in str(error) and "BEGIN" not in str(error)
 
 
 def test_public_key_file_required(ini):

@@ -127,6 +127,29 @@ def test_ticket_without_token_is_401(world):
     assert req.responseHeaders.getRawHeaders(b"www-authenticate")[0].startswith(b"Bearer")
 
 
+def test_key_unsuited_to_the_algorithm_is_401_and_serving_goes_on(clock):
+    """
+    A verifier whose key PyJWT refuses for the algorithm (a PEM public key
+    as the HS256 secret: config refuses it at start-up, a verifier built
+    directly still holds it) answers every token 401 JSON, logs no failure,
+    and the site keeps answering.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    settings = config.defaults(server__allowed_origins=("*",))
+    broker = _FailingBroker(clock, instance_id="i1")
+    site = web.make_site(settings, broker, TokenVerifier(pem, ["HS256"]), None, reactor=clock)
+    for path in (b"/auth/ticket", b"/rooms"):
+        method = b"POST" if path == b"/auth/ticket" else b"GET"
+        status, body = answer(request(site, method, path, token("alice")))
+        assert (status, body["error"]) == (401, "invalid_token")
+    assert answer(request(site, b"GET", b"/healthz"))[0] == 200
+
+
 def test_ticket_wrong_method_is_405(world):
     """GET /auth/ticket is 405 with Allow: POST."""
     site, _ = world
