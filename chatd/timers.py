@@ -39,6 +39,31 @@ class _Call:
         calls, self._calls = self._calls, None
         if calls is not None:
             calls.pop(self, None)
+            if not calls:
+                calls.emptied()
+
+
+class _Second(dict):
+    """
+    The calls due at one whole second, in order (C{{_Call: None}}), with
+    the clock call that runs them next (L{None} while they run).
+    """
+
+    __slots__ = ("_seconds", "_due", "wake")
+
+    def __init__(self, seconds, due):
+        super().__init__()
+        self._seconds = seconds  # the timer's due second -> _Second, while it waits
+        self._due = due
+        self.wake = None
+
+    def emptied(self):
+        """Its last call was cancelled: no clock call for it, and no entry."""
+        wake, self.wake = self.wake, None
+        if wake is not None:
+            wake.cancel()
+        if self._seconds.get(self._due) is self:
+            del self._seconds[self._due]
 
 
 class BatchedTimer:
@@ -67,7 +92,7 @@ class BatchedTimer:
         self._clock = clock
         self._chunk_size = chunk_size
         self._chunk_seconds = chunk_seconds
-        self._seconds = {}  # due second -> (its clock call, {_Call: None} in order)
+        self._seconds = {}  # due second -> its _Second, until it runs
 
     def call_later(self, delay, func, *args, **kwargs):
         """
@@ -80,26 +105,25 @@ class BatchedTimer:
             func = partial(func, **kwargs)
         now = self._clock.seconds()
         due = ceil(now + delay)
-        entry = self._seconds.get(due)
-        if entry is None:
-            entry = self._seconds[due] = (
-                self._clock.callLater(max(0.0, due - now), self._run_second, due), {}
-            )
-        calls = entry[1]
+        calls = self._seconds.get(due)
+        if calls is None:
+            calls = self._seconds[due] = _Second(self._seconds, due)
+            calls.wake = self._clock.callLater(max(0.0, due - now), self._run_second, due)
         call = _Call(calls, func, args)
         calls[call] = None
         return call
 
     def pending(self):
         """How many calls are waiting (for tests and the curious)."""
-        return sum(len(calls) for _, calls in self._seconds.values())
+        return sum(len(calls) for calls in self._seconds.values())
 
     def _run_second(self, due):
-        _, calls = self._seconds.pop(due)
+        calls = self._seconds.pop(due)
         chunks = -(-len(calls) // self._chunk_size)
         self._run_chunk(calls, self._chunk_seconds / max(1, chunks))
 
     def _run_chunk(self, calls, pause):
+        calls.wake = None
         for call in list(islice(calls, self._chunk_size)):
             # One an earlier call of this chunk cancelled has left the dict.
             if calls.pop(call, _GONE) is _GONE:
@@ -110,4 +134,4 @@ class BatchedTimer:
             except Exception:
                 log.failure("timer call {call!r} failed", call=call._func)
         if calls:
-            self._clock.callLater(pause, self._run_chunk, calls, pause)
+            calls.wake = self._clock.callLater(pause, self._run_chunk, calls, pause)

@@ -76,6 +76,44 @@ def test_a_call_cancelled_by_an_earlier_one_does_not_run():
     assert ran == ["third"]
 
 
+def test_a_second_whose_calls_are_all_cancelled_leaves_no_clock_call():
+    """
+    Cancelling every call of a second cancels its clock call too (the
+    reactor keeps no call that would do nothing); a later call for that
+    second gets a clock call of its own and runs.
+    """
+    clock = Clock()
+    timer = BatchedTimer(clock)
+    ran = []
+    calls = [timer.call_later(delay, ran.append, "cancelled") for delay in (0.2, 0.7, 1.0)]
+    other = timer.call_later(2, ran.append, "cancelled")
+    assert len(clock.getDelayedCalls()) == 2
+    for call in calls:
+        call.cancel()
+    assert [c.getTime() for c in clock.getDelayedCalls()] == [2.0]
+    other.cancel()
+    assert clock.getDelayedCalls() == [] and timer.pending() == 0
+    timer.call_later(1, ran.append, "again")
+    clock.advance(1)
+    assert ran == ["again"] and clock.getDelayedCalls() == []
+
+
+def test_calls_cancelled_between_chunks_leave_no_clock_call():
+    """Once a second has started, cancelling the rest of its calls cancels its next chunk's clock call."""
+    clock = Clock()
+    timer = BatchedTimer(clock, chunk_size=1)
+    ran = []
+    calls = [timer.call_later(1, ran.append, i) for i in range(3)]
+    clock.advance(1)
+    assert ran == [0] and len(clock.getDelayedCalls()) == 1
+    calls[1].cancel()
+    assert len(clock.getDelayedCalls()) == 1  # the third is still due
+    calls[2].cancel()
+    assert clock.getDelayedCalls() == []
+    clock.advance(1)
+    assert ran == [0]
+
+
 def test_a_failing_call_is_logged_and_the_others_run(logged_failures):
     """One connection's timer failing does not keep the others' from running."""
     clock = Clock()
