@@ -19,7 +19,6 @@ On stop, WebSocket clients are closed with 1001 and the listener stops;
 the broker stops only after both (see L{ChatService}).
 """
 
-from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -233,7 +232,7 @@ def make_chat_service(settings, reactor=None, tls_options=None, environ=None):
     )]
     if settings.admin.endpoint:
         admin_site = admin.make_admin_site(metrics, drain_state.readiness, api_resource=api_resource)
-        others.append(strports.service(settings.admin.endpoint, admin_site, reactor=reactor))
+        others.append(eager.service(settings.admin.endpoint, admin_site, reactor=reactor))
     reloader = Reloader(
         settings, verifier, server_tls, notifier, metrics, lambda: drain_state.draining
     )

@@ -12,14 +12,17 @@ import dataclasses
 import json
 
 import pytest
+import pytest_twisted
 import txaio
 from autobahn.twisted.testing import create_memory_agent
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer, endpoints
 from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from chatd import config, drain, eager, errors, guard, service, tls, web
+from chatd import admin, config, drain, eager, errors, guard, service, tls, web
 from chatd.auth import Principal
 from tests.fakes import MemoryClient, Pumps
 
@@ -74,6 +77,67 @@ def test_one_tls_listener(reactor, dev_dir):
     # Its TCP connections send at once (chatd/eager.py).
     [listener] = [child for child in top if isinstance(child, StreamServerEndpointService)]
     assert isinstance(listener.endpoint, eager.EagerWrites)
+
+
+class _Answer(Protocol):
+    """Sends one HTTP/1.0 request; C{done} fires with all the server sent, once it closes."""
+
+    def __init__(self, request):
+        self.request = request
+        self.received = []
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.request)
+
+    def dataReceived(self, data):
+        self.received.append(data)
+
+    def connectionLost(self, reason):
+        self.done.callback(b"".join(self.received))
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_listener_sends_eagerly_on_a_real_port():
+    """
+    The admin listener listens through EagerWrites as the public one does:
+    on a real loopback port its connections are EagerServers, and /livez
+    answers through one.
+    """
+    from twisted.internet import reactor
+
+    settings = make_settings(admin__endpoint="tcp:0:interface=127.0.0.1")
+    top = service.make_chat_service(settings, reactor, environ={})
+    [listener] = [child for child in top if isinstance(getattr(child, "factory", None), admin.AdminSite)]
+    assert isinstance(listener.endpoint, eager.EagerWrites)
+    site = listener.factory
+    transports = []
+
+    def build(addr, build=site.buildProtocol):
+        """The site's channel, noting the transport the port connects it to."""
+        channel = build(addr)
+        make = channel.makeConnection
+
+        def connect(transport):
+            transports.append(transport)
+            make(transport)
+
+        channel.makeConnection = connect
+        return channel
+
+    site.buildProtocol = build
+    port = await listener.endpoint.listen(site)
+    try:
+        assert port.transport is eager.EagerServer
+        client = _Answer(b"GET /livez HTTP/1.0\r\n\r\n")
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port, timeout=10)
+        await endpoints.connectProtocol(endpoint, client)
+        answer = await client.done.addTimeout(10, reactor)
+        assert answer.startswith(b"HTTP/1.0 200 ") and answer.endswith(b'{"status": "alive"}')
+        [transport] = transports
+        assert isinstance(transport, eager.EagerServer)
+    finally:
+        await port.stopListening()
 
 
 def test_one_plain_listener(reactor):
