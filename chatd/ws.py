@@ -279,6 +279,7 @@ class _GuardedMixin:
             self.wasMaxMessagePayloadSizeExceeded = True
             # Autobahn's own path for an over-size message: close 1009
             # (failByDrop is off), and nothing more of it is kept.
+            # Private: no public call also sets failedByMe (test_ws checks the name is there).
             self._max_message_size_exceeded(
                 held, self.maxMessagePayloadSize,
                 f"message of {self._fragments} fragments over the size limit",

@@ -342,6 +342,21 @@ def test_many_tiny_fragments_close_1009(clocked):
     assert client.closed == errors.CLOSE_MESSAGE_TOO_BIG
 
 
+def test_autobahn_still_has_the_private_size_hook():
+    """
+    chatd.ws fails an over-size message through Autobahn's private
+    _max_message_size_exceeded(msg_size, max_msg_size, reason), the path
+    Autobahn's own size checks take (close 1009 and failedByMe, so nothing
+    more of the message is kept); no public call does both.  An Autobahn
+    that renames or reshapes it fails here, not on a client's message.
+    """
+    import inspect
+
+    hook = getattr(WebSocketServerProtocol, "_max_message_size_exceeded", None)
+    assert callable(hook), "Autobahn no longer has _max_message_size_exceeded: see ChatServerProtocol.onMessageFrameBegin"
+    assert list(inspect.signature(hook).parameters) == ["self", "msg_size", "max_msg_size", "reason"]
+
+
 def test_one_frame_of_exactly_the_limit_is_accepted(clocked):
     """A message in one frame may be exactly max_message_bytes (no fragment is charged)."""
     world = make_world(limits__max_message_bytes=4096)
