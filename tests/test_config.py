@@ -475,10 +475,11 @@ def test_tls_files_must_exist(ini, tmp_path, key):
     assert_names(failure(path), path, "tls", key, f"no such file: {missing}")
 
 
-def test_tls_file_unreadable(ini, tmp_path):
-    """A certificate path that is a directory cannot be read."""
-    path = ini(tls__certificate=str(tmp_path))
-    assert_names(failure(path), path, "tls", "certificate", f"cannot read {tmp_path}")
+@pytest.mark.parametrize("key", ["certificate", "private_key"])
+def test_tls_file_unreadable(ini, tmp_path, key):
+    """A certificate or key path that is a directory cannot be read: named, with the reason."""
+    path = ini(**{f"tls__{key}": str(tmp_path)})
+    assert_names(failure(path), path, "tls", key, f"cannot read {tmp_path}: Is a directory")
 
 
 def test_secret_file_required_for_hs(ini):

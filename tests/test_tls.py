@@ -154,6 +154,67 @@ def test_groups_are_limited_to_the_profile(tmp_path):
     assert tls.certificate_options(settings).groups == "X25519:P-256:P-384"
 
 
+def _refusal(tmp_path, **files):
+    """The ConfigError certificate_options raises for C{files} (tls__certificate/private_key), from chatd.ini."""
+    import dataclasses
+
+    settings = dataclasses.replace(config.replace(config.defaults(), **files), path=str(tmp_path / "chatd.ini"))
+    with pytest.raises(config.ConfigError) as info:
+        tls.certificate_options(settings)
+    error = info.value
+    assert str(error) == f"{tmp_path / 'chatd.ini'}: [{error.section}] {error.key}: {error.why}"
+    assert "\n" not in str(error)
+    return error
+
+
+def test_unreadable_private_key_names_file_section_key_and_uid(tmp_path):
+    """
+    A private key that exists but cannot be read (as the service user, on
+    a reload after --uid; here a directory, since root reads any file) is
+    one line naming chatd.ini, [tls] private_key, the key's file and the uid.
+    """
+    _, chain, _ = make_pki(str(tmp_path))
+    unreadable = tmp_path / "unreadable.pem"
+    unreadable.mkdir(mode=0o700)
+    error = _refusal(tmp_path, tls__certificate=chain, tls__private_key=str(unreadable))
+    assert (error.section, error.key) == ("tls", "private_key")
+    assert error.why == f"cannot read {unreadable} as uid {os.geteuid()}: Is a directory"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered"])
+def test_unparsable_private_key_is_named_never_echoed(tmp_path, damage):
+    """A key file that is read but does not parse names [tls] private_key, and no line of the key."""
+    _, chain, key = make_pki(str(tmp_path))
+    with open(key, "rb") as f:
+        pem = f.read()
+    lines = pem.splitlines()
+    if damage == "truncated":
+        broken = b"\n".join(lines[:-2]) + b"\n"
+    else:  # one character of the PKCS#8 header, the same bytes in every P-256 key
+        body = lines[1]
+        broken = b"\n".join([lines[0], body[:10] + (b"A" if body[10:11] != b"A" else b"B") + body[11:]] + lines[2:])
+    with open(key, "wb") as f:
+        f.write(broken)
+    error = _refusal(tmp_path, tls__certificate=chain, tls__private_key=key)
+    assert (error.section, error.key) == ("tls", "private_key")
+    assert error.why == "not a valid, unencrypted PEM private key"
+    for line in lines[1:-1]:
+        assert line[:16].decode() not in str(error)
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"not a certificate\n", "no PEM certificate in the file"),
+    (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "not a valid PEM certificate"),
+])
+def test_unparsable_certificate_is_named(tmp_path, content, why):
+    """A certificate file that is read but does not parse names [tls] certificate, and says why."""
+    _, chain, key = make_pki(str(tmp_path))
+    with open(chain, "wb") as f:
+        f.write(content)
+    error = _refusal(tmp_path, tls__certificate=chain, tls__private_key=key)
+    assert (error.section, error.key, error.why) == ("tls", "certificate", why)
+
+
 class _Recorder(protocol.Protocol):
     """Keeps what it receives and whether its connection was lost."""
 
