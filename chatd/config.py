@@ -23,7 +23,9 @@ HS_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
-MIN_HS_SECRET_BYTES = 32
+# RFC 7518 section 3.2: an HMAC key at least as long as the hash's output.
+# PyJWT only warns (InsecureKeyLengthWarning) on each token it decodes.
+MIN_HS_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 MIN_API_KEY_CHARS = 32
 MIN_WEBHOOK_SECRET_BYTES = 32
 WEBHOOK_EVENTS = ("talk", "enter", "quit")
@@ -543,12 +545,10 @@ def read_jwt_key(settings):
     algorithms = settings.auth.algorithms
     if algorithms[0] in HS_ALGORITHMS:
         secret = _read_file(settings, "auth", "secret_file", algorithms[0]).strip()
-        if len(secret) < MIN_HS_SECRET_BYTES:
+        need, longest = max((MIN_HS_SECRET_BYTES[name], name) for name in algorithms)
+        if len(secret) < need:
             raise ConfigError(
-                path,
-                "auth",
-                "secret_file",
-                f"secret is {len(secret)} bytes; HS* needs at least {MIN_HS_SECRET_BYTES}",
+                path, "auth", "secret_file", f"secret is {len(secret)} bytes; {longest} needs at least {need}"
             )
         why = "holds a key or certificate (PEM, SSH or DER), which PyJWT refuses as an HS* secret"
         return _suited_key(path, "secret_file", secret, algorithms, why)

@@ -500,8 +500,28 @@ def test_short_secret(ini, files):
         f.write(b"x" * 31 + b"\n\n")
     path = ini()
     assert_names(
-        failure(path), path, "auth", "secret_file", "secret is 31 bytes; HS* needs at least 32"
+        failure(path), path, "auth", "secret_file", "secret is 31 bytes; HS256 needs at least 32"
     )
+
+
+@pytest.mark.parametrize(
+    "algorithms, size, refusal",
+    [
+        ("HS384", 47, "secret is 47 bytes; HS384 needs at least 48"),
+        ("HS256 HS512", 63, "secret is 63 bytes; HS512 needs at least 64"),
+        ("HS384", 48, None),
+        ("HS512 HS256", 64, None),
+    ],
+)
+def test_secret_at_least_as_long_as_each_allowed_hash(ini, files, algorithms, size, refusal):
+    """RFC 7518: an HS384 or HS512 secret as long as the hash (48, 64 bytes), which PyJWT only warns about."""
+    with open(files["secret"], "wb") as f:
+        f.write(b"x" * size)
+    path = ini(auth__algorithms=algorithms)
+    if refusal is None:
+        assert config.load(path).jwt_key == b"x" * size
+    else:
+        assert_names(failure(path), path, "auth", "secret_file", refusal)
 
 
 def test_secret_of_exactly_32_bytes(ini, files):
