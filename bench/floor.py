@@ -16,11 +16,9 @@ scenario 2 (C{bench/run.py 2 --yardstick floor}).
     python bench/floor.py --port P --certificate fullchain.pem --private-key privkey.pem
 """
 
-import argparse
 import base64
 import hashlib
 import re
-import sys
 
 from twisted.internet.protocol import Factory, Protocol
 
@@ -81,29 +79,9 @@ def make_factory():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--certificate", required=True)
-    parser.add_argument("--private-key", required=True)
-    args = parser.parse_args(argv)
+    from reference import serve  # bench/ is the script's directory, first on sys.path
 
-    from twisted.internet import endpoints, reactor
-
-    from reference import _options  # bench/ is the script's directory, first on sys.path
-
-    endpoint = endpoints.SSL4ServerEndpoint(
-        reactor, args.port, _options(args.certificate, args.private_key), interface="127.0.0.1",
-    )
-
-    def listening(port):
-        print("ready", flush=True)
-
-    def failed(failure):
-        print(f"floor: cannot listen: {failure.value}", file=sys.stderr, flush=True)
-        reactor.stop()
-
-    endpoint.listen(make_factory()).addCallbacks(listening, failed)
-    reactor.run()
+    serve(make_factory, "floor", argv)
 
 
 if __name__ == "__main__":

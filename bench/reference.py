@@ -100,8 +100,9 @@ def make_factory():
     return factory
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def serve(factory_maker, name, argv=None):
+    """Listen with C{factory_maker()} on the command line's port and TLS files; "ready" once listening."""
+    parser = argparse.ArgumentParser(description=f"bench/{name}.py")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--certificate", required=True)
     parser.add_argument("--private-key", required=True)
@@ -117,11 +118,15 @@ def main(argv=None):
         print("ready", flush=True)
 
     def failed(failure):
-        print(f"reference: cannot listen: {failure.value}", file=sys.stderr, flush=True)
+        print(f"{name}: cannot listen: {failure.value}", file=sys.stderr, flush=True)
         reactor.stop()
 
-    endpoint.listen(make_factory()).addCallbacks(listening, failed)
+    endpoint.listen(factory_maker()).addCallbacks(listening, failed)
     reactor.run()
+
+
+def main(argv=None):
+    serve(make_factory, "reference", argv)
 
 
 if __name__ == "__main__":
