@@ -340,12 +340,22 @@ class Bench:
         return result
 
     def start_profiler(self, pid, out):
-        py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-        log(f"py-spy record on PID {pid} -> {out}")
+        a = self.args
+        if a.profiler == "perf":
+            # The kernel and OpenSSL too, which py-spy does not see; read with
+            # `perf report -i FILE` (or `perf script`).
+            log(f"perf record on PID {pid} -> {out}")
+            command = ["perf", "record", "-e", "cpu-clock", "-g", "-F", str(a.profile_rate),
+                       "-p", str(pid), "-o", out]
+        else:
+            py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+            log(f"py-spy record on PID {pid} -> {out}")
+            command = [py_spy, "record", "--pid", str(pid), "--rate", str(a.profile_rate),
+                       "--format", "raw", "--output", out, "--nonblocking"]
+            if a.profiler == "py-spy-native":
+                command[-1:] = ["--native"]  # native frames need the process stopped per sample
         return subprocess.Popen(
-            ["taskset", "-c", str(self.args.gen_cpu), py_spy, "record", "--pid", str(pid), "--rate", "200",
-             "--format", "raw", "--output", out, "--nonblocking"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ["taskset", "-c", str(a.gen_cpu), *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 
     def stop_profiler(self, proc):
@@ -387,12 +397,15 @@ class Bench:
 
     def profile(self):
         out = os.path.abspath(self.args.profile)
-        # The scenario's second variant: chatd in 1-3, two chatd in 4, STOMP clients in 5.
+        # The scenario's second variant: chatd in 1-3, two chatd in 4, STOMP
+        # clients in 5; --profile-variant 1: the first (the reference in 1-3).
         scenario = self.scenarios[self.args.profile_scenario]
-        variant = scenario.variants[-1]
-        log(f"scenario {scenario.number} on {variant_label(*variant)} under py-spy (not counted in the figures)")
+        variant = scenario.variants[self.args.profile_variant - 1]
+        log(f"scenario {scenario.number} on {variant_label(*variant)} under {self.args.profiler}"
+            " (not counted in the figures)")
         self.one_run(scenario, variant, 0, profile_to=out)
-        print_profile(out, self.args.profile_top, f"scenario {scenario.number}, {variant_label(*variant)}")
+        if self.args.profiler != "perf":
+            print_profile(out, self.args.profile_top, f"scenario {scenario.number}, {variant_label(*variant)}")
 
     def summary(self):
         rows = []
@@ -498,6 +511,12 @@ def parse_args(argv=None):
     parser.add_argument("--profile", metavar="FILE", help="also run one scenario on chatd under py-spy into FILE")
     parser.add_argument("--profile-scenario", type=int, default=1, choices=sorted(SCENARIOS),
                         help="the scenario --profile runs, on its second variant (5: STOMP clients)")
+    parser.add_argument("--profile-variant", type=int, default=2, choices=(1, 2),
+                        help="the variant --profile runs: 2 chatd (this tree), 1 the reference (or chatd@REV)")
+    parser.add_argument("--profiler", choices=("py-spy", "py-spy-native", "perf"), default="py-spy",
+                        help="--profile's profiler: py-spy, py-spy --native (C frames too), or "
+                        "perf record -e cpu-clock -g (the kernel and OpenSSL; FILE is perf.data)")
+    parser.add_argument("--profile-rate", type=int, default=200, help="--profile's samples per second")
     parser.add_argument("--profile-top", type=int, default=25)
     args = parser.parse_args(argv)
     for number in args.scenarios:
