@@ -215,6 +215,41 @@ def test_unparsable_certificate_is_named(tmp_path, content, why):
     assert (error.section, error.key, error.why) == ("tls", "certificate", why)
 
 
+def test_tls13_prefers_aes_128(tmp_path):
+    """
+    A TLS 1.3 client that offers OpenSSL's default order (AES-256 first)
+    gets TLS_AES_128_GCM_SHA256, the server's preference; a client that
+    offers only AES-256 still gets it.
+    """
+    _, chain, key = make_pki(str(tmp_path))
+    settings = config.replace(config.defaults(), tls__certificate=chain, tls__private_key=key)
+    server_context = tls.certificate_options(settings).getContext()
+
+    def negotiated(suites=None):
+        client_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        if suites is not None:
+            client_context.set_tls13_ciphersuites(suites)
+        server = SSL.Connection(server_context, None)
+        server.set_accept_state()
+        client = SSL.Connection(client_context, None)
+        client.set_connect_state()
+        for _ in range(10):  # a TLS 1.3 handshake takes two flights each way
+            for source, sink in ((client, server), (server, client)):
+                try:
+                    source.do_handshake()
+                except SSL.WantReadError:
+                    pass
+                try:
+                    sink.bio_write(source.bio_read(65536))
+                except SSL.WantReadError:
+                    pass
+        assert server.get_protocol_version_name() == "TLSv1.3"
+        return server.get_cipher_name()
+
+    assert negotiated() == "TLS_AES_128_GCM_SHA256"
+    assert negotiated(b"TLS_AES_256_GCM_SHA384") == "TLS_AES_256_GCM_SHA384"
+
+
 class _Recorder(protocol.Protocol):
     """Keeps what it receives and whether its connection was lost."""
 
