@@ -13,6 +13,7 @@ docs/security.md says which threat each answers.
 """
 
 import collections
+import functools
 import ipaddress
 
 from twisted.internet.interfaces import IPushProducer
@@ -48,6 +49,7 @@ class TokenBucket:
         return False
 
 
+@functools.lru_cache(maxsize=1024)
 def client_key(host):
     """
     The unit per-address limits count in: the IPv4 address, or the /64 an
@@ -55,6 +57,10 @@ def client_key(host):
     single IPv6 addresses would let one client take 2**64 slots).
     IPv4-mapped IPv6 counts as the IPv4 address; anything that is not an IP
     address (a UNIX socket peer) counts as itself.
+
+    Memoized (a bounded cache): each new connection asks four or five times
+    (the guard's check and admit, the WebSocket caps' check and admit), and
+    parsing an address is most of the caps' cost (docs/performance.md).
     """
     try:
         address = ipaddress.ip_address(host)
