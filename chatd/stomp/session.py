@@ -25,6 +25,7 @@ docs/stomp.md is the contract.
 import collections
 import itertools
 import json
+import weakref
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -81,6 +82,26 @@ def _unprepared(data, framing):
     return data
 
 
+class Slot:
+    """
+    Where the MESSAGE frame of one L{EventFrames.key} for the event being
+    fanned out is kept: one object for every subscription of that key, so
+    a member whose slot already holds this event's frame sends it with one
+    identity check (L{StompSession._shared_event}).
+
+    @ivar key: the key.
+    @ivar text: the event text the frame was made for, or L{None}.
+    @ivar prepared: that frame, prepared.
+    """
+
+    __slots__ = ("key", "text", "prepared", "__weakref__")
+
+    def __init__(self, key):
+        self.key = key
+        self.text = None
+        self.prepared = None
+
+
 class EventFrames:
     """
     The MESSAGE frames of the event being fanned out, made once per
@@ -91,12 +112,12 @@ class EventFrames:
     usually shares one frame.  Subscribers with ids of their own each get
     one, made from the event's headers and body encoded once
     (L{frames.MessageFrames}).  One per instance, shared by its STOMP
-    connections; the last event is kept, by identity, with what was made
-    for it (at most one frame per local subscriber of its room).
+    connections; each key has one L{Slot} while a subscription holds it,
+    and only the last event's frames are kept (at most one per local
+    subscriber of its room).
 
     @ivar text: the chatd.v1 text of the last event.
     @ivar room: its room.
-    @ivar frames: its frames so far, by key.
     """
 
     def __init__(self, prepare=_unprepared):
@@ -108,10 +129,11 @@ class EventFrames:
         self._prepare = prepare
         self.text = None
         self.room = None
-        self.frames = {}
         self._event = None
         self._body = None
         self._encoders = {}
+        self._slots = weakref.WeakValueDictionary()  # key -> Slot, while subscribed
+        self._filled = []  # the slots holding the last event's frames
 
     @staticmethod
     def key(subscription, version, framing):
@@ -121,15 +143,47 @@ class EventFrames:
         """
         return (subscription.destination, frames.header_value(subscription.id, version), version, framing)
 
+    def slot(self, key):
+        """
+        @return: the L{Slot} of C{key}, the same one for every subscription
+            of that key while one holds it.
+        """
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._slots[key] = Slot(key)
+        return slot
+
     def start(self, text):
         """Decode the event text C{text} the hub shared, once per event."""
         event = messages.RoomEvent.from_wire(json.loads(text))
+        for slot in self._filled:
+            slot.text = slot.prepared = None
+        self._filled = []
         self._event = event
         self._body = mapping.event_body(event)
         self._encoders = {}
-        self.frames = {}
         self.room = event.room
         self.text = text
+
+    def fill(self, text, slot):
+        """
+        @param text: the chatd.v1 event text the hub shared.
+        @param slot: from L{slot}; its destination names C{text}'s room.
+        @return: the prepared MESSAGE frame, kept in C{slot} for this event.
+        """
+        if text is not self.text:
+            self.start(text)
+        if slot.text is not text:
+            destination, value, version, framing = slot.key
+            encoder = self._encoders.get((destination, version))
+            if encoder is None:
+                encoder = self._encoders[(destination, version)] = frames.MessageFrames(
+                    destination, self._event.id, self._body, version
+                )
+            slot.prepared = self._prepare(encoder.encode_value(value), framing)
+            slot.text = text
+            self._filled.append(slot)
+        return slot.prepared
 
     def frame(self, text, key):
         """
@@ -138,18 +192,7 @@ class EventFrames:
         @return: the prepared MESSAGE frame (the same object for the same
             event and key).
         """
-        if text is not self.text:
-            self.start(text)
-        prepared = self.frames.get(key)
-        if prepared is None:
-            destination, value, version, framing = key
-            encoder = self._encoders.get((destination, version))
-            if encoder is None:
-                encoder = self._encoders[(destination, version)] = frames.MessageFrames(
-                    destination, self._event.id, self._body, version
-                )
-            prepared = self.frames[key] = self._prepare(encoder.encode_value(value), framing)
-        return prepared
+        return self.fill(text, self.slot(key))
 
 
 @implementer(IConnection)
@@ -208,7 +251,8 @@ class StompSession:
         self._routes = mapping.Routes.from_settings(settings.stomp)
         self._parser = frames.FrameParser(settings.limits.max_message_bytes)
         self._subscriptions = mapping.Subscriptions()
-        self._shared_keys = {}  # room -> its subscription's EventFrames key
+        self._slots = {}  # room -> its subscription's EventFrames slot
+        self._slot = None  # the only one, while there is one and the session is not closing
         self._send_shared_frame = connection.send_shared_frame
         self._side = _SessionSide(self, connection.connection_id)
         self._bucket = TokenBucket(self._limits.rate, self._limits.burst, clock)
@@ -367,9 +411,10 @@ class StompSession:
     async def _subscribe(self, frame):
         subscription = mapping.subscribe(frame, self._routes)
         self._subscriptions.add(subscription)
-        self._shared_keys[subscription.room] = EventFrames.key(
-            subscription, self._version, self._connection.framing
+        self._slots[subscription.room] = self._event_frames.slot(
+            EventFrames.key(subscription, self._version, self._connection.framing)
         )
+        self._only_slot()
         try:
             await self._command(type=messages.ENTER, room=subscription.room, since=subscription.since)
         except ProtocolError:
@@ -378,8 +423,15 @@ class StompSession:
 
     def _unsubscribed(self, subscription_id):
         subscription = self._subscriptions.remove(subscription_id)
-        del self._shared_keys[subscription.room]
+        del self._slots[subscription.room]
+        self._only_slot()
         return subscription
+
+    def _only_slot(self):
+        # _shared_event's short way: with one subscription, an event its
+        # slot holds a frame of is an event of its room.
+        only = len(self._slots) == 1 and not self._closing
+        self._slot = next(iter(self._slots.values())) if only else None
 
     async def _send_frame(self, frame):
         destination = frame.get("destination")
@@ -446,17 +498,21 @@ class StompSession:
         # WELCOME: CONNECTED said it; a renewal's answer is the RECEIPT.
 
     def _shared_event(self, text):
-        # Once per member per event (docs/performance.md): the common case
-        # is two dict look-ups and the write.
+        # Once per member per event (docs/performance.md).  Members alike
+        # share a slot, so after the first of them the frame is there:
+        # one identity check and the write.
+        slot = self._slot
+        if slot is not None and slot.text is text:
+            self._send_shared_frame(slot.prepared)
+            return
         if self._closing:
             return
         shared = self._event_frames
         if text is not shared.text:
             shared.start(text)
-        key = self._shared_keys.get(shared.room)
-        if key is not None:
-            prepared = shared.frames.get(key)
-            self._send_shared_frame(prepared if prepared is not None else shared.frame(text, key))
+        slot = self._slots.get(shared.room)
+        if slot is not None:
+            self._send_shared_frame(shared.fill(text, slot))
 
     def _closed_by_session(self, code, reason):
         if code == errors.CLOSE_TOKEN_EXPIRED:
@@ -520,6 +576,7 @@ class StompSession:
 
     def _stop(self):
         self._closing = True
+        self._slot = None
         self._queue.clear()
         for call in (self._deadline, self._watch):
             if call is not None and call.active():
