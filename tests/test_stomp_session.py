@@ -6,6 +6,7 @@ an ERROR frame (with receipt-id when asked) and then a close; heart-beats,
 the CONNECT deadline, expiry, the rate limit.
 """
 
+import gc
 import json
 
 import pytest
@@ -347,6 +348,67 @@ def test_one_frame_for_every_subscriber_alike():
     (a, _), (b, _) = conns
     assert a.raw[-1] is b.raw[-1]
     assert body(a.take()[-1])["sender"] == "Dan"
+
+
+def test_a_shared_frame_reaches_only_its_room():
+    """
+    A member whose one subscription's frame of an event is already made
+    gets it at once; a member handed an event of a room it has no
+    subscription for (a seat not yet gone after UNSUBSCRIBE) gets nothing,
+    though the frames of both rooms are alike but for the destination.
+    """
+    world = World()
+    a, sa = world.stomp(ALICE)
+    b, sb = world.stomp(BOB)
+    send(sa, "SUBSCRIBE", destination="/topic/a", id="sub-0")
+    send(sb, "SUBSCRIBE", destination="/topic/b", id="sub-0")
+    _, talker = world.json(Principal(sub="dan", name="Dan", exp=EXP))
+    talker.received(json.dumps({"type": "ENTER", "room": "a"}))
+    [message] = a.take()[-1:]
+    assert message.get("destination") == "/topic/a" and body(message)["sender"] == "Dan"
+    text = world.event_frames.text  # the event the hub shared: room a
+    b.take()
+    sb._side.send_shared(text)  # as the hub would, for a seat in room a
+    assert b.raw[-1:] != [a.raw[-1]] and b.take() == []
+    sa._side.send_shared(text)  # the same event again: the same bytes object
+    assert a.raw[-1] is a.raw[-2]
+
+
+def test_a_closing_member_gets_no_shared_frame():
+    """
+    After its ERROR, a member whose seat is still in the room (the WebSocket
+    not yet gone) gets none of the frames the others alike get.
+    """
+    world = World()
+    a, sa = subscribed(world, ALICE)
+    b, sb = subscribed(world, BOB)
+    send(sb, "ACK", id="1")  # refused: ERROR, close
+    assert [f.command for f in b.take()] == ["ERROR"] and len(b.closes) == 1
+    _, talker = world.json(Principal(sub="dan", name="Dan", exp=EXP))
+    talker.received(json.dumps({"type": "ENTER", "room": "lobby"}))
+    talker.received(json.dumps({"type": "TALK", "room": "lobby", "message": "hi"}))
+    assert [body(f)["type"] for f in a.take()[-2:]] == ["ENTER", "TALK"]
+    assert b.take() == []
+
+
+def test_slots_go_with_their_subscriptions():
+    """A subscription's slot is shared while subscribed and let go once nobody holds its key."""
+    world = World()
+    a, sa = world.stomp(ALICE)
+    b, sb = world.stomp(BOB)
+    for session in (sa, sb):
+        send(session, "SUBSCRIBE", destination="/topic/lobby", id="mine")
+    key = ("/topic/lobby", b"mine", "1.2", "plain")  # EventFrames.key: the id as the frame carries it
+    assert sa._slots["lobby"] is sb._slots["lobby"] is world.event_frames.slot(key)
+    for session in (sa, sb):
+        send(session, "UNSUBSCRIBE", id="mine")
+    c, sc = world.stomp(CAROL)
+    send(sc, "SUBSCRIBE", destination="/topic/lobby", id="sub-0")
+    _, talker = world.json()
+    talker.received(json.dumps({"type": "ENTER", "room": "lobby"}))  # the next event lets the last one's frames go
+    assert body(c.take()[-1])["sender"] == "Bob"
+    gc.collect()
+    assert key not in world.event_frames._slots
 
 
 def test_frames_per_subscription_id_and_version():

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_stomp_session -*-
+# -*- test-case-name: tests.test_stomp_session,tests.test_stomp_session_property -*-
 """
 One STOMP connection's conversation, on top of a chatd.v1 L{Session}.
 
