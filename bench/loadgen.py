@@ -121,6 +121,36 @@ def burst_fields(sizes):
             return {"talk_bursts": len(sizes), "talk_burst_p50": size}
 
 
+def process_counters(pid):
+    """
+    What the kernel counted of C{pid} (all its threads): user and system
+    time (s), voluntary and involuntary context switches, and the
+    scheduler's time on the core and waiting for it (s) with the number of
+    time slices (C{/proc/PID/task/*/schedstat}).
+    """
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    counts = {"utime_s": int(fields[11]) / CLK_TCK, "stime_s": int(fields[12]) / CLK_TCK,
+              "voluntary_switches": 0, "involuntary_switches": 0, "run_s": 0.0, "wait_s": 0.0,
+              "slices": 0}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        counts["voluntary_switches"] += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        counts["involuntary_switches"] += int(line.split()[1])
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                run_ns, wait_ns, slices = f.read().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
+        counts["run_s"] += int(run_ns) / 1e9
+        counts["wait_s"] += int(wait_ns) / 1e9
+        counts["slices"] += int(slices)
+    return counts
+
+
 class Meter:
     """CPU of the watched server PIDs and of this process over one window."""
 
@@ -130,11 +160,16 @@ class Meter:
     def start(self):
         self.t0 = time.perf_counter()
         self.server0 = sum(process_cpu_s(pid) for pid in self.pids)
+        self.counters0 = [process_counters(pid) for pid in self.pids]
         self.own0 = own_cpu_s()
 
     def stop(self):
         self.wall = time.perf_counter() - self.t0
         self.server_cpu = sum(process_cpu_s(pid) for pid in self.pids) - self.server0
+        self.counters = [
+            {key: round(value - before[key], 3) for key, value in process_counters(pid).items()}
+            for pid, before in zip(self.pids, self.counters0)
+        ]
         self.own_cpu = own_cpu_s() - self.own0
 
     def fields(self):
@@ -142,6 +177,8 @@ class Meter:
             "wall_s": round(self.wall, 3),
             "server_cpu_s": round(self.server_cpu, 3),
             "server_cpu_pct": round(100 * self.server_cpu / self.wall, 1) if self.wall else None,
+            # Per server process, in the order of the spec's server_pids.
+            "server_processes": self.counters,
             "gen_cpu_s": round(self.own_cpu, 3),
             "gen_cpu_pct": round(100 * self.own_cpu / self.wall, 1) if self.wall else None,
         }

@@ -157,6 +157,7 @@ class Setup:
         self.env = {"PYTHONPATH": bench.snapshot} if kind.startswith("chatd@") else None
         self.servers = []
         self.watched = []  # processes whose CPU and memory count as the server's
+        self.names = {}  # PID -> "reference", "redis", "chatd0", "chatd1"
 
     def __enter__(self):
         try:
@@ -172,6 +173,7 @@ class Setup:
             server = Reference(b.workdir, b.workdir, REFERENCE if self.kind == "reference" else FLOOR)
             self.servers.append(server)
             server.start()
+            self.names[server.proc.pid] = "reference"
             self.targets = [dict(host="127.0.0.1", port=server.port, ticket=False)]
         else:
             overrides = dict(CHATD_OVERRIDES)
@@ -181,12 +183,14 @@ class Setup:
                 redis.start()
                 pin(redis.proc.pid, b.args.server_cpu)
                 self.watched.append(redis.proc.pid)
+                self.names[redis.proc.pid] = "redis"
                 overrides["redis__url"] = redis.url
             self.targets = []
             for i in range(self.instances):
                 server = support.Chatd(b.workdir, b.workdir, b.secret, name=f"chatd{i}", **overrides)
                 self.servers.append(server)
                 server.start(env=self.env)
+                self.names[server.proc.pid] = f"chatd{i}"
                 self.targets.append(dict(host="127.0.0.1", port=server.port, ticket=True))
         for server in self.servers:
             if server.proc.pid not in self.watched:
@@ -291,7 +295,7 @@ class Bench:
         if args.yardstick == "floor":
             self.scenarios[2] = on_floor(self.scenarios[2])
 
-    def run_generator(self, setup, scenario, spec_fields, profile_to=None, protocol=None):
+    def run_generator(self, setup, scenario, spec_fields, profile_to=None, protocol=None, run=0):
         a = self.args
         spec = dict(
             scenario=scenario.method, targets=setup.targets, secret=self.secret.decode(),
@@ -301,7 +305,7 @@ class Bench:
         path = os.path.join(self.workdir, "spec.json")
         with open(path, "w") as f:
             json.dump(spec, f)
-        profiler = None
+        profiler = hook = None
         self.gen = subprocess.Popen(
             ["taskset", "-c", str(a.gen_cpu), sys.executable, LOADGEN, path], stdout=subprocess.PIPE,
         )
@@ -315,11 +319,16 @@ class Bench:
                     machine0 = cpu_times()
                     if profile_to:
                         profiler = self.start_profiler(setup.main_pid, profile_to)
+                    if a.hook:
+                        hook = self.start_hook(setup, scenario, run)
                 elif name == "measured":
                     machine1 = cpu_times()
                     if profiler is not None:
                         self.stop_profiler(profiler)
                         profiler = None
+                    if hook is not None:
+                        self.stop_hook(hook)
+                        hook = None
                 elif name == "result":
                     result = message
                     if machine1 is machine0:
@@ -328,6 +337,8 @@ class Bench:
         finally:
             if profiler is not None:
                 self.stop_profiler(profiler)
+            if hook is not None:
+                self.stop_hook(hook)
             support.stop_pid(self.gen)
             self.gen.stdout.close()
             self.gen = None
@@ -337,7 +348,36 @@ class Bench:
         busy = (machine1[0] - machine0[0]) / max(1, machine1[1] - machine0[1]) * os.cpu_count()
         others = busy - (result["server_cpu_s"] + result["gen_cpu_s"]) / max(result["wall_s"], 1e-9)
         result["others_cores"] = round(max(0.0, others), 2)
+        names = [setup.names.get(pid, str(pid)) for pid in setup.watched]
+        result["server_processes"] = dict(zip(names, result["server_processes"]))
+        result["server_pids"] = dict(zip(names, setup.watched))
         return result
+
+    def start_hook(self, setup, scenario, run):
+        """
+        C{--hook}: the user's command for this measuring phase, on the
+        generator's core, in a session of its own (stopped with SIGINT as a
+        whole at the end of the phase).
+        """
+        fields = {setup.names[pid]: pid for pid in setup.watched}
+        fields.update(
+            pids=",".join(str(pid) for pid in setup.watched), scenario=scenario.number, run=run,
+            server="-".join(sorted(setup.names.values())) + ("" if setup.env is None else "-against"),
+        )
+        command = self.args.hook.format_map(collections.defaultdict(str, fields))  # absent: ""
+        log(f"hook: {command}")
+        return subprocess.Popen(
+            ["taskset", "-c", str(self.args.gen_cpu), "sh", "-c", command], start_new_session=True,
+        )
+
+    def stop_hook(self, proc):
+        try:
+            os.killpg(proc.pid, signal.SIGINT)  # perf and strace write their results on SIGINT
+            proc.wait(60)
+        except ProcessLookupError:
+            pass  # it ended by itself
+        except subprocess.TimeoutExpired:
+            support.stop_pid(proc)
 
     def start_profiler(self, pid, out):
         a = self.args
@@ -371,7 +411,7 @@ class Bench:
         protocol = protocol[0] if protocol else None
         quiet = wait_quiet(a.quiet_threshold, a.quiet_wait)
         with Setup(self, kind, instances) as setup:
-            result = self.run_generator(setup, scenario, scenario.spec(a), profile_to, protocol)
+            result = self.run_generator(setup, scenario, scenario.spec(a), profile_to, protocol, run)
         record = dict(
             scenario=scenario.number, name=scenario.name, server=variant_label(*variant), run=run,
             **quiet, **result,
@@ -518,6 +558,11 @@ def parse_args(argv=None):
                         "perf record -e cpu-clock -g (the kernel and OpenSSL; FILE is perf.data)")
     parser.add_argument("--profile-rate", type=int, default=200, help="--profile's samples per second")
     parser.add_argument("--profile-top", type=int, default=25)
+    parser.add_argument("--hook", metavar="CMD",
+                        help="a shell command run (on the generator's core) during each measuring phase, "
+                             "stopped with SIGINT at its end; {pids}: the server PIDs, comma-separated; "
+                             "{chatd0}, {chatd1}, {redis}, {reference}: one PID (empty if there is none); {scenario}, {run}, "
+                             "{server}")
     args = parser.parse_args(argv)
     for number in args.scenarios:
         if number not in SCENARIOS:
