@@ -76,14 +76,21 @@ class Hub:
     @param max_pending_bytes: how much of the room's live feed a seat may
         buffer while its ENTER (and replay) is under way; past it the
         connection is a slow consumer and is closed with 4008.
+    @param flush_writes: a callable that writes out now what this reactor
+        turn wrote to connections so far (the TLS layer's
+        L{chatd.tls.TurnFlush.flush_now}); without it a burst
+        is fanned out one event at a time.
     """
 
-    def __init__(self, broker, max_pending_bytes=DEFAULT_MAX_PENDING_BYTES):
+    SLICE = 64  # members per slice of a burst's fan-out (deliver_burst)
+
+    def __init__(self, broker, max_pending_bytes=DEFAULT_MAX_PENDING_BYTES, flush_writes=None):
+        self.flush_writes = flush_writes
         self._broker = broker
         self._max_pending_bytes = max_pending_bytes
         self._seats = SeatRegistry()
         self._subscribed: Dict[str, OneShotObserverList] = {}
-        broker.set_feed(self.deliver)
+        broker.set_feed(self.deliver, self.deliver_burst)
 
     # --- what connections ask -------------------------------------------------
 
@@ -275,18 +282,29 @@ class Hub:
         spliced in; nothing else is done per seat but the seat's own check
         and the write (this loop runs once per member).
         """
-        event = delivery.event
-        room = event.room
+        room = delivery.event.room
         seats = self._seats.seats(room)
-        if not seats:
-            return
-        key = event_id_key(event.id)
+        if seats:
+            self._fan_out(room, seats, delivery, event_id_key(delivery.event.id))
+
+    def _fan_out(self, room, seats, delivery, key, shared=None, too_slow=None):
+        """
+        C{delivery} to C{seats}, each of them in C{room}, with the event's
+        id parsed (C{key}) and maybe its text encoded (C{shared}) already.
+
+        @param too_slow: a list to add the seats found too slow to, to be
+            let go later; L{None} to let them go at once.
+        @return: the event's shared text, if it was needed.
+        """
+        event = delivery.event
         origin = delivery.origin
-        shared = None
         for seat in seats:
             if not seat.offer(delivery, key):
                 if seat.state == ENTERING and seat.buffered_bytes > self._max_pending_bytes:
-                    self._too_slow(room, seat)
+                    if too_slow is None:
+                        self._too_slow(room, seat)
+                    elif seat not in too_slow:
+                        too_slow.append(seat)
                 continue
             if shared is None:
                 shared = messages.event(event)
@@ -301,6 +319,62 @@ class Hub:
                 seat.connection.send_text(messages.with_ref(shared, delivery.ref))
             if event.type == messages.QUIT:
                 self._drop(room, connection_id, seat)
+        return shared
+
+    def deliver_burst(self, deliveries):
+        """
+        L{chatd.broker.interfaces.IBroker.set_feed}'s burst target: events
+        read together, in feed order (from Redis, a window of a sender's
+        messages comes back so).
+
+        Consecutive events of one room with more than L{SLICE} local seats
+        go out a slice of members at a time: each slice gets every one of
+        them and is written at once (L{flush_writes}), so the first
+        members' bytes are on their way, and their clients reading, while
+        the later slices are fanned out.  Each connection is still written
+        once per burst, as when the turn's writes go out together
+        (docs/performance.md, scenario 4).  Anything else is L{deliver}ed
+        one event at a time.
+        """
+        start, count = 0, len(deliveries)
+        while start < count:  # bounded: every round moves start on
+            room = deliveries[start].event.room
+            end = start + 1
+            while end < count and deliveries[end].event.room == room:
+                end += 1
+            if end - start > 1 and self.flush_writes is not None and self._seats.count(room) > self.SLICE:
+                self._deliver_sliced(room, deliveries[start:end])
+            else:
+                for delivery in deliveries[start:end]:
+                    self.deliver(delivery)
+            start = end
+
+    def _deliver_sliced(self, room, run):
+        """
+        L{deliver} for each of C{run} (events of C{room}), a slice of seats
+        at a time.  A seat taken out meanwhile (its own QUIT) gets nothing
+        after; a seat found too slow is let go after the whole run, so that
+        its QUIT, which the embedded broker would feed back at once, comes
+        after the run for everyone.
+        """
+        seats = self._seats.seats(room)
+        registry = self._seats
+        keys = [event_id_key(delivery.event.id) for delivery in run]
+        texts = [None] * len(run)  # each event encoded once, for the first seat that takes it
+        too_slow = []
+        for first in range(0, len(seats), self.SLICE):  # bounded by the seats
+            part = seats[first:first + self.SLICE]
+            for index, delivery in enumerate(run):
+                version = registry.version
+                texts[index] = self._fan_out(room, part, delivery, keys[index], texts[index], too_slow)
+                if registry.version != version:
+                    # A seat was taken out: the rest of the run is not its.
+                    part = [seat for seat in part if registry.get(room, seat.member.connection_id) is seat]
+            if first + self.SLICE < len(seats):
+                self.flush_writes()
+        for seat in too_slow:
+            if registry.get(room, seat.member.connection_id) is seat:
+                self._too_slow(room, seat)
 
     def _send(self, seat, delivery):
         """One event to one seat alone; only the actor's copy carries its C{ref}."""

@@ -157,6 +157,28 @@ class Metrics:
 
         return timed
 
+    def timed_burst(self, deliver_burst, local_users):
+        """
+        L{timed_feed} for the hub's burst feed: every event of the burst
+        with a local member came off the feed at its start and was written
+        to its last local member by its end, so each is observed with the
+        burst's time.
+        """
+        timer = self.timer
+        observe = self.observe_fanout
+
+        def timed(deliveries):
+            started = timer()
+            try:
+                return deliver_burst(deliveries)
+            finally:
+                took = timer() - started
+                for delivery in deliveries:
+                    if local_users(delivery.event.room):
+                        observe(took)
+
+        return timed
+
     def observe_fanout(self, seconds):
         """One fan-out took C{seconds}."""
         self.fanout_counts[bisect.bisect_left(FANOUT_BUCKETS, seconds)] += 1

@@ -142,6 +142,7 @@ class SeatRegistry:
     def __init__(self):
         self._by_room: Dict[str, Dict[str, Seat]] = {}
         self._by_connection: Dict[str, set] = {}
+        self.version = 0  # counts the seats taken out, so a loop over a copy can tell
 
     def add(self, room, seat):
         """
@@ -175,6 +176,7 @@ class SeatRegistry:
         if seat is not None and seats[connection_id] is not seat:
             return None, False
         dropped = seats.pop(connection_id)
+        self.version += 1
         rooms = self._by_connection[connection_id]
         rooms.discard(room)
         if not rooms:

@@ -190,9 +190,18 @@ def make_chat_service(settings, reactor=None, tls_options=None, environ=None):
     hooks = WebhookService.from_settings(settings, reactor)
     # What this instance's hub and server API accept goes to the webhook from here.
     chat_broker = broker if hooks is None else AcceptingBroker(broker, hooks)
-    hub = Hub(chat_broker, max_pending_bytes=settings.limits.max_send_buffer_bytes)
+    # The TLS layer's writes of a reactor turn, which the hub's fan-out of a
+    # Redis burst flushes a slice of members at a time (docs/performance.md).
+    turn = tls.TurnFlush(reactor) if settings.server.tls else None
+    hub = Hub(
+        chat_broker, max_pending_bytes=settings.limits.max_send_buffer_bytes,
+        flush_writes=turn.flush_now if turn is not None else None,
+    )
     metrics = Metrics()
-    chat_broker.set_feed(metrics.timed_feed(hub.deliver, hub.local_users))
+    chat_broker.set_feed(
+        metrics.timed_feed(hub.deliver, hub.local_users),
+        metrics.timed_burst(hub.deliver_burst, hub.local_users),
+    )
     drain_state = drain.DrainState(broker.is_available)
     proxies = TrustedProxies(settings.server.trusted_proxies)
     notifier = systemd.Notifier.from_environ(environ)
@@ -226,7 +235,7 @@ def make_chat_service(settings, reactor=None, tls_options=None, environ=None):
             tls_options = tls.certificate_options(settings)
         server_tls = ReloadableServerTLS(tls_options)
         metrics.certificate_expiry = certificate_expiry(tls_options.certificate)
-        listening = tls.CoalescingTLSFactory(server_tls, listening, reactor)
+        listening = tls.CoalescingTLSFactory(server_tls, listening, reactor, turn)
     others = [eager.service(
         settings.server.endpoint, connection_guard.wrap(listening), reactor=reactor
     )]

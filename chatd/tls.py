@@ -189,7 +189,7 @@ def _bio_probes():
 _PROBES = _bio_probes()
 
 
-class _TurnFlush:
+class TurnFlush:
     """
     The TLS connections written to in this reactor turn, flushed together
     by one delayed call at the next.
@@ -210,9 +210,22 @@ class _TurnFlush:
         if self._scheduled is None:
             self._scheduled = self._clock.callLater(0, self._flush)
 
+    def flush_now(self):
+        """
+        Write out now what was written in this turn so far, each
+        connection's writes as one TLS write, instead of at the next turn
+        (the hub's fan-out of a burst, a slice of members at a time).  The
+        timer stays, for what is written after.
+        """
+        dirty, self._dirty = self._dirty, []
+        self._flush_all(dirty)
+
     def _flush(self):
         self._scheduled = None
         dirty, self._dirty = self._dirty, []
+        self._flush_all(dirty)
+
+    def _flush_all(self, dirty):
         for protocol in dirty:
             try:
                 protocol.flush_writes()
@@ -226,7 +239,7 @@ class CoalescingTLSProtocol(TLSMemoryBIOProtocol):
     TLS whose writes within one reactor turn become one TLS write (one
     C{SSL_write}, one record for small writes), in order, at the next
     turn, as Twisted's C{BufferingTLSTransport} does, but with one timer for
-    all connections (L{_TurnFlush}).  Over C{MAX_PENDING} bytes the pending
+    all connections (L{TurnFlush}).  Over C{MAX_PENDING} bytes the pending
     writes go at once; C{loseConnection} sends them first, so a close frame
     queued last still goes last.
     """
@@ -337,12 +350,14 @@ class CoalescingTLSFactory(TLSMemoryBIOFactory):
 
     protocol = CoalescingTLSProtocol
 
-    def __init__(self, creator, wrapped_factory, clock):
+    def __init__(self, creator, wrapped_factory, clock, turn=None):
         """
         @param creator: the server's TLS connection creator (such as
             L{chatd.reload.ReloadableServerTLS}).
         @param wrapped_factory: the factory of the protocol inside TLS.
         @param clock: an C{IReactorTime}: the reactor whose turns count.
+        @param turn: the L{TurnFlush} on C{clock} to flush through, when
+            others ask it to flush now (the hub); a new one when L{None}.
         """
         super().__init__(creator, False, wrapped_factory, clock)
-        self.turn = _TurnFlush(clock)
+        self.turn = TurnFlush(clock) if turn is None else turn

@@ -88,7 +88,12 @@ class Feed:
 
     def __init__(self, broker):
         self.deliveries = []
-        broker.set_feed(self.deliveries.append)
+        self.bursts = []  # the size of each burst the broker handed on together
+        broker.set_feed(self.deliveries.append, self._burst)
+
+    def _burst(self, deliveries):
+        self.bursts.append(len(deliveries))
+        self.deliveries.extend(deliveries)
 
     @property
     def events(self):
@@ -155,6 +160,30 @@ async def test_instances_share_one_order(brokers):
     assert keys == sorted(keys) and len(set(keys)) == 42
     assert {t.event for t in sent} == set(a.feed.of_type("TALK"))
     assert [e.user_count for e in a.feed.events] == [1] + [2] * 41
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_reaches_every_instance_whole_and_in_order(brokers):
+    """
+    Many TALKs at once come back from Redis in bursts, which the broker
+    hands on together: every instance gets all of them, in the order of
+    their ids, the same order.
+    """
+    a, b = await brokers(), await brokers()
+    for broker in (a, b):
+        await broker.subscribe("lobby")
+    alice = member(a, 1)
+    await a.enter("lobby", alice)
+    count = 60
+    sent = await defer.gatherResults([a.talk("lobby", alice, f"t{i}") for i in range(count)])
+    for broker in (a, b):
+        await broker.feed.until(lambda events: len(events) >= count + 1, f"{count + 1} events")
+    assert a.feed.events == b.feed.events
+    talks = a.feed.of_type("TALK")
+    assert [e.message for e in talks] == [f"t{i}" for i in range(count)]
+    keys = [event_id_key(e.id) for e in talks]
+    assert keys == sorted(keys) and [t.event for t in sent] == talks
+    assert max(a.feed.bursts + b.feed.bursts) > 1  # Redis wrote them together
 
 
 @pytest_twisted.ensureDeferred

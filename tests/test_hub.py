@@ -492,3 +492,162 @@ def test_live_events_piling_up_during_a_stalled_replay_cut_it(world):
     entering.addBoth(outcome.append)
     assert outcome[0].check(NotMember)
     assert world.hub.rooms_of("i:Bob") == frozenset()
+
+
+# --- bursts: a slice of members at a time ------------------------------------------
+
+
+NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Gina")
+
+
+def burst_world(slice_size, flushes=None, **hub_kwargs):
+    """Seven members in lobby, three of them in ops; bursts go out C{slice_size} members at a time."""
+    world = World()
+    world.hub = Hub(world.broker, flush_writes=lambda: flushes.append(None) if flushes is not None else None,
+                    **hub_kwargs)
+    world.hub.SLICE = slice_size
+    for name in NAMES:
+        world.user(name)
+        world.run("enter", name, "lobby")
+    for name in NAMES[:3]:
+        world.run("enter", name, "ops")
+    for _, connection in world.users.values():
+        connection.take()
+    return world
+
+
+def published(world, steps):
+    """
+    The deliveries the broker publishes for C{steps} (C{(method, name,
+    args...)}), kept back from the hub: a burst as Redis would read it.
+    """
+    kept = []
+    world.broker.set_feed(kept.append)
+    try:
+        for method, name, *args in steps:
+            world.run(method, name, *args)
+    finally:
+        world.broker.set_feed(world.hub.deliver, world.hub.deliver_burst)
+    return kept
+
+
+def quit_after(world, delivery, name, ref):
+    """
+    A QUIT of C{name}, published right after C{delivery} (its id sorts
+    between that one's and the next), as the feed brings a QUIT whose reply
+    has not come yet: the seat is still live.
+    """
+    from chatd.broker.interfaces import Delivery
+    from chatd.messages import QUIT, RoomEvent
+
+    member, _ = world.users[name]
+    event = RoomEvent(type=QUIT, id=delivery.event.id + "-1", room=delivery.event.room, sender=name,
+                      message="", user_count=6, ts=delivery.event.ts)
+    return Delivery(event, member.connection_id, ref)
+
+
+STEPS = [
+    ("talk", "Alice", "lobby", "one", None, "a1"),
+    ("talk", "Bob", "lobby", "two"),
+    ("talk", "Carol", "ops", "elsewhere", None, "c1"),
+    ("talk", "Dave", "lobby", "three", None, "d1"),
+    ("talk", "Erin", "lobby", "four"),
+    ("talk", "Gina", "lobby", "five", None, "g1"),
+]
+
+
+@pytest.mark.parametrize("slice_size", [1, 2, 3, 6, 7])
+def test_a_burst_in_slices_is_what_each_event_alone_gives(slice_size):
+    """
+    Every connection gets from a burst fanned out a slice of members at a
+    time exactly what it gets from the same events delivered one by one:
+    the same frames in the same order, its own copies with their ref, and
+    a member whose QUIT is in the burst nothing after it.  Each slice but
+    the last is flushed at once; a room with no more seats than a slice
+    is not sliced.
+    """
+    flushes = []
+    one, sliced = burst_world(slice_size), burst_world(slice_size, flushes)
+    burst = published(one, STEPS)
+    assert [d.event.id for d in published(sliced, STEPS)] == [d.event.id for d in burst]
+    # Frank's QUIT after Alice's TALK, Gina's (without a ref) after her own TALK.
+    burst.insert(1, quit_after(one, burst[0], "Frank", "f1"))
+    burst.append(quit_after(one, burst[-1], "Gina", None))
+    for delivery in burst:
+        one.hub.deliver(delivery)
+    sliced.hub.deliver_burst(burst)
+    for name, (_, connection) in one.users.items():
+        got = sliced.users[name][1].take()
+        assert got == connection.take() and got, name
+    assert got[-1]["type"] == "QUIT" and got[-1]["sender"] == "Gina"  # the last member's own, shared
+    assert sliced.hub.rooms_of("i:Frank") == sliced.hub.rooms_of("i:Gina") == frozenset()
+    assert sliced.hub.local_users("lobby") == one.hub.local_users("lobby") == 5
+    # lobby's two runs, before ops' event (7 seats) and after it (6: Frank left).
+    assert len(flushes) == sum(-(-seats // slice_size) - 1 for seats in (7, 6) if seats > slice_size)
+
+
+def test_a_burst_in_slices_reaches_each_member_in_order():
+    """
+    What a member gets of a sliced burst: every event once, in the feed's
+    order, its own TALK with its ref, its QUIT last.
+    """
+    world = burst_world(2, [])
+    burst = published(world, STEPS)
+    burst.insert(1, quit_after(world, burst[0], "Frank", "f1"))
+    world.hub.deliver_burst(burst)
+    alice, frank, carol = (world.users[name][1].take() for name in ("Alice", "Frank", "Carol"))
+    assert [(f["room"], f["message"], f.get("ref")) for f in alice] == [
+        ("lobby", "one", "a1"), ("lobby", "", None), ("lobby", "two", None), ("ops", "elsewhere", None),
+        ("lobby", "three", None), ("lobby", "four", None), ("lobby", "five", None),
+    ]
+    assert [(f["type"], f.get("ref")) for f in frank] == [("TALK", None), ("QUIT", "f1")]
+    assert [(f["room"], f.get("ref")) for f in carol if f["room"] == "ops"] == [("ops", "c1")]
+    ids = [f["id"] for f in alice if f["room"] == "lobby"]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+
+
+def test_a_stalled_catch_up_is_cut_after_the_burst():
+    """
+    A member still catching up whose buffered live events pass
+    max_pending_bytes during a sliced burst is closed 4008 once, after the
+    burst's fan-out; its QUIT comes after every event of the burst, for
+    every member, whatever slice they are in.
+    """
+    world = burst_world(2, [], max_pending_bytes=1000)
+    world.run("talk", "Alice", "lobby", "seen")
+    world.run("talk", "Alice", "lobby", "missed")
+    since = world.users["Alice"][1].take()[0]["id"]
+    late = world.user("Late")
+    late.fill()
+    entering = world.start("enter", "Late", "lobby", since=since)
+    assert [f["message"] for f in late.take()] == ["missed"]  # and waits for the buffer to drain
+    burst = published(world, [("talk", "Bob", "lobby", "x" * 500), ("talk", "Bob", "lobby", "y" * 500),
+                              ("talk", "Bob", "lobby", "z" * 500)])
+    for _, connection in world.users.values():
+        connection.take()
+    world.hub.deliver_burst(burst)
+    assert late.closes == [(4008, "not reading fast enough")]
+    for name in NAMES:
+        frames = world.users[name][1].take()
+        assert [(f["type"], f["message"][:1] if f["type"] == "TALK" else None) for f in frames] == [
+            ("TALK", "x"), ("TALK", "y"), ("TALK", "z"), ("QUIT", None),
+        ], name
+        assert frames[-1]["sender"] == "Late"
+    late.drain()
+    outcome = []
+    entering.addBoth(outcome.append)
+    assert outcome[0].check(NotMember)
+    assert world.hub.rooms_of("i:Late") == frozenset()
+
+
+def test_a_burst_without_a_flush_goes_event_by_event(world):
+    """Without flush_writes (no TLS layer to ask), a burst is delivered one event at a time."""
+    for name in NAMES:
+        world.user(name)
+        world.run("enter", name, "lobby")
+    world.hub.SLICE = 1
+    burst = published(world, STEPS[:2])
+    for _, connection in world.users.values():
+        connection.take()
+    world.hub.deliver_burst(burst)
+    assert [f["message"] for f in world.users["Gina"][1].take()] == ["one", "two"]

@@ -107,6 +107,35 @@ def test_fanout_histogram_uses_the_given_timer():
     assert s["chatd_fanout_seconds_bucket"][frozenset({("le", "0.005")})] == 1
 
 
+def test_a_burst_is_timed_once_per_event_with_local_members():
+    """
+    timed_burst observes the burst's time for each of its events whose room
+    has a local member, and hands the burst on whole.
+    """
+    from chatd.broker.interfaces import Delivery
+
+    now = [10.0]
+    m = Metrics(timer=lambda: now[0])
+    handed = []
+
+    def deliver_burst(deliveries):
+        handed.append(deliveries)
+        now[0] += 0.004
+
+    burst = [Delivery(_event(room), "i:1", None) for room in ("lobby", "empty", "lobby")]
+    m.timed_burst(deliver_burst, lambda room: room == "lobby")(burst)
+    assert handed == [burst]
+    s = scrape(m)
+    assert s["chatd_fanout_seconds_count"][frozenset()] == 2
+    assert abs(s["chatd_fanout_seconds_sum"][frozenset()] - 0.008) < 1e-9
+
+
+def _event(room):
+    from chatd.messages import RoomEvent
+
+    return RoomEvent(type="TALK", id="1-1", room=room, sender="A", message="hi", user_count=1, ts=0)
+
+
 def test_registries_are_separate():
     """Two Metrics in one process count apart (no global registry)."""
     a, b = Metrics(), Metrics()

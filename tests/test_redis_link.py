@@ -278,14 +278,17 @@ def _subscriber_fed(chunks):
         def connection_lost(self, protocol, why):
             pass
 
-        def message_received(self, channel, message):
-            self.messages.append((channel, message))
+        def messages_received(self, messages):
+            self.bursts.append(list(messages))
+            self.messages.extend(messages)
 
     link = _Link()
+    link.bursts = []
     protocol = LinkFactory(link, SubscriberProtocol, MemoryReactorClock()).buildProtocol(None)
     protocol.makeConnection(StringTransport())
     for chunk in chunks:
         protocol.dataReceived(chunk)
+    _subscriber_fed.bursts = link.bursts
     return link.messages
 
 
@@ -305,6 +308,51 @@ def test_a_burst_is_parsed_in_one_turn():
     assert _subscriber_fed([stream]) == expected
     assert _subscriber_fed([stream[i:i + 1] for i in range(len(stream))]) == expected
     assert _subscriber_fed([stream[i:i + 97] for i in range(0, len(stream), 97)]) == expected
+
+
+def _published(n, channel="chatd:0:events:lobby"):
+    return bulk("message", channel, f"1-{n} 1 1 {{}}")
+
+
+def test_a_reads_messages_are_handed_on_as_one_burst():
+    """
+    The messages parsed from one read reach the link together, in order;
+    a message cut by the read's end comes with the next read's.
+    """
+    stream = b"".join(_published(n) for n in range(5))
+    cut = len(b"".join(_published(n) for n in range(3))) + 10
+    assert _subscriber_fed([stream]) == [("chatd:0:events:lobby", f"1-{n} 1 1 {{}}") for n in range(5)]
+    assert [len(burst) for burst in _subscriber_fed.bursts] == [5]
+    _subscriber_fed([stream[:cut], stream[cut:]])
+    assert [[m.split()[0] for _, m in burst] for burst in _subscriber_fed.bursts] == [
+        ["1-0", "1-1", "1-2"], ["1-3", "1-4"],
+    ]
+
+
+def test_a_reply_between_messages_comes_after_those_read_before_it():
+    """
+    A SUBSCRIBE's answer read between messages: the messages before it are
+    handed on before the answer's Deferred fires, the rest after it.
+    """
+    seen = []
+
+    class _Link:
+        def connection_made(self, protocol):
+            pass
+
+        def connection_lost(self, protocol, why):
+            pass
+
+        def messages_received(self, messages):
+            seen.append([m.split()[0] for _, m in messages])
+
+    protocol = LinkFactory(_Link(), SubscriberProtocol, MemoryReactorClock()).buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    protocol.subscribe("chatd:0:events:ops").addCallback(lambda _: seen.append("subscribed"))
+    protocol.dataReceived(
+        _published(1) + _published(2) + bulk("subscribe", "chatd:0:events:ops", 2) + _published(3)
+    )
+    assert seen == [["1-1", "1-2"], "subscribed", ["1-3"]]
 
 
 # --- the broker's wiring ------------------------------------------------------------
@@ -364,6 +412,30 @@ def test_subscribes_again_after_a_reconnect(memory_broker):
     again.reply(bulk("message", channel("ops"),
                      '1-6 1 7 {"type":"TALK","room":"ops","sender":"A","message":"no"}'))
     assert [d.event.message for d in deliveries] == ["hi"]
+
+
+def test_a_burst_goes_to_the_feed_together_and_control_in_its_place(memory_broker):
+    """
+    The events of one read go to the feed's burst target as one list, in
+    order (a lone event to the plain feed); a control command read among
+    them is carried out in its place; a room not subscribed is left out.
+    """
+    reactor, redis, broker, commands, subscriber, deliveries = memory_broker
+    bursts, controls = [], []
+    broker.set_feed(deliveries.append, lambda burst: bursts.append([d.event.message for d in burst]))
+    broker.set_control(lambda control: controls.append((control.op, control.sub, len(bursts))))
+    _subscribed(broker, subscriber)
+
+    def talk(n, room="lobby"):
+        return bulk("message", f"chatd:0:events:{room}",
+                    f'1-{n} 1 7 {{"type":"TALK","room":"{room}","sender":"A","message":"m{n}"}}')
+
+    kick = bulk("message", CONTROL, '{"op":"KICK","sub":"bob","room":"lobby"}')
+    subscriber.reply(talk(1) + talk(2) + talk(3, "ops") + kick + talk(4) + talk(5) + talk(6))
+    assert bursts == [["m1", "m2"], ["m4", "m5", "m6"]]
+    assert controls == [("KICK", "bob", 1)]
+    subscriber.reply(talk(7))
+    assert [d.event.message for d in deliveries] == ["m7"] and len(bursts) == 2
 
 
 def _talk_envelope(commands):

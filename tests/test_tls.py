@@ -339,6 +339,26 @@ def test_one_timer_for_every_connection_written_to(tmp_path):
         assert client.received == b"event and another" and len(writes) == 1
 
 
+def test_flush_now_writes_the_turn_so_far(tmp_path):
+    """
+    flush_now writes each connection's writes so far as one TLS write, at
+    once; writes after it in the same turn are one more write, at the
+    turn's end, after the first.
+    """
+    pairs = _TLSPairs(tmp_path)
+    connections = [pairs.connect() for _ in range(2)]
+    for server, *_ in connections:
+        server.write(b"one ")
+        server.write(b"two ")
+    pairs.factory.turn.flush_now()
+    assert [len(writes) for *_, writes in connections] == [1, 1]
+    connections[0][0].write(b"three")
+    for _, client, pump, writes in connections:
+        pump.flush()
+    assert [client.received for _, client, *_ in connections] == [b"one two three", b"one two "]
+    assert [len(writes) for *_, writes in connections] == [2, 1]
+
+
 def test_close_after_writes_goes_last(tmp_path):
     """loseConnection in the turn of the writes sends them first, then closes."""
     server, client, pump, writes = _TLSPairs(tmp_path).connect()

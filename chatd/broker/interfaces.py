@@ -98,10 +98,14 @@ class IBroker(Interface):
 
     instance_id = Attribute("This instance's id; connection ids start with it.")
 
-    def set_feed(deliver):
+    def set_feed(deliver, deliver_burst=None):
         """
         Name the one callable that receives a L{Delivery} for every event of
         every subscribed room, in the room's order (ids increasing).
+
+        @param deliver_burst: takes a list of deliveries instead, in the
+            same order; a broker that reads events in bursts (Redis) may hand
+            a burst to it rather than each event to C{deliver}.
         """
 
     def subscribe(room):

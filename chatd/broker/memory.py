@@ -118,7 +118,8 @@ class MemoryBroker(MultiService):
         if event.room in self._subscribed and self._deliver is not None:
             self._deliver(Delivery(event, origin, ref))
 
-    def set_feed(self, deliver):
+    def set_feed(self, deliver, deliver_burst=None):
+        # Each event is fanned out as it is published: there are no bursts.
         self._deliver = deliver
 
     def subscribe(self, room):

@@ -91,6 +91,7 @@ class RedisBroker(MultiService):
         self._history_page = scripts.history_page_entries(max_talk_chars)
         self._keys = scripts.Keys(db)
         self._deliver = None
+        self._deliver_burst = None
         self._control = None
         self._own_events = None
         self._wanted = set()  # rooms the hub subscribed to
@@ -112,7 +113,7 @@ class RedisBroker(MultiService):
         )
         self._subscriber = RedisLink(
             "subscriber", SubscriberProtocol, endpoint(),
-            on_ready=self._subscriber_ready, on_message=self._message, **common,
+            on_ready=self._subscriber_ready, on_message=self._messages, **common,
         )
         self._presence = Presence(
             clock, self._commands, self._keys, self.instance_id, presence_ttl, self._ttl_ms,
@@ -214,9 +215,10 @@ class RedisBroker(MultiService):
 
     # --- the feed -----------------------------------------------------------------
 
-    def set_feed(self, deliver):
-        """IBroker API"""
+    def set_feed(self, deliver, deliver_burst=None):
+        """IBroker API: a read's messages go to C{deliver_burst} together."""
         self._deliver = deliver
+        self._deliver_burst = deliver_burst
 
     def subscribe(self, room):
         """IBroker API"""
@@ -262,25 +264,41 @@ class RedisBroker(MultiService):
             self._live.update(r for r in rooms if r in self._wanted)
             log.info("redis (subscriber) subscribed again to {count} rooms", count=len(rooms))
 
-    def _message(self, channel, message):
-        channel = channel if isinstance(channel, str) else channel.decode()
-        if channel == self._keys.control:
-            self._command_received(message)
-            return
+    def _messages(self, messages):
+        """
+        Pub/sub messages read together, in order: their deliveries go to
+        the feed as one burst, but a control command is carried out in its
+        place (after the deliveries before it).
+        """
+        burst = []
+        for channel, message in messages:
+            channel = channel if isinstance(channel, str) else channel.decode()
+            if channel == self._keys.control:
+                self._feed_burst(burst)
+                burst = []
+                self._command_received(message)
+                continue
+            delivery = self._delivery(channel, message)
+            if delivery is not None:
+                burst.append(delivery)
+        self._feed_burst(burst)
+
+    def _delivery(self, channel, message):
+        """The delivery a room's message brings, or L{None}."""
         room = self._keys.room_of_channel(channel)
         if room not in self._wanted or self._deliver is None:
-            return
+            return None
         try:
             published = decode_message(message)
         except (ValueError, KeyError, TypeError):
             log.error("dropping an undecodable event from {room}", room=printable(room))
-            return
+            return None
         delivery, reaped, call = published.delivery, published.reaped, published.call
         if reaped and self._presence.is_local(room, delivery.origin):
             if self._presence.stopping:
                 # Our own goodbye's QUIT: the connection goes with this
                 # instance, it is not to be put back.
-                return
+                return None
             # Another instance took this one for dead (it was stalled, or
             # cut off from Redis) and reaped a connection that never left.
             # Its members must not hear a QUIT they would act on while the
@@ -289,16 +307,26 @@ class RedisBroker(MultiService):
             log.info("{user} was reaped from {room} while connected; putting it back",
                      user=printable(delivery.event.sender), room=printable(room))
             self._presence.reassert_soon(room)
-            return
+            return None
         if call is not None:
             delivery = self._talk_published(call, delivery)
-        self._feed(delivery)
+        return delivery
 
     def _feed(self, delivery):
         try:
             self._deliver(delivery)
         except Exception:
             log.failure("delivering an event of {room} failed", room=printable(delivery.event.room))
+
+    def _feed_burst(self, burst):
+        if len(burst) == 1 or (burst and self._deliver_burst is None):
+            for delivery in burst:
+                self._feed(delivery)
+        elif burst:
+            try:
+                self._deliver_burst(burst)
+            except Exception:
+                log.failure("delivering a burst of {count} events failed", count=len(burst))
 
     # --- tickets ------------------------------------------------------------------
 

@@ -97,11 +97,47 @@ class CommandProtocol(_LinkProtocolMixin, txredisapi.RedisProtocol):
 
 
 class SubscriberProtocol(_LinkProtocolMixin, txredisapi.SubscriberProtocol):
-    """SUBSCRIBE and the messages it brings (a subscribed connection can do nothing else)."""
+    """
+    SUBSCRIBE and the messages it brings (a subscribed connection can do
+    nothing else).  The messages parsed from one read are handed on
+    together, as one burst, at the end of the read (or before any other
+    reply, so a SUBSCRIBE's answer still comes after the messages read
+    before it).
+    """
+
+    _burst = None  # the messages of the read being parsed
+
+    def dataReceived(self, data, unpause=False):
+        """LineReceiver API: parse every complete reply in C{data}, then hand on its messages."""
+        if self._burst is not None:  # not expected: a read inside a read
+            return super().dataReceived(data, unpause)
+        self._burst = []
+        try:
+            super().dataReceived(data, unpause)
+        finally:
+            self._hand_on()
+            self._burst = None
+
+    def _hand_on(self):
+        burst = self._burst
+        if burst:
+            self._burst = []
+            self.factory.link.messages_received(burst)
+
+    def replyReceived(self, reply):
+        """BaseRedisProtocol API: messages join the burst; anything else comes after it."""
+        if (
+            self._burst is not None and isinstance(reply, list) and len(reply) >= 3
+            and reply[-3] in ("message", b"message")
+        ):
+            self._burst.append((reply[-2], reply[-1]))
+            return
+        self._hand_on()
+        super().replyReceived(reply)
 
     def messageReceived(self, pattern, channel, message):
-        """SubscriberProtocol API"""
-        self.factory.link.message_received(channel, message)
+        """SubscriberProtocol API (a message outside a read's burst)."""
+        self.factory.link.messages_received([(channel, message)])
 
 
 class LinkFactory(protocol.Factory):
@@ -150,7 +186,8 @@ class RedisLink:
         @param on_ready: C{on_ready(link, protocol)} returning a Deferred or
             awaitable, run at the end of each handshake: the link is usable
             only once it succeeded.
-        @param on_message: C{on_message(channel, message)} for pub/sub.
+        @param on_message: C{on_message(messages)} for pub/sub: the
+            C{(channel, message)} pairs read together, in order.
         @param keepalive: seconds between PINGs while the link is usable, so
             that a silent or frozen Redis is noticed (the PING times out and
             drops the connection) even when nothing else is asked of it;
@@ -302,10 +339,13 @@ class RedisLink:
         log.warn("redis ({link}) connection lost ({why}); reconnecting", link=self.name,
                  why=why.getErrorMessage().rstrip("."))
 
-    def message_received(self, channel, message):
-        """A pub/sub message, for C{on_message}."""
+    def messages_received(self, messages):
+        """
+        Pub/sub messages read together, C{[(channel, message), ...]} in
+        order, for C{on_message}.
+        """
         if self._on_message is not None:
-            self._on_message(channel, message)
+            self._on_message(messages)
 
 
 def _peer(protocol):
