@@ -362,14 +362,17 @@ class Hub:
         keys = [event_id_key(delivery.event.id) for delivery in run]
         texts = [None] * len(run)  # each event encoded once, for the first seat that takes it
         too_slow = []
+        copied = registry.version  # seats is a copy as of this
         for first in range(0, len(seats), self.SLICE):  # bounded by the seats
             part = seats[first:first + self.SLICE]
+            version = copied
             for index, delivery in enumerate(run):
-                version = registry.version
-                texts[index] = self._fan_out(room, part, delivery, keys[index], texts[index], too_slow)
                 if registry.version != version:
-                    # A seat was taken out: the rest of the run is not its.
+                    # A seat was taken out since (its QUIT, or a connection
+                    # an earlier slice's flush closed): the rest is not its.
+                    version = registry.version
                     part = [seat for seat in part if registry.get(room, seat.member.connection_id) is seat]
+                texts[index] = self._fan_out(room, part, delivery, keys[index], texts[index], too_slow)
             if first + self.SLICE < len(seats):
                 self.flush_writes()
         for seat in too_slow:

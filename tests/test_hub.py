@@ -606,6 +606,28 @@ def test_a_burst_in_slices_reaches_each_member_in_order():
     assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
 
 
+def test_a_seat_that_leaves_during_a_slices_flush_gets_nothing_after():
+    """
+    A connection that goes while an earlier slice is written out (its
+    close, say, as a flush finds it) is not written to by the later
+    slices: its seat is looked up again before the next event.
+    """
+    world = burst_world(2)
+    gina = world.users["Gina"][1]
+    burst = published(world, STEPS[:2])
+    for _, connection in world.users.values():
+        connection.take()
+    world.hub.flush_writes = lambda: world.hub.leave_all("i:Gina") if world.hub.rooms_of("i:Gina") else None
+    later = []
+    world.broker.set_feed(later.append)  # Gina's QUIT comes back later, as from Redis
+    world.hub.deliver_burst(burst)
+    assert gina.take() == []
+    frank = world.users["Frank"][1].take()  # a later slice than the flush Gina left in
+    assert [f["message"] for f in frank] == ["one", "two"]
+    assert [d.event.type for d in later] == ["QUIT"]
+    assert world.hub.rooms_of("i:Gina") == frozenset()
+
+
 def test_a_stalled_catch_up_is_cut_after_the_burst():
     """
     A member still catching up whose buffered live events pass
