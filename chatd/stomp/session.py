@@ -87,7 +87,7 @@ class Slot:
     Where the MESSAGE frame of one L{EventFrames.key} for the event being
     fanned out is kept: one object for every subscription of that key, so
     a member whose slot already holds this event's frame sends it with one
-    identity check (L{StompSession._shared_event}).
+    identity check (L{_SessionSide.send_shared}).
 
     @ivar key: the key.
     @ivar text: the event text the frame was made for, or L{None}.
@@ -197,14 +197,36 @@ class EventFrames:
 
 @implementer(IConnection)
 class _SessionSide:
-    """The L{IConnection} the chatd.v1 session and the hub talk to."""
+    """
+    The L{IConnection} the chatd.v1 session and the hub talk to.
 
-    def __init__(self, stomp, connection_id):
+    The hub calls C{send_shared} once per member per event, so the common
+    case is done here, on this small slotted object alone: when the
+    session's one subscription shares a L{Slot} that already holds this
+    event's frame (every member but the first of each key), write it.
+    The session keeps C{slot} (L{None} while it has no subscription or
+    several, and once it is closing).
+    """
+
+    __slots__ = ("_stomp", "connection_id", "slot", "_write")
+
+    def __init__(self, stomp, connection_id, write):
+        """
+        @param write: the connection's C{send_shared_frame}.
+        """
         self._stomp = stomp
         self.connection_id = connection_id
-        # IConnection API.  The hub calls it once per member per event: the
-        # session's own method, without a call in between.
-        self.send_shared = stomp._shared_event
+        self.slot = None
+        self._write = write
+
+    def send_shared(self, text):
+        """IConnection API"""
+        slot = self.slot
+        if slot is not None and slot.text is text:
+            write = self._write  # a slot's value: LOAD_METHOD would not specialize on it
+            write(slot.prepared)
+        else:
+            self._stomp._shared_event(text)
 
     def send_text(self, text):
         """IConnection API"""
@@ -252,9 +274,8 @@ class StompSession:
         self._parser = frames.FrameParser(settings.limits.max_message_bytes)
         self._subscriptions = mapping.Subscriptions()
         self._slots = {}  # room -> its subscription's EventFrames slot
-        self._slot = None  # the only one, while there is one and the session is not closing
         self._send_shared_frame = connection.send_shared_frame
-        self._side = _SessionSide(self, connection.connection_id)
+        self._side = _SessionSide(self, connection.connection_id, self._send_shared_frame)
         self._bucket = TokenBucket(self._limits.rate, self._limits.burst, clock)
         self._queue = collections.deque()
         self._busy = False
@@ -428,10 +449,10 @@ class StompSession:
         return subscription
 
     def _only_slot(self):
-        # _shared_event's short way: with one subscription, an event its
-        # slot holds a frame of is an event of its room.
+        # _SessionSide.send_shared's short way: with one subscription, an
+        # event its slot holds a frame of is an event of its room.
         only = len(self._slots) == 1 and not self._closing
-        self._slot = next(iter(self._slots.values())) if only else None
+        self._side.slot = next(iter(self._slots.values())) if only else None
 
     async def _send_frame(self, frame):
         destination = frame.get("destination")
@@ -498,13 +519,8 @@ class StompSession:
         # WELCOME: CONNECTED said it; a renewal's answer is the RECEIPT.
 
     def _shared_event(self, text):
-        # Once per member per event (docs/performance.md).  Members alike
-        # share a slot, so after the first of them the frame is there:
-        # one identity check and the write.
-        slot = self._slot
-        if slot is not None and slot.text is text:
-            self._send_shared_frame(slot.prepared)
-            return
+        # What _SessionSide.send_shared did not do at once: the first
+        # member of a key, or one of several rooms.
         if self._closing:
             return
         shared = self._event_frames
@@ -576,7 +592,7 @@ class StompSession:
 
     def _stop(self):
         self._closing = True
-        self._slot = None
+        self._side.slot = None
         self._queue.clear()
         for call in (self._deadline, self._watch):
             if call is not None and call.active():
