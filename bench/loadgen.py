@@ -159,13 +159,16 @@ class Meter:
 
     def start(self):
         self.t0 = time.perf_counter()
-        self.server0 = sum(process_cpu_s(pid) for pid in self.pids)
+        self.each0 = [process_cpu_s(pid) for pid in self.pids]
+        self.server0 = sum(self.each0)
         self.counters0 = [process_counters(pid) for pid in self.pids]
         self.own0 = own_cpu_s()
 
     def stop(self):
         self.wall = time.perf_counter() - self.t0
-        self.server_cpu = sum(process_cpu_s(pid) for pid in self.pids) - self.server0
+        each1 = [process_cpu_s(pid) for pid in self.pids]
+        self.each = [after - before for before, after in zip(self.each0, each1)]  # per PID
+        self.server_cpu = sum(each1) - self.server0
         self.counters = [
             {key: round(value - before[key], 3) for key, value in process_counters(pid).items()}
             for pid, before in zip(self.pids, self.counters0)
@@ -544,16 +547,29 @@ class Generator:
         tokens = {sub: self.token(sub) for sub, _ in subs}  # minted before the clock starts
         pids = spec["server_pids"]
         await asyncio.sleep(0.5)
-        rss_before = sum(process_rss_kib(pid) for pid in pids)
+        rss_each_before = [process_rss_kib(pid) for pid in pids]
+        rss_before = sum(rss_each_before)
         meter = Meter(pids)
         event("measuring")
         meter.start()
         await self.connect_many(subs, spec.get("concurrency", 20), tokens)
         meter.stop()
         await self.settle()
-        rss_after = sum(process_rss_kib(pid) for pid in pids)
+        rss_each_after = [process_rss_kib(pid) for pid in pids]
+        rss_after = sum(rss_each_after)
         event("measured")
+        # --paired: one server per target, in the targets' order, each with
+        # every other connection (n / targets), measured in the same phase.
+        each = {}
+        if spec.get("paired"):
+            share = n / targets
+            each = {"each": [
+                dict(cpu_ms_per_connection=round(1000 * cpu / share, 3),
+                     kib_per_connection=round((after - before) / share, 2))
+                for cpu, before, after in zip(meter.each, rss_each_before, rss_each_after)
+            ]}
         return dict(
+            **each,
             connections=n, connected=len(self.members),
             rss_before_kib=rss_before, rss_after_kib=rss_after,
             kib_per_connection=round((rss_after - rss_before) / n, 2),

@@ -169,7 +169,16 @@ class Setup:
 
     def _start(self):
         b = self.bench
-        if self.kind in ("reference", "floor"):
+        if self.kind.startswith("pair"):
+            # --paired: chatd at REV and this tree's chatd side by side, in
+            # this run's order, each with its own embedded broker.
+            self.targets = []
+            for i, env in enumerate(self.pair_envs()):
+                server = support.Chatd(b.workdir, b.workdir, b.secret, name=f"chatd{i}", **CHATD_OVERRIDES)
+                self.servers.append(server)
+                server.start(env=env)
+                self.targets.append(dict(host="127.0.0.1", port=server.port, ticket=True))
+        elif self.kind in ("reference", "floor"):
             server = Reference(b.workdir, b.workdir, REFERENCE if self.kind == "reference" else FLOOR)
             self.servers.append(server)
             server.start()
@@ -198,6 +207,11 @@ class Setup:
                 self.watched.append(server.proc.pid)
         # The process to profile: the (first) chatd, or the reference.
         self.main_pid = next(s.proc.pid for s in self.servers if not isinstance(s, support.Redis))
+
+    def pair_envs(self):
+        """The environments of a --paired run's two chatd, REV's first unless the kind ends in "~"."""
+        envs = [{"PYTHONPATH": self.bench.snapshot}, None]
+        return envs[::-1] if self.kind.endswith("~") else envs
 
     def __exit__(self, *exc):
         for server in reversed(self.servers):
@@ -425,7 +439,42 @@ class Bench:
         print(json.dumps(record), flush=True)
         return record
 
+    def paired(self, number):
+        """
+        Scenario 2 with chatd at REV and this tree's chatd in the same run,
+        side by side on the server core, the generator's connections
+        alternating between them: a drift of the machine's speed between
+        runs, which moved scenario 2 by up to 30 % from run to run, falls on
+        both alike.  Each run gives one record per server and their ratio.
+        """
+        scenario = self.scenarios[number]
+        labels = [variant_label(*variant) for variant in scenario.variants]
+        for run in range(1, self.args.runs + 1):
+            # Which one gets the first connection of each pair flips every run.
+            kind = "pair" if run % 2 else "pair~"
+            log(f"scenario {number} ({scenario.name}), {labels[0]} and {labels[1]} paired, run {run}")
+            quiet = wait_quiet(self.args.quiet_threshold, self.args.quiet_wait)
+            with Setup(self, kind) as setup:
+                result = self.run_generator(setup, scenario, dict(scenario.spec(self.args), paired=True))
+            each = result.pop("each")
+            if kind.endswith("~"):
+                each = each[::-1]
+            for label, mine in zip(labels, each):
+                record = dict(
+                    scenario=number, name=scenario.name, server=label, run=run, paired=True,
+                    **quiet, **{**result, **mine},
+                )
+                self.results.append(record)
+                print(json.dumps(record), flush=True)
+            print(json.dumps({
+                "scenario": number, "run": run, "paired_ratio":
+                round(each[1]["cpu_ms_per_connection"] / each[0]["cpu_ms_per_connection"], 3),
+            }), flush=True)
+
     def scenario(self, number):
+        if self.args.paired:
+            self.paired(number)
+            return
         scenario = self.scenarios[number]
         for run in range(1, self.args.runs + 1):
             # Alternate which server goes first, so a drift in the machine's
@@ -548,6 +597,8 @@ def parse_args(argv=None):
     parser.add_argument("--yardstick", choices=["reference", "floor"], default="reference",
                         help="2: what chatd is measured against: the reference server, or bench/floor.py "
                              "(TLS and a canned 101 per connection, the least any server here does)")
+    parser.add_argument("--paired", action="store_true",
+                        help="2 with --against: both chatd in each run, side by side, connections alternating")
     parser.add_argument("--profile", metavar="FILE", help="also run one scenario on chatd under py-spy into FILE")
     parser.add_argument("--profile-scenario", type=int, default=1, choices=sorted(SCENARIOS),
                         help="the scenario --profile runs, on its second variant (5: STOMP clients)")
@@ -567,6 +618,8 @@ def parse_args(argv=None):
     for number in args.scenarios:
         if number not in SCENARIOS:
             parser.error(f"no scenario {number}: there are {sorted(SCENARIOS)}")
+    if args.paired and (not args.against or set(args.scenarios) != {2}):
+        parser.error("--paired is for scenario 2 alone, with --against")
     if args.yardstick == "floor" and (args.against or set(args.scenarios) != {2}):
         parser.error("--yardstick floor is for scenario 2 alone, without --against")
     if os.cpu_count() < 2:
