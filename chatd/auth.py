@@ -75,6 +75,55 @@ class Principal:
         )
 
 
+_KEYED = {}  # a PyJWT algorithm class -> its subclass that prepares each key once
+
+
+def _keyed(algorithm):
+    """
+    C{algorithm} (a PyJWT C{Algorithm}) as one whose C{prepare_key}
+    remembers the key it last prepared, by identity: PyJWT prepares the key
+    on every token (for an HS* secret, a check that it is no PEM, SSH or DER
+    key, DER by two failed parses, in about a third of a token's time;
+    docs/performance.md), and the verifier's key is one object, checked
+    when it is loaded (L{chatd.config.read_jwt_key}).  Everything else,
+    every check of the token itself, is PyJWT's own.
+    """
+    base = type(algorithm)
+    keyed = _KEYED.get(base)
+    if keyed is None:
+
+        def prepare_key(self, key):
+            last = self.__dict__.get("_chatd_prepared")
+            if last is not None and last[0] is key:
+                return last[1]
+            prepared = base.prepare_key(self, key)
+            self._chatd_prepared = (key, prepared)  # the key object is kept: its id cannot be reused
+            return prepared
+
+        keyed = _KEYED[base] = type(base.__name__, (base,), {"prepare_key": prepare_key})
+    copy = object.__new__(keyed)
+    copy.__dict__.update(algorithm.__dict__)
+    return copy
+
+
+def _decoder(algorithms):
+    """
+    A PyJWT instance of its own whose C{algorithms} prepare each key once
+    (L{_keyed}); PyJWT's module-level decoder if its layout (a private
+    C{_jws}) ever changes.
+    """
+    decoder = jwt.PyJWT()
+    try:
+        jws = decoder._jws
+        for name in algorithms:
+            keyed = _keyed(jws.get_algorithm_by_name(name))
+            jws.unregister_algorithm(name)
+            jws.register_algorithm(name, keyed)
+    except (AttributeError, KeyError, NotImplementedError, TypeError, ValueError):
+        return jwt
+    return decoder
+
+
 class TokenVerifier:
     """Checks JWTs against one deployment's key, algorithms, iss and aud."""
 
@@ -84,6 +133,7 @@ class TokenVerifier:
         self._issuer = issuer or None
         self._audience = audience or None
         self._leeway = leeway
+        self._jwt = _decoder(self._algorithms)
 
     @classmethod
     def from_settings(cls, settings):
@@ -110,7 +160,7 @@ class TokenVerifier:
         if self._audience is not None:
             options["require"].append("aud")
         try:
-            claims = jwt.decode(
+            claims = self._jwt.decode(
                 token,
                 self._key,
                 algorithms=self._algorithms,

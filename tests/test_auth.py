@@ -323,3 +323,67 @@ def test_principal_json_round_trip(rooms):
         assert data["rooms"] == ["a", "b"]
     if rooms is None:
         assert data["rooms"] is None
+
+
+# --- the key prepared once -------------------------------------------------------------------
+
+
+def test_key_prepared_once_per_key(monkeypatch):
+    """
+    PyJWT's key preparation (for HS*, the check that the secret is no PEM,
+    SSH or DER key) runs once for the verifier's key, not once per token,
+    and again once for a key set by use_key; tokens are still checked.
+    """
+    tokens = [token(algorithm=algorithm) for algorithm in ("HS256", "HS512", "HS256")]
+    other, old = token(key=OTHER_SECRET), token()
+    prepared = []
+    real = jwt.algorithms.HMACAlgorithm.prepare_key
+
+    def counting(self, key):
+        prepared.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(jwt.algorithms.HMACAlgorithm, "prepare_key", counting)
+    v = verifier(algorithms=["HS256", "HS512"])
+    for token_ in tokens:
+        assert v.verify(token_).sub == "alice"
+    assert prepared == [SECRET, SECRET]  # once for each algorithm's object
+    with pytest.raises(InvalidToken):
+        v.verify(other)
+    v.use_key(OTHER_SECRET)
+    assert v.verify(other).sub == "alice"
+    with pytest.raises(InvalidToken):
+        v.verify(old)
+    assert prepared == [SECRET, SECRET, OTHER_SECRET]
+
+
+@pytest.mark.parametrize("algorithm", ["HS256", "RS256"])
+def test_keyed_decoder_answers_as_pyjwt(rsa_key, rsa_public_pem, algorithm):
+    """
+    Every token of a mixed set (good, expired, wrong key, other algorithm,
+    alg none, tampered, malformed) gets the same answer from the verifier's
+    decoder as from PyJWT's own jwt.decode.
+    """
+    if algorithm == "HS256":
+        key, signing, other = SECRET, SECRET, OTHER_SECRET
+    else:
+        key, signing = rsa_public_pem, rsa_key
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    good = token(key=signing, algorithm=algorithm)
+    head, body, signature = good.split(".")
+    tokens = [
+        good, token(ttl=-10, key=signing, algorithm=algorithm), token(key=other, algorithm=algorithm),
+        token(key=SECRET, algorithm="HS512"), token(key=None, algorithm="none"), f"{head}.{body}x.{signature}",
+        f"{head}.{body}", "a.b.c", good + "=",
+    ]
+    v = verifier(key=key, algorithms=[algorithm])
+    options = {"require": ["exp", "sub"], "verify_aud": False}
+
+    def answer(decode, token_):
+        try:
+            return decode(token_, key, algorithms=[algorithm], options=options)
+        except jwt.PyJWTError as e:
+            return type(e)
+
+    for token_ in tokens * 2:  # the second time with the key prepared
+        assert answer(v._jwt.decode, token_) == answer(jwt.decode, token_), token_
