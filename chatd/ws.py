@@ -33,6 +33,7 @@ from autobahn.websocket.types import ConnectionDeny
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from zope.interface import implementer
 
@@ -565,52 +566,96 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
     _sent_counted = False
 
     def onConnect(self, request):
-        d = defer.ensureDeferred(self._on_connect(request))
-        d.addErrback(self._connect_failed, request)
-        return d
+        """
+        Decide the upgrade (L{chatd.handshake}): plain calls, and the
+        ticket's redemption chained on the broker's Deferred, which the
+        embedded broker has fired already, so the whole decision is made in
+        this call (a coroutine and its Deferred per connection cost more
+        than the rest of it; docs/performance.md).
 
-    async def _on_connect(self, request):
+        @return: a Deferred of the subprotocol, or the subprotocol.
+        @raise ConnectionDeny: the refusal, counted and logged.
+        """
+        try:
+            ticket, stomp = self._check_request(request)
+            if ticket is None:
+                return self._subprotocol(stomp, request)
+            redeeming = defer.ensureDeferred(self.factory.broker.redeem_ticket(ticket))
+        except Exception:
+            return self._refuse(Failure(), request)  # raises ConnectionDeny
+        redeeming.addCallback(self._redeemed, stomp, request)
+        redeeming.addErrback(self._refuse, request)
+        return redeeming
+
+    def _check_request(self, request):
+        """
+        The checks before any ticket is redeemed: draining, Origin, the
+        caps (which take this connection's slot).
+
+        @return: C{(ticket, stomp)}: the ticket to redeem (L{None} for a
+            STOMP client that brings its JWT in CONNECT) and the STOMP
+            route chosen, if any.
+        @raise handshake.Deny: the refusal.
+        """
         factory = self.factory
-        origin = request.headers.get("origin")
         self.client = factory.proxies.client(
             _peer_host(self.transport), request.headers.get("x-forwarded-for")
         )
-        try:
-            if factory.drain_state is not None and factory.drain_state.draining:
-                raise handshake.Deny(errors.HTTP_UNAVAILABLE, "server draining, reconnect")
-            handshake.check_origin(origin, factory.settings.server.allowed_origins)
-            stomp = stomp_transport.choose(request.path, request.protocols, factory.settings.stomp)
-            # [stomp] connect_auth: a STOMP client may bring its JWT in CONNECT instead.
-            ticketless = (
-                stomp is not None and factory.settings.stomp.connect_auth and "ticket" not in request.params
-            )
-            ticket = None if ticketless else handshake.ticket_from_params(request.params)
-            factory.admit(self)
-            self.principal = None
-            if ticket is not None:
-                try:
-                    grant = await factory.broker.redeem_ticket(ticket)
-                except BrokerUnavailable:
-                    raise handshake.Deny(errors.HTTP_UNAVAILABLE, "chat unavailable") from None
-                self.principal = handshake.check_grant(grant, factory.clock.seconds())
-        except handshake.Deny as deny:
-            self._refusal = deny
-            factory.metrics.count_rejected(deny.status)
-            factory.refusals.note(self._log, self.client, redact_uri(request.path), deny.status, deny.reason)
-            raise ConnectionDeny(deny.status, deny.reason)
+        if factory.drain_state is not None and factory.drain_state.draining:
+            raise handshake.Deny(errors.HTTP_UNAVAILABLE, "server draining, reconnect")
+        handshake.check_origin(request.headers.get("origin"), factory.settings.server.allowed_origins)
+        stomp = stomp_transport.choose(request.path, request.protocols, factory.settings.stomp)
+        # [stomp] connect_auth: a STOMP client may bring its JWT in CONNECT instead.
+        ticketless = (
+            stomp is not None and factory.settings.stomp.connect_auth and "ticket" not in request.params
+        )
+        ticket = None if ticketless else handshake.ticket_from_params(request.params)
+        factory.admit(self)
+        self.principal = None
+        return ticket, stomp
+
+    def _redeemed(self, grant, stomp, request):
+        """
+        The redeemed ticket's C{grant} checked: the subprotocol to answer with.
+
+        @raise handshake.Deny: for an unknown, used or expired ticket.
+        """
+        self.principal = handshake.check_grant(grant, self.factory.clock.seconds())
+        return self._subprotocol(stomp, request)
+
+    def _subprotocol(self, stomp, request):
+        """The subprotocol of an accepted upgrade (a STOMP one, or chatd.v1 if offered)."""
         if stomp is not None:
             self.stomp = stomp_transport.StompWire(self, stomp.sockjs)
             return stomp.subprotocol
         return handshake.choose_subprotocol(request.protocols, (messages.SUBPROTOCOL,))
 
-    def _connect_failed(self, failure, request):
-        if not failure.check(ConnectionDeny):
-            # Autobahn would log this as a bare warning, quoting the error,
-            # and answer 500 with it; log it once, with its traceback.
+    def _refuse(self, failure, request):
+        """
+        Turn a failed decision into Autobahn's C{ConnectionDeny}: a
+        L{handshake.Deny} as it says (a broker that cannot redeem: 503),
+        counted and logged within the refusal budget; anything else is 500,
+        logged once with its traceback (Autobahn would log it as a bare
+        warning, quoting the error, and answer 500 with it).
+
+        @raise ConnectionDeny: always.
+        """
+        factory = self.factory
+        if failure.check(BrokerUnavailable):
+            failure = Failure(handshake.Deny(errors.HTTP_UNAVAILABLE, "chat unavailable"))
+        if failure.check(ConnectionDeny):
+            failure.raiseException()
+        if not failure.check(handshake.Deny):
             self._log.failure("error in onConnect for {path}", failure, path=redact_uri(request.path))
             self._refusal = handshake.Deny(errors.HTTP_INTERNAL_ERROR, "internal error")
             raise ConnectionDeny(errors.HTTP_INTERNAL_ERROR, "internal error")
-        return failure
+        deny = failure.value
+        self._refusal = deny
+        factory.metrics.count_rejected(deny.status)
+        factory.refusals.note(
+            self._log, self.client or _peer_host(self.transport), redact_uri(request.path), deny.status, deny.reason,
+        )
+        raise ConnectionDeny(deny.status, deny.reason)
 
     def onOpen(self):
         self._guard_open()
