@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -224,3 +225,20 @@ def test_floor_yardstick_is_for_scenario_2_alone():
     for argv in (["1", "2", "--yardstick", "floor"], ["2", "--yardstick", "floor", "--against", "HEAD"]):
         done = subprocess.run([sys.executable, RUN, *argv], capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert done.returncode == 2 and "--yardstick floor is for scenario 2 alone" in done.stderr
+
+
+def test_paired_is_for_scenario_2_with_against():
+    """--paired without --against, or with another scenario, is a usage error naming the option."""
+    for argv in (["2", "--paired"], ["1", "2", "--paired", "--against", "HEAD"]):
+        done = subprocess.run([sys.executable, RUN, *argv], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert done.returncode == 2 and "--paired is for scenario 2 alone, with --against" in done.stderr
+
+
+def test_paired_setup_starts_rev_and_this_tree_in_the_runs_order(tmp_path):
+    """A paired run's two chatd: REV's snapshot first, or this tree's first when the order flips."""
+    run = _load("run")
+    bench = types.SimpleNamespace(snapshot=str(tmp_path))
+    first = run.Setup(bench, "pair").pair_envs()
+    flipped = run.Setup(bench, "pair~").pair_envs()
+    assert first == [{"PYTHONPATH": str(tmp_path)}, None]
+    assert flipped == [None, {"PYTHONPATH": str(tmp_path)}]
