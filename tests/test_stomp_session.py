@@ -16,9 +16,7 @@ from zope.interface import implementer
 
 from chatd import config, errors
 from chatd.auth import Principal
-from chatd.broker.interfaces import Delivery
 from chatd.hub import Hub
-from chatd.messages import RoomEvent
 from chatd.session import Session
 from chatd.stomp import frames
 from chatd.stomp.frames import Frame, FrameParser
@@ -411,63 +409,6 @@ def test_slots_go_with_their_subscriptions():
     assert body(c.take()[-1])["sender"] == "Bob"
     gc.collect()
     assert key not in world.event_frames._slots
-
-
-def test_a_sliced_burst_frames_each_event_once():
-    """
-    When the hub fans a burst out a slice of members at a time (coming
-    back to each event once per slice), every member gets every event once,
-    in order, and each event's frame is made once for members alike.
-    """
-    world = World()
-    made = []
-    world.event_frames = EventFrames(lambda data, framing: made.append(data) or data)
-    world.hub.flush_writes = lambda: None
-    people = [Principal(sub=f"p{i}", name=f"P{i}", exp=EXP) for i in range(Hub.SLICE + 6)]
-    members = []
-    for person in people:
-        connection, session = world.stomp(person)
-        send(session, "SUBSCRIBE", destination="/topic/lobby", id="sub-0")
-        members.append(connection)
-    for connection in members:
-        connection.take()
-    made.clear()
-    events = [RoomEvent("TALK", f"{2_000_000 + n}-0", "lobby", "Dan", f"m{n}", len(people), 1) for n in range(3)]
-    world.hub.deliver_burst([Delivery(event, "elsewhere", None) for event in events])
-    assert len(made) == len(events)
-    for connection in members:
-        assert [body(f)["message"] for f in connection.take()] == ["m0", "m1", "m2"]
-
-
-def _event_text(n, room="lobby"):
-    return json.dumps({"type": "TALK", "room": room, "id": f"{n}-0", "sender": "Dan", "message": f"m{n}",
-                       "userCount": 2, "ts": 1})
-
-
-def test_event_frames_keep_recent_events_within_bounds():
-    """
-    The frames of the last RECENT events are kept (an event that comes
-    back is not framed again), fewer when they hold over MAX_FRAMES frames;
-    a forgotten event is framed again when it comes back.
-    """
-    made = []
-    shared = EventFrames(lambda data, framing: made.append(data) or data)
-    key = ("/topic/lobby", b"sub-0", "1.2", "plain")
-    texts = [_event_text(n) for n in range(shared.RECENT + 1)]
-    first = shared.frame(texts[0], key)
-    for text in texts[1:shared.RECENT]:
-        shared.frame(text, key)
-    assert shared.frame(texts[0], key) is first and len(made) == shared.RECENT
-    shared.frame(texts[shared.RECENT], key)  # one more: the oldest goes
-    assert shared.frame(texts[0], key) == first and len(made) == shared.RECENT + 2
-    shared.MAX_FRAMES = 2
-    other = _event_text(10**6)
-    keys = [("/topic/lobby", f"id-{n}".encode(), "1.2", "plain") for n in range(3)]
-    for k in keys:
-        shared.frame(other, k)  # the newest event keeps all three
-    before = len(made)
-    assert [shared.frame(other, k) for k in keys] == made[-3:] and len(made) == before
-    assert shared.frame(texts[0], key) == first and len(made) == before + 1  # forgotten to stay within the cap
 
 
 def test_frames_per_subscription_id_and_version():

@@ -102,44 +102,23 @@ class Slot:
         self.prepared = None
 
 
-class _Event:
-    """One event's decoded parts and the frames made for it so far, by key."""
-
-    __slots__ = ("text", "room", "event", "body", "encoders", "frames")
-
-    def __init__(self, text):
-        self.text = text
-        self.event = messages.RoomEvent.from_wire(json.loads(text))
-        self.room = self.event.room
-        self.body = mapping.event_body(self.event)
-        self.encoders = {}  # (destination, version) -> frames.MessageFrames
-        self.frames = {}  # EventFrames.key -> prepared
-
-
 class EventFrames:
     """
-    The MESSAGE frames of the events being fanned out, made once per event
-    and destination, subscription id, version and framing (a L{key}): the
-    hub hands the very same C{str} of an event to every local member (see
+    The MESSAGE frames of the event being fanned out, made once per
+    destination, subscription id, version and framing (a L{key}): the hub
+    hands the very same C{str} to every local member (see
     L{chatd.hub.IConnection.send_shared}), and clients of one app subscribe
     alike (stomp.js calls every first subscription C{sub-0}), so a room
     usually shares one frame.  Subscribers with ids of their own each get
     one, made from the event's headers and body encoded once
     (L{frames.MessageFrames}).  One per instance, shared by its STOMP
-    connections; each key has one L{Slot} while a subscription holds it.
+    connections; each key has one L{Slot} while a subscription holds it,
+    and only the last event's frames are kept (at most one per local
+    subscriber of its room).
 
-    The hub may fan a burst of events out a slice of members at a time
-    (L{chatd.hub.Hub.deliver_burst}), coming back to each event once per
-    slice, so the frames of the last L{RECENT} events are kept (of fewer,
-    when they hold over L{MAX_FRAMES} frames: the newest event's are kept
-    whatever their number, at most one per local subscriber of its room).
-
-    @ivar text: the chatd.v1 text of the event last started.
+    @ivar text: the chatd.v1 text of the last event.
     @ivar room: its room.
     """
-
-    RECENT = 64
-    MAX_FRAMES = 4096
 
     def __init__(self, prepare=_unprepared):
         """
@@ -150,10 +129,11 @@ class EventFrames:
         self._prepare = prepare
         self.text = None
         self.room = None
-        self._current = None
-        self._recent = {}  # id(text) -> _Event, oldest first; each keeps its text, so its id
-        self._frame_count = 0
+        self._event = None
+        self._body = None
+        self._encoders = {}
         self._slots = weakref.WeakValueDictionary()  # key -> Slot, while subscribed
+        self._filled = []  # the slots holding the last event's frames
 
     @staticmethod
     def key(subscription, version, framing):
@@ -174,23 +154,16 @@ class EventFrames:
         return slot
 
     def start(self, text):
-        """Decode the event text C{text} the hub shared, once per event while it is recent."""
-        entry = self._recent.get(id(text))
-        if entry is None:
-            entry = self._recent[id(text)] = _Event(text)
-            if len(self._recent) > self.RECENT:
-                self._forget(next(iter(self._recent.values())))
-        self._current = entry
-        self.room = entry.room
+        """Decode the event text C{text} the hub shared, once per event."""
+        event = messages.RoomEvent.from_wire(json.loads(text))
+        for slot in self._filled:
+            slot.text = slot.prepared = None
+        self._filled = []
+        self._event = event
+        self._body = mapping.event_body(event)
+        self._encoders = {}
+        self.room = event.room
         self.text = text
-
-    def _forget(self, entry):
-        del self._recent[id(entry.text)]
-        self._frame_count -= len(entry.frames)
-        for key in entry.frames:
-            slot = self._slots.get(key)
-            if slot is not None and slot.text is entry.text:
-                slot.text = slot.prepared = None
 
     def fill(self, text, slot):
         """
@@ -201,25 +174,15 @@ class EventFrames:
         if text is not self.text:
             self.start(text)
         if slot.text is not text:
-            entry = self._current
-            key = slot.key
-            prepared = entry.frames.get(key)
-            if prepared is None:
-                destination, value, version, framing = key
-                encoder = entry.encoders.get((destination, version))
-                if encoder is None:
-                    encoder = entry.encoders[(destination, version)] = frames.MessageFrames(
-                        destination, entry.event.id, entry.body, version
-                    )
-                prepared = entry.frames[key] = self._prepare(encoder.encode_value(value), framing)
-                self._frame_count += 1
-                while self._frame_count > self.MAX_FRAMES:  # bounded: each round forgets one event
-                    oldest = next(iter(self._recent.values()))
-                    if oldest is entry:
-                        break
-                    self._forget(oldest)
-            slot.prepared = prepared
+            destination, value, version, framing = slot.key
+            encoder = self._encoders.get((destination, version))
+            if encoder is None:
+                encoder = self._encoders[(destination, version)] = frames.MessageFrames(
+                    destination, self._event.id, self._body, version
+                )
+            slot.prepared = self._prepare(encoder.encode_value(value), framing)
             slot.text = text
+            self._filled.append(slot)
         return slot.prepared
 
     def frame(self, text, key):
