@@ -26,6 +26,7 @@ PUBLIC_KEY_ALGORITHMS = frozenset(
 # RFC 7518 section 3.2: an HMAC key at least as long as the hash's output.
 # PyJWT only warns (InsecureKeyLengthWarning) on each token it decodes.
 MIN_HS_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+MIN_RSA_KEY_BITS = 2048  # NIST SP 800-131A; RFC 7518 3.3 requires 2048 for RS*
 MIN_API_KEY_CHARS = 32
 MIN_WEBHOOK_SECRET_BYTES = 32
 WEBHOOK_EVENTS = ("talk", "enter", "quit")
@@ -578,7 +579,14 @@ def _public_key(path, pem, algorithms):
             )
         except (UnsupportedAlgorithm, ValueError, TypeError):
             raise ConfigError(path, "auth", "public_key_file", why) from None
-    return _suited_key(path, "public_key_file", pem, algorithms, why)
+    pem = _suited_key(path, "public_key_file", pem, algorithms, why)
+    bits = getattr(serialization.load_pem_public_key(pem), "key_size", None)
+    if algorithms[0][:2] in ("RS", "PS") and bits is not None and bits < MIN_RSA_KEY_BITS:
+        # PyJWT only warns (InsecureKeyLengthWarning) on each token.
+        raise ConfigError(
+            path, "auth", "public_key_file", f"RSA key of {bits} bits; at least {MIN_RSA_KEY_BITS}"
+        )
+    return pem
 
 
 def _suited_key(path, key_name, key, algorithms, why):

@@ -584,6 +584,15 @@ def test_public_key_of_wrong_type(ini, tmp_path):
     assert_names(failure(path), path, "auth", "public_key_file", "not a PEM public key for RS256")
 
 
+@pytest.mark.parametrize("algorithms", ["RS256", "PS256 RS256"])
+def test_rsa_key_under_2048_bits_is_refused(ini, tmp_path, algorithms):
+    """RFC 7518 3.3: an RS* or PS* key of 1024 bits stops start-up, where PyJWT only warns on each token."""
+    public = tmp_path / "small.pub"
+    public.write_bytes(pem_public(rsa.generate_private_key(public_exponent=65537, key_size=1024)))
+    path = ini(auth__algorithms=algorithms, auth__secret_file=None, auth__public_key_file=str(public))
+    assert_names(failure(path), path, "auth", "public_key_file", "RSA key of 1024 bits; at least 2048")
+
+
 def test_garbled_public_key(ini, tmp_path):
     """PEM armour around garbage is refused."""
     public = tmp_path / "bad.pub"
