@@ -270,6 +270,8 @@ class ConnectionGuard:
         guard = self
 
         class GuardedRequest(request_factory):
+            # chatd.web.ChatChannel reports the requests it answers itself here.
+            connection_guard = guard
             _body_bytes = 0
             _too_large = False  # over the cap: the body is thrown away, then 413
             _cut_off = False  # over what is worth reading to answer: aborted

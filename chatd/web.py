@@ -10,6 +10,7 @@ Every answer that is not the page is JSON, errors included.
 import json
 import math
 import re
+import time
 from importlib import resources
 
 from autobahn.twisted.resource import WebSocketResource
@@ -19,7 +20,10 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import http, http_headers, server
+# Read once: twisted.web.http is a deprecation proxy, whose every attribute
+# read costs microseconds (cProfile of a ticket request).
+from twisted.web.http import OK, RESPONSES, HTTPChannel, datetimeToString, toChunk
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
@@ -223,7 +227,7 @@ class TicketResource(_Authenticated):
             )
         ticket = tickets.new_ticket()
         d = defer.maybeDeferred(self._broker.issue_ticket, ticket, principal, self._ttl)
-        d.addCallback(lambda _: (http.OK, {"ticket": ticket, "expires_in": self._ttl}))
+        d.addCallback(lambda _: (OK, {"ticket": ticket, "expires_in": self._ttl}))
         return _answer_later(request, d)
 
 
@@ -346,6 +350,312 @@ class WebSocketEndpoint(WebSocketResource):
         return super().render(request)
 
 
+# --- POST /auth/ticket straight from the channel ----------------------------
+
+_TICKET_LINE = b"POST /auth/ticket HTTP/1.1\r\n"
+_NO_LENGTH = [b"0"]
+
+
+def ticket_head(data):
+    """
+    The request headers of a ticket request L{ChatChannel} answers itself,
+    or L{None} for twisted.web.
+
+    Only C{data} that is exactly one head goes direct: C{POST /auth/ticket}
+    over HTTP/1.1, well-formed header lines (no folding) within
+    twisted.web's limits, and no body (C{Content-Length: 0} or none, no
+    C{Transfer-Encoding} or C{Expect}), nothing after it.  Anything else (a
+    head split across reads, a pipelined request, a malformed or unusual
+    one) is left to twisted.web, which answers it as it always did.
+
+    @param data: what the connection read, the blank line included.
+    @return: C{{lower-case name: [values, stripped as twisted.web strips
+        them]}}, or L{None}.
+    """
+    if (
+        len(data) > HTTPChannel.totalHeadersSize
+        or not data.startswith(_TICKET_LINE)
+        or data.find(b"\r\n\r\n", len(_TICKET_LINE) - 2) != len(data) - 4
+    ):
+        return None
+    headers = {}
+    if len(data) == len(_TICKET_LINE) + 2:
+        return headers
+    lines = data[len(_TICKET_LINE):-4].split(b"\r\n")
+    if len(lines) > HTTPChannel.maxHeaders:
+        return None
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            return None
+        value = value.strip(b" \t")
+        if b"\x00" in value or b"\r" in value or b"\n" in value:
+            return None
+        name = name.lower()
+        if name in headers:
+            headers[name].append(value)
+        else:
+            headers[name] = [value]
+    if (
+        headers.get(b"content-length", _NO_LENGTH) != _NO_LENGTH
+        or b"transfer-encoding" in headers
+        or b"expect" in headers
+    ):
+        return None
+    return headers
+
+
+_CANONICAL = {}  # header name -> as twisted.web's Headers writes it
+
+
+def _canonical(name):
+    canonical = _CANONICAL.get(name)
+    if canonical is None:
+        headers = http_headers.Headers()
+        headers.setRawHeaders(name, [b""])
+        canonical = _CANONICAL[name] = next(iter(headers.getAllRawHeaders()))[0]
+    return canonical
+
+
+_date = [None, b""]
+
+
+def _http_date():
+    """twisted.web's C{Date} value for now, made once a second."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[:] = [now, datetimeToString(now)]
+    return _date[1]
+
+
+class _DirectRequest:
+    """
+    A ticket request L{ChatChannel} answers without twisted.web's parser and
+    Request: the part of twisted.web's C{Request} chatd's resources use,
+    writing what twisted.web would write for the same answer, byte for
+    byte, and logging and reporting to the guard as it would.
+    """
+
+    method = b"POST"
+    uri = path = b"/auth/ticket"
+    clientproto = b"HTTP/1.1"
+    postpath = ()
+    code = OK
+    code_message = b"OK"
+    finished = False
+    sentLength = 0
+    _started = False
+    _chunked = False
+    _disconnected = False
+
+    def __init__(self, channel, headers, close):
+        self.channel = channel
+        self.client = channel.transport.getPeer()
+        self._request_headers = headers
+        self.notifications = []
+        # In twisted.web's order: Connection (the channel's), Server and
+        # Date (Request.process), HSTS (ChatRequest.render).
+        answer = self._headers = {}
+        if close:
+            answer[b"connection"] = (b"Connection", b"close")
+        answer[b"server"] = (b"Server", SERVER_NAME)
+        answer[b"date"] = (b"Date", _http_date())
+        if channel.site.hsts:
+            answer[b"strict-transport-security"] = (b"Strict-Transport-Security", HSTS)
+
+    def getHeader(self, name):
+        """Request API: the last value of a request header, or L{None}."""
+        values = self._request_headers.get(name.lower())
+        return values[-1] if values else None
+
+    def getClientAddress(self):
+        """Request API."""
+        return self.client
+
+    def setResponseCode(self, code, message=None):
+        """Request API."""
+        self.code = code
+        self.code_message = message or RESPONSES.get(code, b"Unknown Status")
+
+    def setHeader(self, name, value):
+        """Request API: set a response header, where it was if set before."""
+        name = name.lower()
+        self._headers[name] = (_canonical(name), value)
+
+    def notifyFinish(self):
+        """Request API."""
+        d = defer.Deferred()
+        self.notifications.append(d)
+        return d
+
+    def render(self, resource):
+        """Render C{resource} and write its answer, as twisted.web's C{Request.render}."""
+        body = resource.render(self)
+        if body is server.NOT_DONE_YET:
+            return
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.write(body)
+        self.finish()
+
+    def write(self, data):
+        """Request API."""
+        if self.finished:
+            raise RuntimeError("Request.write called on a request after Request.finish was called.")
+        if self._disconnected:
+            return
+        if not self._started:
+            self._started = True
+            headers = self._headers
+            if b"content-type" not in headers and headers.get(b"content-length", (0, b""))[1] != b"0":
+                self.setHeader(b"content-type", server.Request.defaultContentType)
+            if b"content-length" not in headers:
+                self._chunked = True
+                self.setHeader(b"transfer-encoding", b"chunked")
+            head = [b"HTTP/1.1 %d %s\r\n" % (self.code, self.code_message)]
+            head.extend(b"%s: %s\r\n" % pair for pair in headers.values())
+            head.append(b"\r\n")
+            if data and not self._chunked:
+                head.append(data)
+            self.channel.transport.write(b"".join(head))
+            self.sentLength = len(data)
+            if data and self._chunked:
+                self.channel.transport.writeSequence(toChunk(data))
+            return
+        self.sentLength += len(data)
+        if data:
+            if self._chunked:
+                self.channel.transport.writeSequence(toChunk(data))
+            else:
+                self.channel.transport.write(data)
+
+    def finish(self):
+        """Request API: as twisted.web's, then the guard's re-arm as its GuardedRequest does."""
+        if self._disconnected:
+            raise RuntimeError("Request.finish called on a request after its connection was lost")
+        if self.finished:
+            return
+        if not self._started:
+            self.write(b"")
+        if self._chunked:
+            self.channel.transport.write(b"0\r\n\r\n")
+        channel = self.channel
+        site = channel.site
+        if site.access_log:
+            site.log_request(
+                self.client, self._request_headers.get(b"x-forwarded-for"),
+                self.method, self.uri, self.code, self.sentLength,
+            )
+        self.finished = True
+        channel._direct_done(self)
+        notifications, self.notifications = self.notifications, []
+        for d in notifications:
+            d.callback(None)
+        connection_guard = getattr(site.requestFactory, "connection_guard", None)
+        if connection_guard is not None:
+            connection_guard.request_done(self.client)
+
+    def connection_lost(self, reason):
+        """The connection went away before the answer was written."""
+        self._disconnected = True
+        notifications, self.notifications = self.notifications, []
+        for d in notifications:
+            d.errback(reason)
+
+
+class ChatChannel(guard.HeaderLimitChannel):
+    """
+    The Site's HTTP channel, which answers C{POST /auth/ticket} itself when
+    L{ticket_head} takes the request and the channel is between requests
+    with nothing buffered: twisted.web's parser, C{Request}, header objects
+    and resource walk were a third of a ticket request's CPU in process
+    (docs/performance.md).  The answer, the access log line,
+    the guard's re-arm, keep-alive and C{Connection: close} are twisted.web's
+    (tests/test_web_direct.py sends the same requests both ways); every
+    other request, and every ticket request that is not alone in what was
+    read, goes to twisted.web.
+    """
+
+    _direct = None  # the _DirectRequest being answered
+    _held = None  # what was read meanwhile
+    _direct_saved_timeout = None
+
+    def dataReceived(self, data):
+        if self._direct is not None:
+            self._hold(data)
+            return
+        resource = self.site.ticket_resource
+        if (
+            resource is not None
+            and data[:18] == _TICKET_LINE[:18]
+            and data[-4:] == b"\r\n\r\n"
+            and self._between_requests()
+        ):
+            headers = ticket_head(data)
+            if headers is not None:
+                self.resetTimeout()
+                self._answer_ticket(resource, headers)
+                return
+        super().dataReceived(data)
+
+    def _between_requests(self):
+        # twisted.web's channel state after a finished request (requestDone),
+        # or of a new connection: nothing parsed, buffered or pending.
+        return (
+            self.line_mode
+            and not self._buffer
+            and not self.requests
+            and not self._handlingRequest
+            and not self._dataBuffer
+            and self.persistent
+            and self._HTTPChannel__first_line == 1
+            and not self._busyReceiving
+            and not self.paused
+            and not self.transport.disconnecting
+        )
+
+    def _answer_ticket(self, resource, headers):
+        connection = headers.get(b"connection")
+        # twisted.web's checkPersistence: the first Connection header, split on spaces.
+        close = connection is not None and b"close" in [t.lower() for t in connection[0].split(b" ")]
+        if close:
+            self.persistent = False
+        request = self._direct = _DirectRequest(self, headers, close)
+        request.render(resource)
+        if self._direct is request and self.timeOut:
+            # Answered later: no idle timeout meanwhile, as twisted.web.
+            self._direct_saved_timeout = self.setTimeout(None)
+
+    def _hold(self, data):
+        # As twisted.web buffers what comes while a request is answered.
+        if self._held is None:
+            self._held = []
+        self._held.append(data)
+        if sum(map(len, self._held)) > self._optimisticEagerReadSize and not self._waitingForTransport:
+            self._networkProducer.pauseProducing()
+
+    def _direct_done(self, request):
+        """The direct answer was written: on to what comes next, as twisted.web's C{requestDone}."""
+        self._direct = None
+        if not self._waitingForTransport:
+            self._networkProducer.resumeProducing()
+        if not self.persistent:
+            self.setTimeout(None)
+            self.loseConnection()
+            return
+        saved, self._direct_saved_timeout = self._direct_saved_timeout, None
+        if saved:
+            self.setTimeout(saved)
+        held, self._held = self._held, None
+        if held:
+            self.dataReceived(b"".join(held))
+
+    def connectionLost(self, reason):
+        request, self._direct = self._direct, None
+        super().connectionLost(reason)
+        if request is not None:
+            request.connection_lost(reason)
+
+
 class ChatRequest(server.Request):
     """
     A Request whose answers name no library or version (C{Server: chatd}),
@@ -366,7 +676,9 @@ class ChatSite(server.Site):
     """
 
     displayTracebacks = False
-    protocol = guard.HeaderLimitChannel  # HTTP/1.1 only: chatd offers no ALPN h2
+    protocol = ChatChannel  # HTTP/1.1 only: chatd offers no ALPN h2
+    # The TicketResource that ChatChannel answers directly; None: no direct path.
+    ticket_resource = None
 
     def __init__(
         self, resource, access_log=True, request_factory=None, reactor=None, proxies=None, hsts=False
@@ -391,16 +703,25 @@ class ChatSite(server.Site):
     def log(self, request):
         if not self.access_log:
             return
+        self.log_request(
+            request.getClientAddress(), request.requestHeaders.getRawHeaders(b"x-forwarded-for"),
+            request.method, request.uri, request.code, request.sentLength,
+        )
+
+    def log_request(self, address, forwarded, method, uri, status, size):
+        """
+        The access log line of one request (when C{[server] access_log} is
+        on), whether twisted.web or L{ChatChannel} answered it.
+
+        @param forwarded: the request's C{X-Forwarded-For} values, or L{None}.
+        """
         log.info(
             "{peer} {method} {path} {status} {size}",
-            peer=self.proxies.client(
-                getattr(request.getClientAddress(), "host", "-"),
-                request.requestHeaders.getRawHeaders(b"x-forwarded-for"),
-            ),
-            method=printable(request.method.decode("latin-1"), 16),
-            path=redact_uri(request.uri),
-            status=request.code,
-            size=request.sentLength,
+            peer=self.proxies.client(getattr(address, "host", "-"), forwarded),
+            method=printable(method.decode("latin-1"), 16),
+            path=redact_uri(uri),
+            status=status,
+            size=size,
         )
 
 
@@ -440,9 +761,11 @@ def make_site(
         root.putChild(b"echo", WebSocketEndpoint(echo_factory))
     if api_resource is not None:
         root.putChild(b"api", api_resource)
-    return ChatSite(
+    site = ChatSite(
         root, settings.server.access_log, request_factory, reactor, proxies, settings.server.tls
     )
+    site.ticket_resource = auth.children[b"ticket"]
+    return site
 
 
 # --- upgrades straight to the WebSocket ---------------------------------------
