@@ -50,7 +50,10 @@ HSTS = b"max-age=31536000"
 
 
 # Reason phrases twisted.web does not know.
-_REASONS = {errors.HTTP_UPGRADE_REQUIRED: b"Upgrade Required"}
+_REASONS = {
+    errors.HTTP_UPGRADE_REQUIRED: b"Upgrade Required",
+    errors.HTTP_TOO_MANY_REQUESTS: b"Too Many Requests",  # RFC 6585
+}
 
 
 def _json(request, status, body, headers=()):
@@ -562,6 +565,22 @@ class _DirectRequest:
             d.errback(reason)
 
 
+# twisted.web's private channel state ChatChannel reads and drives (as of
+# Twisted 26.10).  A Twisted whose channel lacks any of it sends every
+# request to twisted.web instead (test_web_direct checks that the direct
+# path is taken, so CI notices).
+_CHANNEL_STATE = (
+    "line_mode", "_buffer", "requests", "_handlingRequest", "_dataBuffer", "persistent",
+    "_HTTPChannel__first_line", "_busyReceiving", "paused", "_waitingForTransport",
+    "_optimisticEagerReadSize", "_networkProducer",
+)
+
+
+def _channel_layout_known(channel):
+    """Whether C{channel}, connected, has all of L{_CHANNEL_STATE}."""
+    return all(hasattr(channel, name) for name in _CHANNEL_STATE)
+
+
 class ChatChannel(guard.HeaderLimitChannel):
     """
     The Site's HTTP channel, which answers C{POST /auth/ticket} itself when
@@ -600,6 +619,8 @@ class ChatChannel(guard.HeaderLimitChannel):
     def _between_requests(self):
         # twisted.web's channel state after a finished request (requestDone),
         # or of a new connection: nothing parsed, buffered or pending.
+        if not _channel_layout_known(self):
+            return False
         return (
             self.line_mode
             and not self._buffer

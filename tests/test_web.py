@@ -312,6 +312,7 @@ def test_tickets_are_rate_limited_per_user(clock):
     req = request(site, b"POST", b"/auth/ticket", alice)
     assert answer(req) == (429, {"error": "rate_limited", "message": "too many tickets; try again shortly"})
     assert req.responseHeaders.getRawHeaders(b"retry-after") == [b"1"]
+    assert req.responseMessage == b"Too Many Requests"  # twisted.web knows no phrase for 429
     assert answer(request(site, b"POST", b"/auth/ticket", token("bob")))[0] == 200
     clock.advance(0.5)  # one more token at 2/s
     assert answer(request(site, b"POST", b"/auth/ticket", alice))[0] == 200

@@ -381,3 +381,24 @@ def test_ticket_head_takes_only_a_lone_bodiless_ticket_request():
         base + b"X-Big: " + b"x" * 16384 + b"\r\n\r\n",
     ):
         assert web.ticket_head(other) is None, other
+
+
+def test_a_twisted_web_of_another_layout_answers_every_request(monkeypatch):
+    """
+    Where twisted.web's channel lacks a piece of the private state the
+    direct path reads (a later Twisted), the channel answers nothing itself:
+    the request goes to twisted.web, answered as before.
+    """
+    monkeypatch.setattr(web, "_CHANNEL_STATE", web._CHANNEL_STATE + ("_renamed_in_a_later_twisted",))
+    side = _Side(direct=True, hsts=True, access_log=False, broker_mode="now")
+    built = []
+    factory = side.site.requestFactory
+
+    def counting(*args, **kwargs):
+        built.append(True)
+        return factory(*args, **kwargs)
+
+    side.site.requestFactory = counting
+    request = b"POST /auth/ticket HTTP/1.1\r\nAuthorization: Bearer %s\r\n\r\n" % _valid().encode()
+    _, transport = _one_read(side, request)
+    assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n") and built == [True]
