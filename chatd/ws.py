@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_ws -*-
+# -*- test-case-name: tests.test_ws,tests.test_ws_handshake -*-
 """
 The WebSocket adapter: Autobahn in, L{chatd.session.Session} out.
 
@@ -14,7 +14,9 @@ L{FRAGMENT_COST} against the message limit), its C{Server} header (name and
 version; ours is "chatd"), and its refusal logging (which quotes request
 headers raw; ours is one escaped line per refusal, within a budget per kind:
 L{_RefusalLog}).  Handshakes never reach twisted.web's access log, so each
-outcome is logged here, redacted.
+outcome is logged here, redacted.  The common opening handshake request is
+parsed and answered here too, with Autobahn's checks and answers
+(L{_GuardedMixin.processHandshake}); any other is Autobahn's.
 
 Caps on open WebSockets (total: 503, per client address: 429) are taken in
 C{onConnect}, before the ticket is redeemed, so a refused client neither
@@ -22,14 +24,19 @@ spends its ticket nor reaches the broker; L{chatd.guard} caps connections
 before they get this far.
 """
 
+import base64
+import hashlib
 import itertools
+import re
 import types
+from urllib import parse
 
+import txaio
 from autobahn.twisted.util import peer2str
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
-from autobahn.websocket.protocol import TrafficStats
-from autobahn.websocket.types import ConnectionDeny
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol, _is_same_origin, _url_to_origin
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -219,6 +226,47 @@ def _deflate_acceptor(max_message_bytes):
     return accept
 
 
+# The opening handshakes chatd answers itself (L{_GuardedMixin.processHandshake}):
+# a GET of a path (no scheme or authority, no fragment, no path parameters,
+# which Autobahn's urlparse would split off) over HTTP/1.1, and header lines
+# Autobahn's parser takes as they are (a token, a colon, a value of visible
+# characters, obs-text, spaces and tabs), up to the blank line.
+_COMMON_HEAD = re.compile(
+    rb"GET /(?!/)[\x21\x22\x24-\x3a\x3c-\x7e]* HTTP/1\.1"
+    rb"(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*)*\r\n\r\n"
+)
+# A Sec-WebSocket-Key Autobahn takes: 24 characters of base64 ending in "==".
+_COMMON_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
+# The first lines of the 101, before the optional Sec-WebSocket-Protocol.
+_SWITCHING = "HTTP/1.1 101 Switching Protocols\r\n"
+_UPGRADED = "Upgrade: WebSocket\r\nConnection: Upgrade\r\n"
+
+
+def _common_head(text):
+    """
+    The request line and the headers of an opening handshake matched by
+    L{_COMMON_HEAD}, as Autobahn's C{parseHttpHeader} gives them: lower-case
+    names, values stripped of spaces and tabs, repeated headers joined with
+    ", " (their names in C{repeated}).
+
+    @param text: the head, decoded from Latin-1, without the blank line.
+    @return: C{(request line, headers, repeated)}.
+    """
+    lines = text.split("\r\n")
+    headers = {}
+    repeated = ()
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        name = name.lower()
+        value = value.strip(" \t")
+        if name in headers:
+            headers[name] += f", {value}"
+            repeated += (name,)
+        else:
+            headers[name] = value
+    return lines[0], headers, repeated
+
+
 class _GuardedMixin:
     """
     What /ws and /echo share beyond Autobahn: C{close()} with any close
@@ -240,6 +288,163 @@ class _GuardedMixin:
     _budget = None
     _fragments = 0
     _refusal = None  # the Deny chatd refused the upgrade with, if any
+
+    def processHandshake(self):
+        """
+        The opening handshake: the common request (L{_common_request}) is
+        parsed and answered here, anything else by Autobahn.
+
+        Autobahn's parses the head again after L{chatd.web.DirectUpgrades}
+        split it, through C{urlparse} and C{parse_qs}, and builds debug
+        lines and a Deferred chain on the way: about a tenth of the CPU of
+        a new connection (docs/performance.md).  Here a request Autobahn
+        would accept as it is, with nothing for it to negotiate, is checked
+        with one regular expression and Autobahn's own helpers, decided by
+        the same C{onConnect}, and answered with the same bytes (the 101,
+        or C{failHandshake}'s refusal); the connection is left in the same
+        state.  Any other request (another version, a repeated or malformed
+        header, an absolute target, options chatd does not set) goes to
+        Autobahn's C{processHandshake}, which refuses or accepts it as
+        ever; so does any data after the head was taken, as in Autobahn.
+        """
+        data = self.data
+        end = data.find(b"\r\n\r\n") + 4
+        if (
+            end < 4 or self.http_request_data is not None or self.trustXForwardedFor or self.maxConnections
+            or not _COMMON_HEAD.fullmatch(data, 0, end)
+        ):
+            return super().processHandshake()
+        parsed = self._common_request(data[:end - 4].decode("latin-1"))
+        if parsed is None:
+            return super().processHandshake()
+        line, headers, target, path, params, host, origin, protocols, extensions, key = parsed
+        # What Autobahn keeps of the request (dropped again on open: _compact).
+        self.http_request_data, self.data = data[:end], data[end:]
+        self.http_status_line, self.http_headers, self.http_request_uri = line, headers, target
+        self.http_request_path, self.http_request_params, self.http_request_host = path, params, host
+        self.websocket_version, self.websocket_origin, self.websocket_protocols = 13, origin, protocols
+        self.websocket_extensions, self._wskey = extensions, key
+        request = ConnectionRequest(self.peer, headers, host, path, params, 13, origin, protocols, extensions)
+        decided = defer.maybeDeferred(self.onConnect, request)
+        decided.addCallbacks(self._common_accepted, self._common_refused)
+
+    def _common_request(self, text):
+        """
+        The common opening handshake request, checked as Autobahn checks it.
+
+        @param text: the head, decoded, without the blank line; it matched
+            L{_COMMON_HEAD}.
+        @return: C{(request line, headers, target, path, query parameters,
+            host, origin, subprotocols offered, extensions offered, key)},
+            each as Autobahn's C{processHandshake} sets it; or L{None} when
+            Autobahn should answer (anything it would refuse, and any
+            version but 13).
+        """
+        line, headers, repeated = _common_head(text)
+        if repeated and {"host", "origin", "sec-websocket-extensions"}.intersection(repeated):
+            return None
+        if headers.get("sec-websocket-version") != "13" or 13 not in self.versions:
+            return None
+        upgrade, connection = headers.get("upgrade"), headers.get("connection")
+        if (
+            upgrade is None or "websocket" not in [u.strip().lower() for u in upgrade.split(",")]
+            or connection is None or "upgrade" not in [c.strip().lower() for c in connection.split(",")]
+        ):
+            return None
+        key = headers.get("sec-websocket-key")
+        if key is None:
+            return None
+        key = key.strip()
+        if not _COMMON_KEY.fullmatch(key):
+            return None
+        host = headers.get("host")
+        if host is None:
+            return None
+        host = host.strip()
+        if host.find(":") >= 0 and not host.endswith("]"):
+            host, port = host.rsplit(":", 1)
+            try:
+                port = int(str(port.strip()))
+            except ValueError:
+                return None
+            if self.factory.externalPort and port != self.factory.externalPort:
+                return None
+        protocols = []
+        if "sec-websocket-protocol" in headers:
+            protocols = [str(p.strip()) for p in headers["sec-websocket-protocol"].split(",")]
+            if len(set(protocols)) != len(protocols):
+                return None
+        origin = ""
+        if "origin" in headers:
+            origin = headers["origin"].strip()
+            factory = self.factory
+            try:
+                origin_tuple = _url_to_origin(origin)
+            except ValueError:
+                return None
+            if not (origin_tuple == "null" and factory.allowNullOrigin) and not _is_same_origin(
+                origin_tuple, "https" if factory.isSecure else "http", factory.externalPort or factory.port,
+                self.allowedOriginsPatterns,
+            ):
+                return None
+        extensions = []
+        if "sec-websocket-extensions" in headers:
+            extensions = self._parseExtensionsHeader(headers["sec-websocket-extensions"])
+        target = line[4:-9]
+        path, _, query = target.partition("?")
+        return (
+            line, headers, target, path, parse.parse_qs(query), host, origin, protocols, extensions, key,
+        )
+
+    def _common_accepted(self, subprotocol):
+        """
+        Autobahn's C{succeedHandshake} for the common request: the 101, then
+        the connection opens.  Anything for Autobahn to negotiate (extensions
+        offered, headers to add, a subprotocol the client did not offer) is
+        Autobahn's to answer.
+        """
+        if (
+            type(subprotocol) is tuple or self.websocket_extensions or self.factory.headers
+            or (subprotocol is not None and subprotocol not in self.websocket_protocols)
+        ):
+            return self.succeedHandshake(subprotocol)
+        self.websocket_protocol_in_use = subprotocol
+        self.websocket_extensions_in_use = []
+        server = self.factory.server
+        response = _SWITCHING + f"Server: {server}\r\n" + _UPGRADED if server else _SWITCHING + _UPGRADED
+        if subprotocol is not None:
+            response += f"Sec-WebSocket-Protocol: {subprotocol}\r\n"
+        accept = base64.b64encode(hashlib.sha1(self._wskey.encode("utf8") + WebSocketProtocol._WS_MAGIC).digest())
+        response += f"Sec-WebSocket-Accept: {accept.decode()}\r\n\r\n"
+        self.sendData(response.encode("utf8"))
+        self.http_response_data = response
+        self.state = self.STATE_OPEN
+        if self.openHandshakeTimeoutCall is not None:
+            self.openHandshakeTimeoutCall.cancel()
+            self.openHandshakeTimeoutCall = None
+        self.inside_message = False
+        self.current_frame = None
+        if self.autoPingInterval:
+            self.autoPingPendingCall = self.factory._batched_timer.call_later(
+                self.autoPingInterval, self._sendAutoPing,
+            )
+        if self.trackedTimings:
+            self.trackedTimings.track("onOpen")
+        self._onOpen()
+        txaio.resolve(self.is_open, None)
+        if self.data:
+            self.consumeData()
+
+    def _common_refused(self, failure):
+        """Autobahn's answer to C{onConnect}'s refusal (C{ConnectionDeny}) or failure (500)."""
+        if isinstance(failure.value, ConnectionDeny):
+            self.failHandshake(failure.value.reason, failure.value.code)
+            return None
+        self.log.warn("Unexpected exception in onConnect ['{err.value}']", err=failure)
+        self.log.warn("{tb}", tb=txaio.failure_format_traceback(failure))
+        return self.failHandshake(
+            f"Internal server error: {failure.value}", ConnectionDeny.INTERNAL_SERVER_ERROR,
+        )
 
     def failHandshake(self, reason, code=400, responseHeaders=None):
         """
