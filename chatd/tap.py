@@ -8,7 +8,7 @@ file, section and key, and exit status 1.
 
 The log: unless C{--logger} names another, C{postOptions} makes
 L{log_observer} twistd's logger: the observer twistd would make itself
-(stdout, C{--logfile} or C{--syslog}) behind L{chatd.logs.EscapingObserver},
+(stdout, C{--logfile} or C{--syslog}) as a L{chatd.logs.EscapingObserver},
 so no event, chatd's or a library's, writes control characters raw.
 """
 
@@ -71,9 +71,11 @@ def log_observer():
     """
     twistd's C{--logger}: the observer twistd would make from its options
     (syslog, C{--logfile} with rotation on SIGUSR1, or stdout with C{-n}),
-    wrapped in L{chatd.logs.EscapingObserver}.
+    escaping: L{chatd.logs.EscapingObserver} around syslog's, and for text
+    L{chatd.logs.EscapingFileObserver}, which writes what Twisted's text
+    file observer would write of the escaped event, in one pass.
     """
-    from twisted.logger import LegacyLogObserverWrapper, textFileLogObserver
+    from twisted.logger import LegacyLogObserverWrapper
     from twisted.python import logfile
 
     options = _server_options or {}
@@ -87,10 +89,10 @@ def log_observer():
     if name == "-" or (nodaemon and not name):
         if not nodaemon:
             sys.exit("Daemons cannot log to stdout, exiting!")
-        return logs.EscapingObserver(textFileLogObserver(sys.stdout))
+        return logs.EscapingFileObserver(sys.stdout)
     out = logfile.LogFile.fromFullPath(name or "twistd.log")
     _rotate_on_sigusr1(out)
-    return logs.EscapingObserver(textFileLogObserver(out))
+    return logs.EscapingFileObserver(out)
 
 
 def _rotate_on_sigusr1(out):

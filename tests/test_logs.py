@@ -1,13 +1,35 @@
 # -*- test-case-name: tests.test_logs -*-
 """chatd.logs: secrets never reach a log line, and names cannot forge lines."""
 
+import calendar
+import io
+import os
 import socket
+import time
 
 import pytest
-from twisted.logger import formatEventAsClassicLogText
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from twisted.logger import (
+    LogLevel,
+    formatEventAsClassicLogText,
+    formatTime,
+    textFileLogObserver,
+    timeFormatRFC3339,
+)
+from twisted.logger._flatten import flattenEvent
 from twisted.python.failure import Failure
+from twisted.python.reflect import safe_repr
 
-from chatd.logs import EscapingObserver, escape_event, printable, redact, redact_uri
+from chatd.logs import (
+    EscapedClassicFormat,
+    EscapingFileObserver,
+    EscapingObserver,
+    escape_event,
+    printable,
+    redact,
+    redact_uri,
+)
 from tests.support import client_tls, wait_for
 
 JWT = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXBhcnQ"
@@ -159,3 +181,250 @@ def test_crafted_origin_does_not_forge_a_line_in_twistds_log(chatd):
     assert "\\x85" + FORGED in text
     assert not any(char in text for char in UNSAFE)
     assert len(lines) == text.count("\n")
+
+
+# --- the one-pass text format ---------------------------------------------------------------------
+
+
+def _today(event):
+    """What chatd's text log wrote before EscapedClassicFormat: escape, then Twisted's format."""
+    return formatEventAsClassicLogText(
+        escape_event(event), formatTime=lambda t: formatTime(t, timeFormatRFC3339)
+    )
+
+
+def _outcome(format_event, event):
+    try:
+        return "text", format_event(event)
+    except Exception as e:
+        return "raised", type(e)
+
+
+class _Thing:
+    """A field with an attribute, items and a repr, all holding client text."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __getitem__(self, key):
+        return self.text + str(key)
+
+    def __repr__(self):
+        return f"Thing({self.text!r})"
+
+
+class _Call:
+    """A field Twisted calls: C{{name()}}."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __call__(self):
+        return self.text
+
+    def __repr__(self):
+        return f"Call({self.text!r})"
+
+
+class _Unformattable:
+    """A field that cannot be formatted (Twisted then quotes the event's repr)."""
+
+    def __format__(self, spec):
+        raise ValueError("no format\x1b[2J")
+
+    def __repr__(self):
+        return "<unformattable\x85" + FORGED + ">"
+
+
+class _Unrepresentable(_Unformattable):
+    """A field that cannot be formatted nor repr'd ("MESSAGE LOST", with a traceback)."""
+
+    def __repr__(self):
+        raise RuntimeError("no repr\u2028" + FORGED)
+
+    def _repr_pretty_(self, printer, cycle):  # how Hypothesis shows a failing example
+        printer.text("_Unrepresentable()")
+
+
+class _NoTraceback:
+    """A log_failure whose traceback cannot be had."""
+
+    def getTraceback(self):
+        raise RuntimeError("no traceback\x1b" + FORGED)
+
+
+def _failure(message):
+    try:
+        raise ValueError(message)
+    except ValueError:
+        return Failure()
+
+
+SPECIAL = "\x00\x07\t\n\r\x0b\x0c\x1b\x1c\x7f\x80\x85\x9b\x9f\u2028\u2029\u202a\u202e\u2066\u2069{}{}é日"
+texts = st.text(st.one_of(st.sampled_from(SPECIAL), st.characters(max_codepoint=0x2100)), max_size=10)
+values = st.one_of(
+    texts, st.integers(), st.floats(), st.none(), st.lists(texts, max_size=3),
+    st.builds(_Thing, texts), st.builds(_Call, texts),
+    st.builds(_Unformattable), st.builds(_Unrepresentable),
+)
+fields = st.builds(
+    "{}{}{}{}".format,
+    st.sampled_from(["a", "b", "c", "missing", "log_level", "log_namespace", "0", ""]),
+    st.sampled_from(["", "()", ".text", "[0]", "[k]", ".text()", ".__class__"]),
+    st.sampled_from(["", "!r", "!s", "!a"]),
+    st.sampled_from(["", ":>8", ":x", ":.3", ":{w}"]),  # w: a width from WIDTHS, not gigabytes
+).map(lambda field: "{" + field + "}")
+# Literal text with braces but no ":": a field it happens to spell cannot ask for a giant width.
+literals = st.text(
+    st.one_of(st.sampled_from(SPECIAL), st.characters(max_codepoint=0x2100, exclude_characters=":")), max_size=10
+)
+formats = st.lists(st.one_of(literals, fields), max_size=5).map("".join)
+WIDTHS = ["", ">5", "x", ".2", "%", "{", 7, 2.5, None, _Thing("")]
+# Whole seconds, within one, and where rounding to the microsecond carries
+# into the next second (datetime.fromtimestamp rounds half to even).
+FRACTIONS = [0.0, 1e-7, 0.25, 0.5, 0.999999, 0.9999994, 0.9999995, 0.9999996, 0.9999999, -1e-7, -0.5]
+
+
+def _events(times):
+    return st.fixed_dictionaries(
+        {"a": values, "b": values, "c": values, "w": st.sampled_from(WIDTHS)},
+        optional={
+            "log_format": st.one_of(formats, formats, st.none(), formats.map(str.encode)),
+            "log_failure": st.one_of(st.builds(_failure, texts), st.none(), st.builds(_NoTraceback)),
+            "log_system": st.one_of(texts, st.none(), st.integers()),
+            "log_time": times,
+            "log_level": st.one_of(st.sampled_from(list(LogLevel.iterconstants())), st.none()),
+            "log_namespace": st.one_of(texts, st.none()),
+        },
+    )
+
+
+@st.composite
+def event_runs(draw):
+    """A few events in a row, their times often in one second or the next: one formatter's work."""
+    base = draw(st.integers(-(2**31), 2**34))
+    near = st.builds(lambda n, fraction: base + n + fraction, st.integers(0, 1), st.sampled_from(FRACTIONS))
+    times = st.one_of(
+        st.none(),
+        near, near, near,
+        st.integers(0, 2**34),
+        st.floats(-1e9, 1e10),
+        st.just(float("nan")),
+    )
+    events = draw(st.lists(_events(times), min_size=1, max_size=6))
+    for event in events:
+        if draw(st.booleans()):
+            try:
+                flattenEvent(event)  # as Twisted's JSON log and legacy observers hand them on
+            except Exception:
+                pass
+    return events
+
+
+@given(event_runs())
+@example([{"log_format": "x", "log_time": t} for t in (5.25, 5.9999999, 6.5, -1.5, -0.5, -1e-7, 0.25)])
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_one_pass_format_writes_what_escaping_then_twisted_wrote(events):
+    """
+    EscapedClassicFormat, one formatter over a run of events, gives each
+    exactly what escape_event then Twisted's classic format gave (or raises
+    what it raised): fields holding controls, separators, bidi controls and
+    braces; events without a format, with bytes or flattened ones, with
+    failures whose text holds controls or whose traceback cannot be had,
+    with or without a system, level and namespace; times unset, whole,
+    fractional, next to and across a second's edge; unformattable fields.
+    """
+    format_event = EscapedClassicFormat()
+    for event in events:
+        assert _outcome(format_event, event) == _outcome(_today, event), safe_repr(event)
+
+
+def test_one_pass_format_of_a_chatd_line():
+    """The line chatd writes per connection: the same text, fields escaped, as before."""
+    event = {
+        "log_format": "websocket {peer} {user} connected as {connection}",
+        "peer": "tcp4:127.0.0.1:5555", "user": "Zoë\x1b[2J", "connection": 42,
+        "log_level": LogLevel.info, "log_namespace": "chatd.ws.ChatServerProtocol",
+        "log_time": 1796000000.5,
+    }
+    text = EscapedClassicFormat()(event)
+    assert text == _today(event)
+    assert text.endswith(" [chatd.ws.ChatServerProtocol#info] websocket tcp4:127.0.0.1:5555 Zoë\\x1b[2J connected as 42\n")
+
+
+def test_no_text_no_line():
+    """An event without a format or failure gives no line, as Twisted's format gives none."""
+    assert EscapedClassicFormat()({"log_time": 1.5, "log_system": "x"}) is None
+    assert EscapedClassicFormat()({"log_format": "", "log_time": float("nan")}) is None
+
+
+@pytest.fixture
+def local_zone():
+    """Sets the process's local time zone (TZ, time.tzset) for one test; restores it after."""
+    saved = os.environ.get("TZ")
+
+    def set_zone(zone):
+        os.environ["TZ"] = zone
+        time.tzset()
+
+    yield set_zone
+    if saved is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = saved
+    time.tzset()
+
+
+@pytest.mark.parametrize(
+    "zone,switch,before,after,next_second",
+    [
+        # New York's summer time begins: 02:00 EST becomes 03:00 EDT (07:00 UTC).
+        ("EST+5EDT,M3.2.0,M11.1.0", (2026, 3, 8, 7, 0, 0),
+         "2026-03-08T01:59:59-0500", "2026-03-08T03:00:00-0400", "2026-03-08T03:00:01-0400"),
+        # Berlin's ends: 03:00 CEST becomes 02:00 CET (01:00 UTC), the hour's stamps again.
+        ("CET-1CEST,M3.5.0,M10.5.0/3", (2026, 10, 25, 1, 0, 0),
+         "2026-10-25T02:59:59+0200", "2026-10-25T02:00:00+0100", "2026-10-25T02:00:01+0100"),
+    ],
+)
+def test_time_stamp_kept_per_second_follows_the_offset(local_zone, zone, switch, before, after, next_second):
+    """
+    The stamp is worked out once per second: two events within one second
+    share it, the next second gets its own, with the offset local time has
+    then (here across a switch to and from summer time, west and east of
+    UTC), and a time that rounds to the microsecond into the next second
+    gets that second's, all as formatTime gives them.
+    """
+    local_zone(zone)
+    second = calendar.timegm(switch)
+    format_event = EscapedClassicFormat()
+    times_and_stamps = [
+        (second - 1 + 0.25, before), (second - 1 + 0.75, before),  # within one second
+        (second - 1e-7, after),  # rounds up into the switch's second
+        (second + 0.5, after), (second + 0.999, after),
+        (second - 0.5, before),  # back again
+        (second + 1, next_second),
+    ]
+    for when, stamp in times_and_stamps:
+        assert formatTime(when, timeFormatRFC3339) == stamp
+        line = format_event({"log_format": "x", "log_time": when, "log_system": "s"})
+        assert line == f"{stamp} [s] x\n", when
+
+
+@pytest.mark.parametrize("out", [io.StringIO, io.BytesIO])
+def test_escaping_file_observer_writes_what_twisted_wrote(out):
+    """EscapingFileObserver writes (and encodes) what Twisted's text file observer wrote of escaped events."""
+    new, old = out(), out()
+    events = [
+        {"log_format": "refused {origin}", "origin": "evil\x85" + FORGED, "log_time": 1796000000.25},
+        {"log_format": "oops", "log_failure": _failure("bad\u2028" + FORGED), "log_time": 1796000000.5},
+        {"log_system": "no text", "log_time": 1796000001.0},
+        {"log_format": "Zoë {n}", "n": 1, "log_namespace": "chatd", "log_level": LogLevel.warn},
+    ]
+    observer = EscapingFileObserver(new)
+    for event in events:
+        observer(event)
+        EscapingObserver(textFileLogObserver(old))(event)
+    assert isinstance(observer, EscapingObserver)
+    assert new.getvalue() == old.getvalue()
+    text = new.getvalue() if out is io.StringIO else new.getvalue().decode("utf-8")
+    assert len(text.splitlines()) == text.count("\n") and "\x85" not in text

@@ -337,6 +337,26 @@ def test_text_log_installs_the_escaping_logger(tmp_path, sections):
     assert isinstance(tap.log_observer(), logs.EscapingObserver)
 
 
+def test_text_log_to_stdout_is_escaped_in_one_pass(tmp_path, sections, capsys):
+    """
+    With -n and no --logfile the log is stdout, written by
+    logs.EscapingFileObserver: each event formatted once, escaped, in
+    Twisted's classic text format.
+    """
+    from twisted.logger import formatTime
+    from twisted.scripts.twistd import ServerOptions
+
+    from chatd import logs
+
+    path = tmp_path / "chatd.ini"
+    write_config(path, sections)
+    ServerOptions().parseOptions(["-n", "chatd", "--config", str(path)])
+    observer = tap.log_observer()
+    assert isinstance(observer, logs.EscapingFileObserver)
+    observer({"log_format": "refused {origin}", "origin": "evil\x85\u202e", "log_time": 0, "log_system": "s"})
+    assert capsys.readouterr().out == f"{formatTime(0)} [s] refused evil\\x85\\u202e\n"
+
+
 def test_make_service_freezes_what_start_up_made(tmp_path, sections):
     """
     makeService leaves what start-up made out of the garbage collector's
