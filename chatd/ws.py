@@ -288,6 +288,29 @@ class _GuardedMixin:
     _budget = None
     _fragments = 0
     _refusal = None  # the Deny chatd refused the upgrade with, if any
+    _deciding = False  # onConnect's answer is still due (a Redis redemption)
+    _held_for_decision = False  # and reading stopped meanwhile
+
+    def _deciding_on(self, decision):
+        """
+        While C{decision} (onConnect's Deferred) is due, what the client
+        sends is held: reading stops, and what was read stays in
+        C{self.data} for the open.  Autobahn would parse any blank line in
+        it as another request, refuse that (400) and still open the
+        connection when the answer came, then fail dropping it twice.
+        """
+        if decision.called:
+            return
+        self._deciding = True
+
+        def decided(result):
+            del self._deciding  # the class's False again (no entry left for _compact)
+            if self._held_for_decision:
+                del self._held_for_decision
+                self.transport.resumeProducing()
+            return result
+
+        decision.addBoth(decided)
 
     def processHandshake(self):
         """
@@ -307,6 +330,11 @@ class _GuardedMixin:
         Autobahn's C{processHandshake}, which refuses or accepts it as
         ever; so does any data after the head was taken, as in Autobahn.
         """
+        if self._deciding:
+            if not self._held_for_decision:
+                self._held_for_decision = True
+                self.transport.pauseProducing()
+            return
         data = self.data
         end = data.find(b"\r\n\r\n") + 4
         if (
@@ -788,6 +816,7 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
             redeeming = defer.ensureDeferred(self.factory.broker.redeem_ticket(ticket))
         except Exception:
             return self._refuse(Failure(), request)  # raises ConnectionDeny
+        self._deciding_on(redeeming)
         redeeming.addCallback(self._redeemed, stomp, request)
         redeeming.addErrback(self._refuse, request)
         return redeeming
