@@ -313,13 +313,8 @@ def _one_read(side, data):
     return protocol, transport
 
 
-def test_the_direct_path_answers_a_whole_ticket_request():
-    """
-    A ticket request alone in a read is answered by the channel itself
-    (twisted.web builds no Request for it), a keep-alive one after another
-    too; one split across reads goes to twisted.web.  (That the tests above
-    exercise the direct path at all.)
-    """
+def _counting_requests():
+    """A direct side whose twisted.web Requests are counted: (side, a list growing by one per Request)."""
     side = _Side(direct=True, hsts=True, access_log=False, broker_mode="now")
     built = []
     factory = side.site.requestFactory
@@ -329,6 +324,17 @@ def test_the_direct_path_answers_a_whole_ticket_request():
         return factory(*args, **kwargs)
 
     side.site.requestFactory = counting
+    return side, built
+
+
+def test_the_direct_path_answers_a_whole_ticket_request():
+    """
+    A ticket request alone in a read is answered by the channel itself
+    (twisted.web builds no Request for it), a keep-alive one after another
+    too; one split across reads goes to twisted.web.  (That the tests above
+    exercise the direct path at all.)
+    """
+    side, built = _counting_requests()
     request = b"POST /auth/ticket HTTP/1.1\r\nAuthorization: Bearer %s\r\n\r\n" % _valid().encode()
     protocol, transport = _one_read(side, request)
     protocol.dataReceived(request)
@@ -390,15 +396,7 @@ def test_a_twisted_web_of_another_layout_answers_every_request(monkeypatch):
     the request goes to twisted.web, answered as before.
     """
     monkeypatch.setattr(web, "_CHANNEL_STATE", web._CHANNEL_STATE + ("_renamed_in_a_later_twisted",))
-    side = _Side(direct=True, hsts=True, access_log=False, broker_mode="now")
-    built = []
-    factory = side.site.requestFactory
-
-    def counting(*args, **kwargs):
-        built.append(True)
-        return factory(*args, **kwargs)
-
-    side.site.requestFactory = counting
+    side, built = _counting_requests()
     request = b"POST /auth/ticket HTTP/1.1\r\nAuthorization: Bearer %s\r\n\r\n" % _valid().encode()
     _, transport = _one_read(side, request)
     assert transport.value().startswith(b"HTTP/1.1 200 OK\r\n") and built == [True]
