@@ -242,3 +242,20 @@ def test_paired_setup_starts_rev_and_this_tree_in_the_runs_order(tmp_path):
     flipped = run.Setup(bench, "pair~").pair_envs()
     assert first == [{"PYTHONPATH": str(tmp_path)}, None]
     assert flipped == [None, {"PYTHONPATH": str(tmp_path)}]
+
+
+def test_inprocess_cost_of_a_connection_runs_on_this_tree():
+    """
+    bench/inprocess.py drives ticket requests and upgrades through chatd's
+    listening factory (it checks each answer is 200, then 101) and reports
+    positive microseconds for each, from this tree's chatd.
+    """
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "inprocess.py"), "--connections", "20", "--rounds", "2"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["connections"] == 20 and result["chatd"] == os.path.join(ROOT, "chatd")
+    assert result["ticket_us"]["rounds"] == result["upgrade_us"]["rounds"] == 2
+    assert result["ticket_us"]["min"] > 0 and result["upgrade_us"]["min"] > 0
