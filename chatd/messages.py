@@ -268,6 +268,13 @@ def encode(wire):
 
 
 def welcome(user, expires, ref=None):
+    """
+    WELCOME as text: exactly C{encode} of its fields (type, user, expires,
+    then ref when given), built directly for the common name and expiry
+    (one per connection opened).
+    """
+    if ref is None and user.__class__ is str and expires.__class__ is int:
+        return f'{{"type":"WELCOME","user":{encode_basestring(user)},"expires":{int.__repr__(expires)}}}'
     wire = {"type": "WELCOME", "user": user, "expires": expires}
     if ref is not None:
         wire["ref"] = ref

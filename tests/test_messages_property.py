@@ -181,3 +181,23 @@ def test_event_text_is_the_encoding_of_to_wire(event, ref):
     expected = json.dumps(event.to_wire(ref), ensure_ascii=False, separators=(",", ":"))
     assert messages.event(event, ref) == expected
     assert messages.with_ref(messages.event(event), ref) == expected
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    user=st.text(ANY_CHAR, max_size=40),
+    expires=st.one_of(st.integers(-(2**70), 2**70), st.booleans(), st.floats(allow_nan=False)),
+    ref=refs,
+)
+@example(user="\"\\\x00\x1f\x7f\u2028\ud800é ロ", expires=1732150800, ref=None)
+def test_welcome_text_is_the_encoding_of_its_fields(user, expires, ref):
+    """
+    welcome() builds the common WELCOME directly; it is exactly the JSON
+    encoding of its fields, for any name (control characters, non-ASCII,
+    lone surrogates), expiry and ref.
+    """
+    wire = {"type": "WELCOME", "user": user, "expires": expires}
+    if ref is not None:
+        wire["ref"] = ref
+    expected = json.dumps(wire, ensure_ascii=False, separators=(",", ":"))
+    assert messages.welcome(user, expires, ref) == expected
