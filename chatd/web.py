@@ -12,6 +12,7 @@ import math
 import re
 import time
 from importlib import resources
+from json.encoder import encode_basestring_ascii
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
@@ -57,12 +58,31 @@ _REASONS = {
 
 
 def _json(request, status, body, headers=()):
+    """
+    Set the answer's status and headers.
+
+    @param body: what to answer as JSON, or its JSON text as bytes already.
+    @return: the body's bytes, for C{render}.
+    """
     request.setResponseCode(status, _REASONS.get(status))
     request.setHeader(b"content-type", b"application/json; charset=utf-8")
     request.setHeader(b"cache-control", b"no-store")
     for name, value in headers:
         request.setHeader(name, value)
+    if body.__class__ is bytes:
+        return body
     return json.dumps(body).encode("utf-8")
+
+
+def _ticket_body(ticket, ttl):
+    """
+    The ticket answer's JSON: exactly C{json.dumps({"ticket": ticket,
+    "expires_in": ttl})} as UTF-8, built directly for a text ticket and an
+    integer lifetime (one per connection).
+    """
+    if ticket.__class__ is str and ttl.__class__ is int:
+        return f'{{"ticket": {encode_basestring_ascii(ticket)}, "expires_in": {int.__repr__(ttl)}}}'.encode("ascii")
+    return json.dumps({"ticket": ticket, "expires_in": ttl}).encode("utf-8")
 
 
 def _error_body(request, failure):
@@ -82,10 +102,11 @@ def _error_body(request, failure):
     return _json(request, status, body)
 
 
-def _answer_later(request, answer):
+def _answer_later(request, answer, success=None):
     """
     Answer C{request} with what the Deferred C{answer} fires with, a
-    C{(status, body)} pair; a failure is answered by L{_error_body}.
+    C{(status, body)} pair, or with C{success} when given (whatever
+    C{answer} fires with then); a failure is answered by L{_error_body}.
 
     When C{answer} has fired already (the embedded broker answers at once),
     the body is returned for C{render} to write with its length, as a
@@ -108,7 +129,7 @@ def _answer_later(request, answer):
         result = now[0]
         if isinstance(result, Failure):
             return _error_body(request, result)
-        return _json(request, *result)
+        return _json(request, *(result if success is None else success))
     waiting.append(True)
     gone = []
     request.notifyFinish().addErrback(gone.append)
@@ -118,7 +139,7 @@ def _answer_later(request, answer):
             request.write(body)
             request.finish()
 
-    answer.addCallback(lambda result: _json(request, *result))
+    answer.addCallback(lambda result: _json(request, *(result if success is None else success)))
     answer.addErrback(lambda failure: _error_body(request, failure))
     answer.addCallback(write)
     answer.addErrback(lambda failure: log.failure("writing an answer failed", failure))
@@ -230,8 +251,7 @@ class TicketResource(_Authenticated):
             )
         ticket = tickets.new_ticket()
         d = defer.maybeDeferred(self._broker.issue_ticket, ticket, principal, self._ttl)
-        d.addCallback(lambda _: (OK, {"ticket": ticket, "expires_in": self._ttl}))
-        return _answer_later(request, d)
+        return _answer_later(request, d, (OK, _ticket_body(ticket, self._ttl)))
 
 
 class RoomsResource(_Authenticated):

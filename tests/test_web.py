@@ -12,6 +12,8 @@ import socket
 import time
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.protocol import Factory, Protocol
@@ -230,6 +232,22 @@ def test_ticket_answered_when_a_slower_broker_has_stored_it(world):
     req.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + token("bob").encode()])
     body = site.getResourceFor(req).render(req)
     assert body is not server.NOT_DONE_YET and json.loads(body)["expires_in"] == 30
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    ticket=st.text(st.characters(exclude_categories=()), max_size=60),
+    ttl=st.one_of(st.integers(-(2**70), 2**70), st.booleans(), st.floats(allow_nan=False)),
+)
+@example(ticket="\"\\\x00\x1f\x7f\u2028\ud800é ロ", ttl=30)
+def test_ticket_body_is_json_dumps(ticket, ttl):
+    """
+    The ticket answer's body, built directly for a text ticket and an
+    integer lifetime, is exactly json.dumps of it as UTF-8, for any ticket
+    text (escapes, non-ASCII, lone surrogates) and lifetime.
+    """
+    expected = json.dumps({"ticket": ticket, "expires_in": ttl}).encode("utf-8")
+    assert web._ticket_body(ticket, ttl) == expected
 
 
 def test_healthz(world):
