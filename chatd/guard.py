@@ -124,6 +124,7 @@ class _GuardedConnection(ProtocolWrapper, TimeoutMixin):
     """
 
     upgraded = False
+    _peer = None  # the peer's address, until the connection is a WebSocket
 
     def __init__(self, factory, wrappedProtocol, clock):
         super().__init__(factory, wrappedProtocol)
@@ -132,10 +133,22 @@ class _GuardedConnection(ProtocolWrapper, TimeoutMixin):
     def makeConnection(self, transport):
         # ProtocolWrapper's, with the interfaces declared by provide_like.
         provide_like(self, transport)
+        self._peer = transport.getPeer()
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         self.wrappedProtocol.makeConnection(self)
         self.factory.guard._connected(self)
+
+    def getPeer(self):
+        """
+        ProtocolWrapper's, from the address taken on connect until the
+        connection is a WebSocket: a TCP transport makes a new address per
+        call, and the guard, the request and the WebSocket's checks each ask
+        while the connection is new.  An open WebSocket does not keep it
+        (L{ConnectionGuard.upgraded}).
+        """
+        peer = self._peer
+        return peer if peer is not None else self.transport.getPeer()
 
     def connectionLost(self, reason):
         self.setTimeout(None)
@@ -251,6 +264,7 @@ class ConnectionGuard:
         if connection is None or connection.upgraded:
             return
         connection.upgraded = True
+        del connection._peer  # the class's None again: nothing kept per open WebSocket
         connection.setTimeout(None)
         self._release(connection)
         # Nothing looks an open WebSocket up here again: no entry for its life.

@@ -191,7 +191,10 @@ class _RefusalLog:
 
 def _peer_host(transport):
     peer = transport.getPeer()
-    return getattr(peer, "host", str(peer))
+    try:
+        return peer.host
+    except AttributeError:  # a peer without a host: as text (not made for every peer that has one)
+        return str(peer)
 
 
 # permessage-deflate, when [websocket] compression = on (docs/security.md):

@@ -228,6 +228,22 @@ def test_upgraded_connection_has_no_deadline():
     assert len(guard.pending) == 0 and protocol.upgraded
 
 
+def test_peer_address_kept_until_upgraded():
+    """
+    The guard's connection answers getPeer with the address its transport
+    gave on connect until it is a WebSocket; an open WebSocket keeps none
+    and asks its transport.
+    """
+    guard, listener, _ = make_guard()
+    protocol, transport = connect(listener)
+    taken = transport.peerAddr
+    transport.peerAddr = IPv4Address("TCP", "192.0.2.9", 1)  # what the transport would say now
+    assert protocol.getPeer() is taken
+    guard.upgraded(taken)
+    assert "_peer" not in vars(protocol)
+    assert protocol.getPeer() is transport.peerAddr
+
+
 def test_finished_request_rearms_the_deadline():
     """Each completed HTTP request buys another timeout; idle keep-alive ends after one."""
     guard, listener, clock = make_guard(timeout=10)
