@@ -13,6 +13,7 @@ import os
 import signal
 import time
 
+from tests import rawws
 from tests.support import http, wait_for, ws_refusal
 from tests.test_broker_redis import redis_command
 
@@ -255,6 +256,52 @@ def test_stopped_redis_is_unavailable_not_stuck(start_redis, start_chatd, client
     frames = carol.recv_until(lambda f: f["type"] == "REPLAY")
     assert [f["message"] for f in frames[:-1]] == ["stuck?", "back"]
     assert frames[-1]["complete"] is True
+
+
+def test_what_a_client_sends_while_a_stopped_redis_holds_its_ticket_waits(start_redis, start_chatd, clients):
+    """
+    SIGSTOP of redis-server while a client upgrades: the bytes it sends
+    behind its request while the redemption hangs (here a blank line, then
+    a frame) are not read as another request; the answer is one 503 when
+    Redis times out, nothing is logged as unhandled, and the instance
+    serves again after SIGCONT.  (Before, Autobahn answered the second
+    "request" with a 400 while the redemption was still due.)
+    """
+    redis = start_redis()
+    a, b, alice, bob, bob_in = alice_and_bob_in_lobby(start_chatd, redis, clients)
+    ticket = a.ticket("dave")
+    silent = rawws.RawWebSocket(a.port)
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        head = (
+            f"GET /ws?ticket={ticket} HTTP/1.1\r\nHost: localhost:{a.port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: chatd.v1\r\n\r\n"
+        )
+        silent.send_raw(head.encode("latin-1"))
+        silent.send_raw(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n" + rawws.frame(1, b"early"))
+        answer = silent._read_until(b"\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
+        # The whole answer, to the close: one status line, no second request's 400.
+        silent.sock.settimeout(REDIS_TIMEOUT + 5)
+        for _ in range(64):
+            try:
+                data = silent.sock.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            silent._buffer += data
+        everything = answer + silent._buffer
+        assert everything.count(b"HTTP/1.1 ") == 1, everything[:400]
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+        silent.sock.close()
+    wait_health(a, 200)
+    dave = a.connect("dave")
+    clients.append(dave)
+    assert dave.welcome["user"] == "dave"
+    assert "Unhandled" not in a.log_text() and "Traceback" not in a.log_text()
 
 
 def test_full_restart_keeps_rooms_history_and_tickets_expire(start_redis, start_chatd, clients):
