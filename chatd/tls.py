@@ -308,7 +308,11 @@ class CoalescingTLSProtocol(TLSMemoryBIOProtocol):
         bytes held, nothing left in the BIO) the loop ends there, instead of
         at the C{WantReadError} of one more C{SSL_read}: there is nothing
         for it to read.  Anything left (a second record, an alert, a
-        post-handshake message) is read as in Twisted's loop.
+        post-handshake message) is read as in Twisted's loop.  When the
+        application wrote in answer, what TLS made waits for those writes
+        at the end of the turn: a client's Finished and its upgrade request
+        in one read are answered with one send (tickets, 101 and WELCOME),
+        as Twisted's unbuffered writes answer them, not two.
         """
         if _PROBES is None:
             return super()._flushReceiveBIO()
@@ -333,7 +337,11 @@ class CoalescingTLSProtocol(TLSMemoryBIOProtocol):
                     ProtocolWrapper.dataReceived(self, data)
                 if not ssl_pending(ssl_object) and not mem_data(into, null):
                     break
-        self._flushSendBIO()
+        if not self._pending:
+            self._flushSendBIO()
+        # else: what TLS made while reading (a TLS 1.3 handshake's
+        # NewSessionTickets, say) goes with the writes pending for this
+        # turn, in the one send of flush_writes, not in a send of its own.
 
     def loseConnection(self):
         self.flush_writes()

@@ -400,10 +400,12 @@ class _RawClient:
     records begin and end and how the bytes are cut into reads.
     """
 
-    def __init__(self, server_factory, clock, version=None):
+    def __init__(self, server_factory, clock, version=None, finish=True):
         """
         @param version: the highest TLS version the client offers
             (C{SSL.TLS1_2_VERSION}, ...); L{None}: OpenSSL's (TLS 1.3).
+        @param finish: whether the client's TLS 1.3 Finished is sent now;
+            if not, it goes with the client's next records.
         """
         self.clock = clock
         self.server = server_factory.buildProtocol(None)
@@ -425,7 +427,8 @@ class _RawClient:
             self._pump()
         else:
             raise AssertionError("the handshake never finished")
-        self._pump()  # the client's Finished (TLS 1.3; TLS 1.2's went in the loop)
+        if finish:
+            self._pump()  # the client's Finished (TLS 1.3; TLS 1.2's went in the loop)
 
     def _pump(self):
         """What the client wrote to the server, the server's answer to the client."""
@@ -539,6 +542,38 @@ def test_reads_answer_only_when_tls_has_something_to_send(tls_options):
     pair.server.write(big)
     pair.server.write(b"after")
     assert pair.client_reads() == big + b"after"
+
+
+class _Answering(_Recorder):
+    """Answers every read with a write, as the upgrade's 101 answers the request."""
+
+    def dataReceived(self, data):
+        super().dataReceived(data)
+        self.transport.write(b"answer to " + data)
+
+
+def test_what_tls_makes_while_reading_goes_with_the_answer(tls_options):
+    """
+    A TLS 1.3 client's Finished and its request in one read: the session
+    tickets TLS makes on reading the Finished and the application's answer
+    (held for the turn) leave in one write, not the tickets at once and the
+    answer at the turn's end.  Under Twisted's own TCP both would meet in
+    its write buffer; chatd's eager TCP (chatd/eager.py) sends each write
+    at once, so two writes were two sends.
+    """
+    clock = task.Clock()
+    factory = tls.CoalescingTLSFactory(tls_options, protocol.Factory.forProtocol(_Answering), clock)
+    pair = _RawClient(factory, clock, finish=False)
+    writes = []
+    write = pair.transport.write
+    pair.transport.write = lambda data: (writes.append(data), write(data))
+    pair.client.send(b"GET /ws")
+    pair.server.dataReceived(pair._from_client())  # the Finished, then the request's record
+    assert writes == []  # not before the turn ends
+    clock.advance(0)
+    assert pair.app.received == b"GET /ws"
+    assert len(writes) == 1
+    assert pair.client_reads() == b"answer to GET /ws"
 
 
 def test_close_notify_after_data_in_one_read(tls_options):
