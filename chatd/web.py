@@ -833,10 +833,12 @@ def upgrade_route(head, routes):
     @param head: the request line and header lines, without the blank line.
     @param routes: C{{path: factory}}, such as C{{b"/ws": ...}}.
     """
-    if len(head) > http.HTTPChannel.totalHeadersSize:
+    # HTTPChannel as imported: through the twisted.web.http module (a
+    # deprecation proxy) each attribute read is a Python call.
+    if len(head) > HTTPChannel.totalHeadersSize:
         return None
     lines = head.split(b"\r\n")
-    if len(lines) > http.HTTPChannel.maxHeaders:
+    if len(lines) > HTTPChannel.maxHeaders:
         return None
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[0] != b"GET" or parts[2] != b"HTTP/1.1" or not _TARGET.fullmatch(parts[1]):
