@@ -111,6 +111,18 @@ AT_REST = dict(
 )
 _KEEP = object()
 
+# What _compact drops beside the attributes at rest, by (no extensions in
+# use, Autobahn's event table untouched, between messages).
+_DROPPED = {
+    (extensions, events, between): frozenset(
+        HANDSHAKE_LEFTOVERS
+        + (("websocket_extensions_in_use",) if extensions else ())
+        + (("_valid_events", "_results") if events else ())
+        + (("utf8validator",) + MESSAGE_LEFTOVERS if between else ())
+    )
+    for extensions in (False, True) for events in (False, True) for between in (False, True)
+}
+
 # Autobahn's ObservableMixin state, the same for every connection nobody
 # calls .on() for (chatd never does): shared, read-only.
 _EVENTS = ("message",)
@@ -243,6 +255,31 @@ _COMMON_KEY = re.compile(r"[A-Za-z0-9+/]{22}==")
 # The first lines of the 101, before the optional Sec-WebSocket-Protocol.
 _SWITCHING = "HTTP/1.1 101 Switching Protocols\r\n"
 _UPGRADED = "Upgrade: WebSocket\r\nConnection: Upgrade\r\n"
+# The first two bytes of a server's unfragmented text frame of each short length.
+_TEXT_HEADS = tuple(bytes((0x81, length)) for length in range(126))
+
+
+def _same(value):
+    return value
+
+
+def _query_params(query):
+    """
+    C{urllib.parse.parse_qs(query)}, as Autobahn parses a request's query:
+    a query with nothing to unquote (no C{%} or C{+}, a ticket's) is split
+    here, anything else by C{parse_qs}.
+    """
+    if "%" in query or "+" in query:
+        return parse.parse_qs(query)
+    params = {}
+    for pair in query.split("&"):
+        name, equals, value = pair.partition("=")
+        if value:  # as parse_qs: no "=", or nothing after it, is left out
+            if name in params:
+                params[name].append(value)
+            else:
+                params[name] = [value]
+    return params
 
 
 def _common_head(text):
@@ -356,7 +393,15 @@ class _GuardedMixin:
         self.websocket_version, self.websocket_origin, self.websocket_protocols = 13, origin, protocols
         self.websocket_extensions, self._wskey = extensions, key
         request = ConnectionRequest(self.peer, headers, host, path, params, 13, origin, protocols, extensions)
-        decided = defer.maybeDeferred(self.onConnect, request)
+        # defer.maybeDeferred(self.onConnect, request), without wrapping the
+        # Deferred onConnect returns for a ticket (the common case).
+        try:
+            decided = self.onConnect(request)
+        except BaseException:
+            decided = defer.fail(Failure(captureVars=defer.Deferred.debug))
+        else:
+            if type(decided) is not defer.Deferred:
+                decided = defer.maybeDeferred(_same, decided)
         decided.addCallbacks(self._common_accepted, self._common_refused)
 
     def _common_request(self, text):
@@ -424,7 +469,7 @@ class _GuardedMixin:
         target = line[4:-9]
         path, _, query = target.partition("?")
         return (
-            line, headers, target, path, parse.parse_qs(query), host, origin, protocols, extensions, key,
+            line, headers, target, path, _query_params(query), host, origin, protocols, extensions, key,
         )
 
     def _common_accepted(self, subprotocol):
@@ -595,18 +640,13 @@ class _GuardedMixin:
         dict is compacted again (L{dataReceived}).
         """
         state = self.__dict__
-        shared = set(HANDSHAKE_LEFTOVERS)
-        if not state.get("websocket_extensions_in_use", True):
-            shared.add("websocket_extensions_in_use")
-        if (
+        shared = _DROPPED[
+            not state.get("websocket_extensions_in_use", True),
             state.get("_listeners") is None and tuple(state.get("_valid_events", ())) == _EVENTS
-            and not any(state.get("_results", {}).values())
-        ):
-            shared.update(("_valid_events", "_results"))
-        if not state.get("inside_message", False) and state.get("current_frame") is None:
+            and not any(state.get("_results", {}).values()),
             # Between messages: no frame or message of Autobahn's is under way.
-            shared.add("utf8validator")
-            shared.update(MESSAGE_LEFTOVERS)
+            not state.get("inside_message", False) and state.get("current_frame") is None,
+        ]
         # One new dict, sized for what it holds (a dict never shrinks).
         self.__dict__ = {
             name: value for name, value in state.items()
@@ -820,9 +860,23 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         except Exception:
             return self._refuse(Failure(), request)  # raises ConnectionDeny
         self._deciding_on(redeeming)
-        redeeming.addCallback(self._redeemed, stomp, request)
-        redeeming.addErrback(self._refuse, request)
+        # addCallback(_redeemed) then addErrback(_refuse), in one step.
+        redeeming.addBoth(self._decided, stomp, request)
         return redeeming
+
+    def _decided(self, result, stomp, request):
+        """
+        The redemption's outcome: the subprotocol (L{_redeemed}), or the
+        refusal of a failed redemption or of its grant (L{_refuse}).
+
+        @raise ConnectionDeny: the refusal.
+        """
+        if isinstance(result, Failure):
+            return self._refuse(result, request)
+        try:
+            return self._redeemed(result, stomp, request)
+        except BaseException:
+            return self._refuse(Failure(captureVars=defer.Deferred.debug), request)
 
     def _check_request(self, request):
         """
@@ -1001,10 +1055,37 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
     # IConnection
 
     def send_text(self, text):
-        """IConnection API"""
-        if self.state == self.STATE_OPEN:
-            self.sendMessage(text.encode("utf-8"))
+        """
+        IConnection API.  The common case (no compression, fragmentation,
+        timing, frame logging or server masking; within the message limit)
+        is framed here: what Autobahn's C{sendMessage} and C{sendFrame} write
+        and count, without their per-frame bookkeeping (WELCOME on every
+        open, every answer to one client).
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        payload = text.encode("utf-8")
+        length = len(payload)
+        if (
+            self._perMessageCompress is not None or self.trackedTimings or self.logFrames or self.maskServerFrames
+            or 0 < self.autoFragmentSize < length or 0 < self.maxMessagePayloadSize < length
+        ):
+            self.sendMessage(payload)
             self._sent += 1
+            return
+        stats = self.trafficStats
+        stats.outgoingWebSocketMessages += 1
+        stats.outgoingOctetsAppLevel += length
+        stats.outgoingOctetsWebSocketLevel += length
+        stats.outgoingWebSocketFrames += 1
+        if length <= 125:
+            head = _TEXT_HEADS[length]
+        elif length <= 0xFFFF:
+            head = b"\x81\x7e" + length.to_bytes(2, "big")
+        else:
+            head = b"\x81\x7f" + length.to_bytes(8, "big")
+        self.sendData(head + payload)
+        self._sent += 1
 
     def send_shared(self, text):
         """

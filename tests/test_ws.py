@@ -9,7 +9,9 @@ same over TLS on a real twistd.
 """
 
 import dataclasses
+import gc
 import json
+import random
 import struct
 
 import pytest
@@ -422,6 +424,44 @@ def logged():
     globalLogPublisher.removeObserver(observer)
 
 
+class _BrokenBroker(MemoryBroker):
+    """A broker whose redemption fails as no broker should, or grants what is not a Principal."""
+
+    def __init__(self, *args, outcome, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outcome = outcome
+
+    def redeem_ticket(self, ticket):
+        if self.outcome == "fails":
+            return defer.fail(RuntimeError("broker bug"))
+        return defer.succeed("not a grant")
+
+
+@pytest.mark.parametrize("outcome", ["fails", "grants nonsense"])
+def test_an_unexpected_error_deciding_is_500_logged_once(clocked, logged_failures, outcome):
+    """
+    An error nobody planned for while the ticket is redeemed (the broker's
+    Deferred fails with a bug) or its grant checked (a grant that is not a
+    Principal): 500 with "internal error", the error logged once with its
+    traceback, the slot given back, and nothing left unhandled.
+    """
+    logged_failures.expect("error in onConnect")
+    world = make_world()
+    broker = _BrokenBroker(world.reactor, instance_id="i1", outcome=outcome)
+    world.broker = broker
+    world.factory = ws.ChatServerFactory(
+        world.settings, broker, Hub(broker), TokenVerifier.from_settings(world.settings), None, world.reactor
+    )
+    client = world.connect(query="ticket=x")
+    assert client.state == client.STATE_CLOSED
+    assert client.http_status_line.split(None, 1)[1] == "500 internal error"
+    assert world.factory.connections == set() and not any(world.factory.metrics.handshakes_rejected.values())
+    gc.collect()  # an unhandled error in a Deferred is logged when it is collected
+    failures = [e for e in logged_failures.events if e.get("log_failure") is not None]
+    assert [formatEvent(e) for e in failures] == ["error in onConnect for /ws"]
+    assert failures[0]["log_failure"].type is (RuntimeError if outcome == "fails" else AttributeError)
+
+
 def test_a_refusal_is_one_escaped_line(world, logged):
     """
     A refused upgrade logs one line, and nothing the client sent reaches it
@@ -486,6 +526,74 @@ def test_writes_are_counted_like_autobahns(world):
     assert server.trafficStats.outgoingOctetsWireLevel - before == sum(
         2 + len(json.dumps(m, separators=(",", ":"))) for m in bob.received[-3:]
     )
+
+
+def _autobahn_send_text(protocol, text):
+    """send_text as it was, through Autobahn's sendMessage: the reference for L{ws.ChatServerProtocol.send_text}."""
+    if protocol.state == protocol.STATE_OPEN:
+        WebSocketServerProtocol.sendMessage(protocol, text.encode("utf-8"))
+        protocol._sent += 1
+
+
+# Texts of the lengths where a frame's header changes (125/126, 65535/65536
+# bytes), and any others, ASCII and not.
+SENT_TEXTS = st.one_of(
+    st.text(max_size=300),
+    st.sampled_from([0, 1, 124, 125, 126, 127, 65535, 65536, 70000]).map(lambda n: "x" * n),
+    st.sampled_from([62, 63, 64]).map(lambda n: "\xe9" * n),
+)
+
+
+@given(
+    texts=st.lists(SENT_TEXTS, min_size=1, max_size=3),
+    compression=st.booleans(),
+    options=st.fixed_dictionaries({
+        "autoFragmentSize": st.sampled_from([0, 0, 50, 200]),
+        "maxMessagePayloadSize": st.sampled_from([0, 100, 65536]),
+        "logFrames": st.sampled_from([False, False, True]),
+        "maskServerFrames": st.sampled_from([False, False, True]),
+        "trackTimings": st.sampled_from([False, False, True]),
+    }),
+    closed=st.booleans(),
+)
+@hypothesis_settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_send_text_writes_and_counts_as_autobahn_does(texts, compression, options, closed):
+    """
+    send_text, which frames the common text itself, writes the same bytes
+    as Autobahn's sendMessage and counts the same (trafficStats, the
+    frames sent), for texts of every header size, compressed or not,
+    fragmented, over the message limit (Autobahn's refusal), with frames
+    logged, masked (the same mask on both: random seeded alike) or timed,
+    and on a connection no longer open.
+    """
+    saved = txaio.config.loop
+    try:
+        world = make_world(websocket__compression=compression)
+        seen = []
+        for send in (ws.ChatServerProtocol.send_text, _autobahn_send_text):
+            world.connect(client_class=DeflateClient if compression else None)
+            server = world.servers[-1]
+            for name, value in options.items():
+                setattr(server, name, value)
+            if options["trackTimings"]:
+                server.setTrackTimings(True)
+            if closed:
+                server.state = server.STATE_CLOSING
+            written = []
+            server.transport.write = written.append
+            outcomes = []
+            for text in texts:
+                random.seed(len(text))
+                try:
+                    send(server, text)
+                except Exception as e:
+                    outcomes.append(type(e).__name__)
+                else:
+                    outcomes.append(None)
+            seen.append((b"".join(written), outcomes, vars(server.trafficStats), server._sent))
+        assert seen[0] == seen[1]
+    finally:
+        txaio.config.loop = saved
 
 
 class DeflateClient(MemoryClient):

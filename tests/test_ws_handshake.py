@@ -435,3 +435,23 @@ def test_reading_stops_while_the_ticket_is_redeemed():
     assert transport.producerState == "producing"
     assert transport.value().startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert "_deciding" not in vars(protocol) and "_held_for_decision" not in vars(protocol)
+
+
+@given(query=st.one_of(
+    st.text(alphabet="ab=&%+;#? \t\xe9\x00", max_size=20),
+    st.text(max_size=30),
+    st.lists(st.sampled_from(["ticket=good", "ticket=", "ticket", "=x", "", "x=1", "a=b=c", "t=%41", "t=a+b"]))
+    .map("&".join),
+))
+@hypothesis_settings(max_examples=500, deadline=None)
+def test_query_is_parsed_as_parse_qs_parses_it(query):
+    """
+    chatd's split of an upgrade's query (L{ws._query_params}) gives what
+    Autobahn's C{parse_qs} gives, names, values, order and repeats, for
+    queries with and without anything to unquote.
+    """
+    from urllib.parse import parse_qs
+
+    ours = ws._query_params(query)
+    assert ours == parse_qs(query)
+    assert [(k, v) for k, v in ours.items()] == list(parse_qs(query).items())
