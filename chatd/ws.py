@@ -569,6 +569,16 @@ class _GuardedMixin:
 
     _close_on_open = None  # (code, reason): close() came during the opening handshake
 
+    def fire(self, event, *args, **kwargs):
+        """
+        ObservableMixin's; a connection with listeners (C{on}) gets its own
+        event table first: the one open connections share (L{_compact}) is
+        read-only.
+        """
+        if self._listeners is not None and type(self.__dict__.get("_results")) is not dict:
+            self.set_valid_events(self._valid_events)
+        return super().fire(event, *args, **kwargs)
+
     def close(self, code, reason):
         """
         C{close()} that can send any close code, once.  A connection still

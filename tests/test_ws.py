@@ -860,6 +860,26 @@ def test_idle_connection_keeps_no_attribute_at_rest(clocked):
     assert client.received[-1]["type"] == "TALK" and client.received[-1]["message"] == "still here"
 
 
+def test_a_listener_added_after_the_open_hears_each_message(world, logged_failures):
+    """
+    Autobahn's event API still works on an open (compacted) connection: a
+    listener added with C{on("message")} is called with each message that
+    takes Autobahn's path, and nothing fails.  (Before, the open connection
+    shared a read-only event table, and the first message failed writing
+    its result into it: TypeError, unhandled.)
+    """
+    client = world.connect()
+    [server] = world.servers
+    heard = []
+    server.on("message", lambda payload, is_binary: heard.append((payload, is_binary)))
+    world.send(client, {"type": "ENTER", "room": "lobby", "ref": "e1"})
+    assert heard == [(json.dumps({"type": "ENTER", "room": "lobby", "ref": "e1"}).encode(), False)]
+    assert client.received[-1]["type"] == "ENTER" and client.received[-1]["ref"] == "e1"
+    other = world.connect(sub="bob")
+    world.send(other, {"type": "ENTER", "room": "lobby", "ref": "e2"})
+    assert len(heard) == 1 and type(world.servers[1]._results) is not dict  # the others still share
+
+
 def test_connection_starts_as_autobahn_starts_it():
     """
     chatd's connectionMade sets only what a connection has of its own; every
