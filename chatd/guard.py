@@ -43,7 +43,7 @@ import json
 
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFactory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web import http
 from zope.interface import directlyProvides, providedBy
 
@@ -113,22 +113,18 @@ class _LogBudget:
         return count
 
 
-class _GuardedConnection(ProtocolWrapper, TimeoutMixin):
+class _GuardedConnection(ProtocolWrapper):
     """
-    One accepted connection: its deadline and whether it is a WebSocket yet.
+    One accepted connection and whether it is a WebSocket yet.
 
-    The deadline is L{TimeoutMixin}'s timeout, on the guard's clock.  It is
-    set on accept and again after each finished HTTP request, and never
-    reset by incoming bytes (no C{resetTimeout}): a client dribbling its
-    headers a byte at a time must not keep its slot.
+    Its deadline is kept by the guard (L{ConnectionGuard._arm}): set on
+    accept and again after each finished HTTP request, and never reset by
+    incoming bytes: a client dribbling its headers a byte at a time must not
+    keep its slot.
     """
 
     upgraded = False
     _peer = None  # the peer's address, until the connection is a WebSocket
-
-    def __init__(self, factory, wrappedProtocol, clock):
-        super().__init__(factory, wrappedProtocol)
-        self.callLater = clock.callLater  # TimeoutMixin's hook for the clock
 
     def makeConnection(self, transport):
         # ProtocolWrapper's, with the interfaces declared by provide_like.
@@ -151,14 +147,8 @@ class _GuardedConnection(ProtocolWrapper, TimeoutMixin):
         return peer if peer is not None else self.transport.getPeer()
 
     def connectionLost(self, reason):
-        self.setTimeout(None)
         self.factory.guard._disconnected(self)
         super().connectionLost(reason)
-
-    def timeoutConnection(self):
-        """TimeoutMixin API: the deadline passed; abort, TLS alert or not."""
-        self.factory.guard._expired(self)
-        self.transport.abortConnection()
 
 
 class GuardedFactory(WrappingFactory):
@@ -177,7 +167,7 @@ class GuardedFactory(WrappingFactory):
         """
         if not self.guard.admissible(addr):
             return None
-        return self.protocol(self, self.wrappedFactory.buildProtocol(addr), self.guard.clock)
+        return self.protocol(self, self.wrappedFactory.buildProtocol(addr))
 
 
 class ConnectionGuard:
@@ -188,6 +178,15 @@ class ConnectionGuard:
     @ivar pending: L{ConnectionCaps} of the connections that are not
         WebSockets; tests read it.
     @ivar clock: the C{IReactorTime} the deadlines run on.
+
+    The deadlines share one clock call.  Every deadline is C{timeout}
+    seconds after it is set, so in the order they are set they are also in
+    the order they fall due: L{_deadlines} is that order (a dict keeps its
+    order; re-arming moves a connection to the end), and the clock call is
+    for its first entry.  Setting, moving and cancelling a deadline is a
+    dict operation, where a clock call per connection (TimeoutMixin's) was
+    a C{DelayedCall} made, pushed on the reactor's heap and cancelled for
+    each connection (docs/performance.md).
     """
 
     def __init__(self, timeout, max_total, max_per_address, clock, trusted_proxy=lambda host: False):
@@ -203,6 +202,8 @@ class ConnectionGuard:
         self._trusted_proxy = trusted_proxy
         self._by_peer = {}
         self._waiting = {}  # pending connections, oldest first (dicts keep order)
+        self._deadlines = {}  # connection -> when it is due, soonest first
+        self._wake = None  # the clock call for the first of _deadlines
         self._log_budget = _LogBudget(clock)
 
     @classmethod
@@ -265,7 +266,7 @@ class ConnectionGuard:
             return
         connection.upgraded = True
         del connection._peer  # the class's None again: nothing kept per open WebSocket
-        connection.setTimeout(None)
+        self._disarm(connection)
         self._release(connection)
         # Nothing looks an open WebSocket up here again: no entry for its life.
         del self._by_peer[key]
@@ -274,7 +275,7 @@ class ConnectionGuard:
         """An HTTP request on the connection from C{address} finished: re-arm."""
         connection = self._by_peer.get(_peer_key(address))
         if connection is not None and not connection.upgraded:
-            connection.setTimeout(self.timeout)
+            self._arm(connection)
 
     def guard_requests(self, request_factory):
         """
@@ -365,20 +366,55 @@ class ConnectionGuard:
             # cancel its deadline, so it gets none (docs/security.md).
             return
         self._by_peer[key] = connection
-        connection.setTimeout(self.timeout)
+        self._arm(connection)
 
     def _disconnected(self, connection):
+        self._disarm(connection)
         self._release(connection)
         key = _peer_key(connection.getPeer())
         if self._by_peer.get(key) is connection:
             del self._by_peer[key]
 
     def _expired(self, connection):
+        """The deadline passed: abort, TLS alert or not."""
         self._release(connection)
         self._note(
             "dropped {peer}: no WebSocket or HTTP request within {timeout} s",
             peer=_host(connection.getPeer()), timeout=self.timeout,
         )
+        connection.transport.abortConnection()
+
+    # --- the deadlines ---------------------------------------------------------
+
+    def _arm(self, connection):
+        """C{connection} is due C{timeout} seconds from now (a deadline it had is moved)."""
+        deadlines = self._deadlines
+        deadlines.pop(connection, None)
+        deadlines[connection] = self.clock.seconds() + self.timeout
+        if self._wake is None:
+            self._wake = self.clock.callLater(self.timeout, self._deadlines_due)
+
+    def _disarm(self, connection):
+        """C{connection} has no deadline (any more)."""
+        if self._deadlines.pop(connection, None) is not None and not self._deadlines:
+            self._wake.cancel()
+            self._wake = None
+
+    def _deadlines_due(self):
+        """
+        The clock call: every connection whose deadline has come is aborted,
+        soonest first; then a clock call for the next one, if any.
+        """
+        self._wake = None
+        deadlines = self._deadlines
+        now = self.clock.seconds()
+        while deadlines:
+            connection, due = next(iter(deadlines.items()))
+            if due > now:
+                self._wake = self.clock.callLater(due - now, self._deadlines_due)
+                return
+            del deadlines[connection]
+            self._expired(connection)
 
     def _release(self, connection):
         self.pending.release(connection)
@@ -394,7 +430,7 @@ class ConnectionGuard:
             return False
         oldest = next(iter(self._waiting))
         self._release(oldest)
-        oldest.setTimeout(None)
+        self._disarm(oldest)
         self._note(
             "dropped {peer}: longest waiting of {count} connections in handshake, to make room",
             peer=_host(oldest.getPeer()), count=self.pending.max_total,

@@ -10,6 +10,8 @@ tests/test_abuse.py shows the same behaviour on a real twistd over TLS.
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -264,6 +266,80 @@ def test_lost_connection_cancels_its_deadline():
     assert clock.getDelayedCalls() == [] and len(guard.pending) == 0
     guard.request_done(transport.getPeer())  # late report for a gone connection
     assert clock.getDelayedCalls() == []
+
+
+def test_deadlines_share_one_clock_call():
+    """
+    However many connections wait, the guard holds one clock call, for the
+    soonest deadline; with none left waiting, it holds none.
+    """
+    guard, listener, clock = make_guard(timeout=10)
+    first, _ = connect(listener, port=1)
+    clock.advance(1)
+    second, second_transport = connect(listener, port=2)
+    assert len(clock.getDelayedCalls()) == 1
+    first.connectionLost(None)
+    assert len(clock.getDelayedCalls()) == 1  # now early for the second, which is fine
+    clock.advance(9)  # the first's deadline: nothing due, the call moves on
+    assert not second_transport.disconnecting and len(clock.getDelayedCalls()) == 1
+    clock.advance(1)
+    assert second_transport.disconnecting and clock.getDelayedCalls() == []
+
+
+_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["connect", "advance", "request_done", "upgraded", "lost"]),
+        st.integers(0, 7),  # which connection (of those made so far, modulo)
+        st.sampled_from([0.0, 0.5, 1.0, 2.5, 4.0, 7.5]),  # seconds, for advance
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_STEPS)
+def test_deadlines_as_one_timer_per_connection(steps):
+    """
+    Any sequence of accepts, finished requests, upgrades, lost connections
+    and clock advances aborts exactly the connections, at exactly the
+    moments, that a timer per connection (armed on accept and on each
+    finished request, cancelled on upgrade and loss, as TimeoutMixin did)
+    would; and the guard holds at most one clock call.
+    """
+    timeout = 4.0
+    guard, listener, clock = make_guard(timeout=timeout)
+    made = []  # (protocol, transport)
+    due = {}  # index -> the moment a timer per connection would fire
+    for action, which, seconds in steps:
+        if action == "connect":
+            made.append(connect(listener, port=len(made) + 1))
+            due[len(made) - 1] = clock.seconds() + timeout
+        elif action == "advance":
+            clock.advance(seconds)
+            for index, when in list(due.items()):
+                if when <= clock.seconds():
+                    del due[index]
+        elif made:
+            index = which % len(made)
+            protocol, transport = made[index]
+            if transport.disconnecting:
+                continue  # aborted: the transport would report it lost, nothing else
+            if action == "request_done" and not protocol.upgraded:
+                guard.request_done(transport.getPeer())
+                due[index] = clock.seconds() + timeout
+            elif action == "upgraded":
+                guard.upgraded(transport.getPeer())
+                due.pop(index, None)
+            elif action == "lost":
+                protocol.connectionLost(None)
+                transport.disconnecting = True  # gone: no more steps on it
+                due.pop(index, None)
+        aborted = {i for i, (_, transport) in enumerate(made) if transport.disconnecting}
+        assert aborted.isdisjoint(due)
+        assert {i for i in range(len(made)) if i not in aborted} <= set(due) | {
+            i for i, (protocol, _) in enumerate(made) if protocol.upgraded
+        }
+        assert len(clock.getDelayedCalls()) == (1 if due else 0)
 
 
 def test_handshake_cap_per_address_and_total():
