@@ -377,6 +377,14 @@ class WebSocketEndpoint(WebSocketResource):
 
 _TICKET_LINE = b"POST /auth/ticket HTTP/1.1\r\n"
 _NO_LENGTH = [b"0"]
+# A ticket request's header lines, each with its CRLF: a field name (RFC
+# 9110 token), a colon, a value without NUL, CR or LF (twisted.web refuses
+# those; a lone CR or LF in a line is no line ending for it either).
+# Possessive: each line splits one way only, so a bad line at the end of
+# 16 KiB of them is not tried against shorter splits of every line before.
+_TICKET_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]++:[^\x00\r\n]*+\r\n)++")
+# One of those lines, as C{(name, value)}.
+_TICKET_FIELD = re.compile(rb"([^:]*):([^\r]*)\r\n")
 
 
 def ticket_head(data):
@@ -391,6 +399,10 @@ def ticket_head(data):
     head split across reads, a pipelined request, a malformed or unusual
     one) is left to twisted.web, which answers it as it always did.
 
+    The lines are checked and split by two regular expressions, each one
+    pass in C over the head (a Python loop over each line's parts was 1.2 %
+    of scenario 2's samples).
+
     @param data: what the connection read, the blank line included.
     @return: C{{lower-case name: [values, stripped as twisted.web strips
         them]}}, or L{None}.
@@ -404,17 +416,16 @@ def ticket_head(data):
     headers = {}
     if len(data) == len(_TICKET_LINE) + 2:
         return headers
-    lines = data[len(_TICKET_LINE):-4].split(b"\r\n")
-    if len(lines) > HTTPChannel.maxHeaders:
+    # The header lines, each with its CRLF; the find above saw to it that
+    # none is empty and that they end the data.
+    if _TICKET_FIELDS.fullmatch(data, len(_TICKET_LINE), len(data) - 2) is None:
         return None
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
-            return None
-        value = value.strip(b" \t")
-        if b"\x00" in value or b"\r" in value or b"\n" in value:
-            return None
+    fields = _TICKET_FIELD.findall(data, len(_TICKET_LINE), len(data) - 2)
+    if len(fields) > HTTPChannel.maxHeaders:
+        return None
+    for name, value in fields:
         name = name.lower()
+        value = value.strip(b" \t")
         if name in headers:
             headers[name].append(value)
         else:
@@ -596,9 +607,18 @@ _CHANNEL_STATE = (
 )
 
 
+# Channel class -> whether its connected channels have all of _CHANNEL_STATE:
+# that is a matter of the class's code (twisted.web sets it on the class,
+# in __init__ and in connectionMade), asked once per class, not per request.
+_LAYOUT_KNOWN = {}
+
+
 def _channel_layout_known(channel):
     """Whether C{channel}, connected, has all of L{_CHANNEL_STATE}."""
-    return all(hasattr(channel, name) for name in _CHANNEL_STATE)
+    known = _LAYOUT_KNOWN.get(channel.__class__)
+    if known is None:
+        known = _LAYOUT_KNOWN[channel.__class__] = all(hasattr(channel, name) for name in _CHANNEL_STATE)
+    return known
 
 
 class ChatChannel(guard.HeaderLimitChannel):

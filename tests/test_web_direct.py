@@ -23,6 +23,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.web import http
 
 from chatd import config, guard, web
 from chatd.auth import TokenVerifier
@@ -389,6 +390,63 @@ def test_ticket_head_takes_only_a_lone_bodiless_ticket_request():
         assert web.ticket_head(other) is None, other
 
 
+def _ticket_head_by_lines(data):
+    """
+    L{web.ticket_head} as it was before it took the lines by regular
+    expression (a loop over each line's parts, up to cbd21b4): the
+    reference the new one must agree with on every input.
+    """
+    line = b"POST /auth/ticket HTTP/1.1\r\n"
+    if (
+        len(data) > http.HTTPChannel.totalHeadersSize
+        or not data.startswith(line)
+        or data.find(b"\r\n\r\n", len(line) - 2) != len(data) - 4
+    ):
+        return None
+    headers = {}
+    if len(data) == len(line) + 2:
+        return headers
+    lines = data[len(line):-4].split(b"\r\n")
+    if len(lines) > http.HTTPChannel.maxHeaders:
+        return None
+    for field in lines:
+        name, colon, value = field.partition(b":")
+        if not colon or not re.fullmatch(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", name):
+            return None
+        value = value.strip(b" \t")
+        if b"\x00" in value or b"\r" in value or b"\n" in value:
+            return None
+        headers.setdefault(name.lower(), []).append(value)
+    if headers.get(b"content-length", [b"0"]) != [b"0"] or b"transfer-encoding" in headers or b"expect" in headers:
+        return None
+    return headers
+
+
+# Pieces of header lines, the awkward ones among them.
+_PIECES = st.sampled_from([
+    b"a", b"Z", b"-", b"0", b"~", b":", b" ", b"\t", b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"\x00", b"\x7f",
+    b"\x80", b"\xff", b"(", b"@", b"Authorization: Bearer x.y.z", b"Content-Length", b"content-length: 0",
+    b"Content-Length: 00", b"Expect", b"Transfer-Encoding", b"X: y\r\n", b": v\r\n", b"\r\n ",
+])
+
+
+@settings(max_examples=3000, deadline=None)
+@example(pieces=[b"X: y\r\n"] * 500 + [b"X: y"], end=b"\r\n\r\n")  # over maxHeaders
+@example(pieces=[b"X: y\r\n"] * 499 + [b"X: y"], end=b"\r\n\r\n")
+@example(pieces=[b"X-Big: ", b"x" * 16384], end=b"\r\n\r\n")  # over totalHeadersSize
+@given(
+    pieces=st.lists(st.one_of(_PIECES, st.binary(max_size=8)), max_size=20),
+    end=st.sampled_from([b"\r\n\r\n", b"\r\n", b"", b"\r\n\r\nX"]),
+)
+def test_ticket_head_agrees_with_the_line_loop(pieces, end):
+    """
+    L{web.ticket_head} takes and refuses exactly what the line-by-line
+    parser it replaced took and refused, and reads the same headers.
+    """
+    data = b"POST /auth/ticket HTTP/1.1\r\n" + b"".join(pieces) + end
+    assert web.ticket_head(data) == _ticket_head_by_lines(data)
+
+
 def test_a_twisted_web_of_another_layout_answers_every_request(monkeypatch):
     """
     Where twisted.web's channel lacks a piece of the private state the
@@ -396,6 +454,7 @@ def test_a_twisted_web_of_another_layout_answers_every_request(monkeypatch):
     the request goes to twisted.web, answered as before.
     """
     monkeypatch.setattr(web, "_CHANNEL_STATE", web._CHANNEL_STATE + ("_renamed_in_a_later_twisted",))
+    monkeypatch.setattr(web, "_LAYOUT_KNOWN", {})  # what this Twisted's channel class was found to have
     side, built = _counting_requests()
     request = b"POST /auth/ticket HTTP/1.1\r\nAuthorization: Bearer %s\r\n\r\n" % _valid().encode()
     _, transport = _one_read(side, request)
