@@ -37,7 +37,8 @@ def has_format_characters(text):
     what is shown around them, so a display name holding one can pass for
     another user's name.
     """
-    return any(unicodedata.category(c) == "Cf" for c in text)
+    # No ASCII character is one (the first is U+00AD): most names are ASCII.
+    return not text.isascii() and any(unicodedata.category(c) == "Cf" for c in text)
 
 
 class InvalidToken(Exception):
@@ -106,13 +107,17 @@ def _keyed(algorithm):
     return copy
 
 
-def _decoder(algorithms):
+def _decoder(algorithms, options):
     """
-    A PyJWT instance of its own whose C{algorithms} prepare each key once
-    (L{_keyed}); PyJWT's module-level decoder if its layout (a private
-    C{_jws}) ever changes.
+    A PyJWT instance of its own, with C{options} as its own (merged with
+    PyJWT's defaults once, not on every token), whose C{algorithms} prepare
+    each key once (L{_keyed}); PyJWT's module-level decoder if its layout
+    (a private C{_jws}) ever changes.
+
+    @return: C{(decoder, options)}: what to call C{decode} on and the
+        options to pass it (L{None}: the instance's own).
     """
-    decoder = jwt.PyJWT()
+    decoder = jwt.PyJWT(options)
     try:
         jws = decoder._jws
         for name in algorithms:
@@ -120,8 +125,8 @@ def _decoder(algorithms):
             jws.unregister_algorithm(name)
             jws.register_algorithm(name, keyed)
     except (AttributeError, KeyError, NotImplementedError, TypeError, ValueError):
-        return jwt
-    return decoder
+        return jwt, options
+    return decoder, None
 
 
 class TokenVerifier:
@@ -133,7 +138,13 @@ class TokenVerifier:
         self._issuer = issuer or None
         self._audience = audience or None
         self._leeway = leeway
-        self._jwt = _decoder(self._algorithms)
+        require = ["exp", "sub"]
+        if self._issuer is not None:
+            require.append("iss")
+        if self._audience is not None:
+            require.append("aud")
+        options = {"require": require, "verify_aud": self._audience is not None}
+        self._jwt, self._options = _decoder(self._algorithms, options)
 
     @classmethod
     def from_settings(cls, settings):
@@ -154,17 +165,12 @@ class TokenVerifier:
         """
         if not isinstance(token, str) or not token:
             raise InvalidToken("missing token")
-        options = {"require": ["exp", "sub"], "verify_aud": self._audience is not None}
-        if self._issuer is not None:
-            options["require"].append("iss")
-        if self._audience is not None:
-            options["require"].append("aud")
         try:
             claims = self._jwt.decode(
                 token,
                 self._key,
                 algorithms=self._algorithms,
-                options=options,
+                options=self._options,
                 issuer=self._issuer,
                 audience=self._audience,
                 leeway=self._leeway,

@@ -5,14 +5,19 @@ PyJWT does not enforce.
 """
 
 import time
+import unicodedata
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chatd import config
-from chatd.auth import NAME_WITH_FORMAT_CHARACTERS, InvalidToken, Principal, TokenVerifier, principal_from_claims
+from chatd.auth import (
+    NAME_WITH_FORMAT_CHARACTERS, InvalidToken, Principal, TokenVerifier, has_format_characters, principal_from_claims,
+)
 
 SECRET = b"k" * 64  # long enough for HS512 without a warning
 OTHER_SECRET = b"o" * 64
@@ -387,3 +392,85 @@ def test_keyed_decoder_answers_as_pyjwt(rsa_key, rsa_public_pem, algorithm):
 
     for token_ in tokens * 2:  # the second time with the key prepared
         assert answer(v._jwt.decode, token_) == answer(jwt.decode, token_), token_
+
+
+def test_no_ascii_character_is_a_format_character():
+    """
+    has_format_characters answers an ASCII text without looking at each
+    character: no ASCII character is in category Cf, and such texts are
+    answered as the full scan answers them.
+    """
+    assert not [c for c in map(chr, range(128)) if unicodedata.category(c) == "Cf"]
+    assert not has_format_characters("".join(map(chr, range(128))))
+    assert has_format_characters("Al\u00adice") and has_format_characters("\u200b")
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=20) | st.text(max_size=20))
+def test_format_characters_found_as_by_the_full_scan(text):
+    """has_format_characters agrees with a scan of every character's category."""
+    assert has_format_characters(text) == any(unicodedata.category(c) == "Cf" for c in text)
+
+
+def _verify_with_options_per_call(key, algorithms, issuer, audience, leeway, token_):
+    """
+    TokenVerifier.verify's PyJWT call as it was up to cbd21b4 (the options
+    built on each call and merged by PyJWT): the reference for the decoder
+    that has them as its own.
+    """
+    options = {"require": ["exp", "sub"], "verify_aud": audience is not None}
+    if issuer is not None:
+        options["require"].append("iss")
+    if audience is not None:
+        options["require"].append("aud")
+    try:
+        return jwt.decode(
+            token_, key, algorithms=algorithms, options=options, issuer=issuer, audience=audience, leeway=leeway,
+        )
+    except jwt.PyJWTError as e:
+        return type(e)
+
+
+_CLAIMS = {
+    "sub": st.sampled_from([None, "alice", ""]),
+    "exp": st.sampled_from([None, -3600, -5, 3600]),
+    "nbf": st.sampled_from([None, -10, 5, 3600]),
+    "iat": st.sampled_from([None, 0, 3600]),
+    "iss": st.sampled_from([None, "https://issuer.example", "https://other.example"]),
+    "aud": st.sampled_from([None, "chatd", "other", ["chatd", "x"], ["x"]]),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    claims=st.fixed_dictionaries(_CLAIMS),
+    issuer=st.sampled_from(["", "https://issuer.example"]),
+    audience=st.sampled_from(["", "chatd"]),
+    leeway=st.sampled_from([0, 10]),
+    algorithm=st.sampled_from(["HS256", "HS512"]),
+    signed_with=st.sampled_from([SECRET, OTHER_SECRET]),
+)
+def test_verifier_decodes_as_with_options_per_call(claims, issuer, audience, leeway, algorithm, signed_with):
+    """
+    The verifier's decoder, whose options are its own, accepts and refuses
+    every generated token as PyJWT's jwt.decode with the options passed on
+    each call, and the claims it accepts are the same.
+    """
+    now = int(time.time())
+    payload = {
+        name: now + value if name in ("exp", "nbf", "iat") else value
+        for name, value in claims.items() if value is not None
+    }
+    token_ = jwt.encode(payload, signed_with, algorithm=algorithm)
+    v = verifier(algorithms=["HS256"], issuer=issuer, audience=audience, leeway=leeway)
+    expected = _verify_with_options_per_call(
+        SECRET, ["HS256"], issuer or None, audience or None, leeway, token_
+    )
+    try:
+        got = v._jwt.decode(
+            token_, SECRET, algorithms=["HS256"], options=v._options, issuer=issuer or None,
+            audience=audience or None, leeway=leeway,
+        )
+    except jwt.PyJWTError as e:
+        got = type(e)
+    assert got == expected
