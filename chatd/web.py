@@ -116,21 +116,16 @@ def _answer_later(request, answer, success=None):
     @return: the body, or C{NOT_DONE_YET}, for C{render}.
     """
     now = []
-    waiting = []
-
-    def route(result):
-        if waiting:
-            return result
-        now.append(result)
-        return None
-
-    answer.addBoth(route)
+    # The result (a failure too: handled here) into now, at once if there is
+    # one already; the chain goes on with None.
+    answer.addBoth(now.append)
     if now:
         result = now[0]
         if isinstance(result, Failure):
             return _error_body(request, result)
         return _json(request, *(result if success is None else success))
-    waiting.append(True)
+    # Later: the chain goes on with the result again.
+    answer.addBoth(lambda _: now[0])
     gone = []
     request.notifyFinish().addErrback(gone.append)
 

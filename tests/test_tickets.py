@@ -5,9 +5,15 @@ that are unguessable and never stored in the clear.
 """
 
 import base64
+import os
+import secrets
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
+from chatd import tickets
 from chatd.tickets import TicketBook, new_ticket, ticket_digest
 
 GRANT = object()
@@ -82,6 +88,29 @@ def test_new_ticket_entropy():
     raw = base64.urlsafe_b64decode(ticket + "=" * (-len(ticket) % 4))
     assert len(raw) * 8 >= 128
     assert set(ticket) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+@settings(max_examples=300)
+@given(random=st.binary(min_size=tickets.TICKET_BYTES, max_size=tickets.TICKET_BYTES))
+def test_new_ticket_is_secrets_token_urlsafe(random):
+    """
+    new_ticket is secrets.token_urlsafe(TICKET_BYTES) (CPython's: the
+    base64url text of TICKET_BYTES bytes of os.urandom, its padding
+    stripped): those bytes asked of os.urandom, once, and that text made of
+    them.
+    """
+    asked = []
+
+    def urandom(size):
+        asked.append(size)
+        return random
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "urandom", urandom)
+        ticket = new_ticket()
+    assert asked == [tickets.TICKET_BYTES]
+    assert ticket == base64.urlsafe_b64encode(random).rstrip(b"=").decode("ascii")
+    assert len(secrets.token_urlsafe(tickets.TICKET_BYTES)) == len(ticket)
 
 
 def test_new_tickets_are_unique():
