@@ -170,14 +170,21 @@ class Setup:
     def _start(self):
         b = self.bench
         if self.kind.startswith("pair"):
-            # --paired: chatd at REV and this tree's chatd side by side, in
-            # this run's order, each with its own embedded broker.
+            # --paired: the scenario's two variants side by side, in this
+            # run's order: chatd at REV (each chatd with its own embedded
+            # broker), this tree's chatd, the reference or the floor.
             self.targets = []
-            for i, env in enumerate(self.pair_envs()):
-                server = support.Chatd(b.workdir, b.workdir, b.secret, name=f"chatd{i}", **CHATD_OVERRIDES)
+            for i, (kind, env) in enumerate(self.pair_order()):
+                if kind in ("reference", "floor"):
+                    server = Reference(b.workdir, b.workdir, REFERENCE if kind == "reference" else FLOOR)
+                    server.start()
+                    self.names[server.proc.pid] = "reference"
+                else:
+                    server = support.Chatd(b.workdir, b.workdir, b.secret, name=f"chatd{i}", **CHATD_OVERRIDES)
+                    server.start(env=env)
+                    self.names[server.proc.pid] = f"chatd{i}"
                 self.servers.append(server)
-                server.start(env=env)
-                self.targets.append(dict(host="127.0.0.1", port=server.port, ticket=True))
+                self.targets.append(dict(host="127.0.0.1", port=server.port, ticket=kind not in ("reference", "floor")))
         elif self.kind in ("reference", "floor"):
             server = Reference(b.workdir, b.workdir, REFERENCE if self.kind == "reference" else FLOOR)
             self.servers.append(server)
@@ -208,10 +215,16 @@ class Setup:
         # The process to profile: the (first) chatd, or the reference.
         self.main_pid = next(s.proc.pid for s in self.servers if not isinstance(s, support.Redis))
 
-    def pair_envs(self):
-        """The environments of a --paired run's two chatd, REV's first unless the kind ends in "~"."""
-        envs = [{"PYTHONPATH": self.bench.snapshot}, None]
-        return envs[::-1] if self.kind.endswith("~") else envs
+    def pair_order(self):
+        """
+        A --paired run's two servers as C{(kind, environment)}, the
+        scenario's first variant (chatd at REV, the reference or the floor)
+        first unless the kind ends in "~".
+        """
+        first = self.bench.pair_kinds[0]
+        env = {"PYTHONPATH": self.bench.snapshot} if first.startswith("chatd@") else None
+        pair = [(first, env), ("chatd", None)]
+        return pair[::-1] if self.kind.endswith("~") else pair
 
     def __exit__(self, *exc):
         for server in reversed(self.servers):
@@ -308,6 +321,8 @@ class Bench:
             self.scenarios = {n: against(s, args.against) for n, s in SCENARIOS.items()}
         if args.yardstick == "floor":
             self.scenarios[2] = on_floor(self.scenarios[2])
+        # --paired: the kinds of scenario 2's two variants, the yardstick first.
+        self.pair_kinds = [kind for kind, *_ in self.scenarios[2].variants]
 
     def run_generator(self, setup, scenario, spec_fields, profile_to=None, protocol=None, run=0):
         a = self.args
@@ -441,11 +456,12 @@ class Bench:
 
     def paired(self, number):
         """
-        Scenario 2 with chatd at REV and this tree's chatd in the same run,
-        side by side on the server core, the generator's connections
-        alternating between them: a drift of the machine's speed between
-        runs, which moved scenario 2 by up to 30 % from run to run, falls on
-        both alike.  Each run gives one record per server and their ratio.
+        Scenario 2 with its two servers in the same run (chatd at REV, the
+        reference or the floor, and this tree's chatd), side by side on the
+        server core, the generator's connections alternating between them:
+        a drift of the machine's speed between runs, which moved scenario 2
+        by up to 30 % from run to run, falls on both alike.  Each run gives
+        one record per server and their ratio.
         """
         scenario = self.scenarios[number]
         labels = [variant_label(*variant) for variant in scenario.variants]
@@ -598,7 +614,8 @@ def parse_args(argv=None):
                         help="2: what chatd is measured against: the reference server, or bench/floor.py "
                              "(TLS and a canned 101 per connection, the least any server here does)")
     parser.add_argument("--paired", action="store_true",
-                        help="2 with --against: both chatd in each run, side by side, connections alternating")
+                        help="2 alone: its two servers (the reference, the floor, or chatd at --against's REV, "
+                             "and this tree's chatd) in each run, side by side, connections alternating")
     parser.add_argument("--profile", metavar="FILE", help="also run one scenario on chatd under py-spy into FILE")
     parser.add_argument("--profile-scenario", type=int, default=1, choices=sorted(SCENARIOS),
                         help="the scenario --profile runs, on its second variant (5: STOMP clients)")
@@ -618,8 +635,8 @@ def parse_args(argv=None):
     for number in args.scenarios:
         if number not in SCENARIOS:
             parser.error(f"no scenario {number}: there are {sorted(SCENARIOS)}")
-    if args.paired and (not args.against or set(args.scenarios) != {2}):
-        parser.error("--paired is for scenario 2 alone, with --against")
+    if args.paired and set(args.scenarios) != {2}:
+        parser.error("--paired is for scenario 2 alone")
     if args.yardstick == "floor" and (args.against or set(args.scenarios) != {2}):
         parser.error("--yardstick floor is for scenario 2 alone, without --against")
     if os.cpu_count() < 2:

@@ -10,9 +10,9 @@ reports one JSON line per run, and loses nothing.
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
-import types
 
 import pytest
 
@@ -227,21 +227,57 @@ def test_floor_yardstick_is_for_scenario_2_alone():
         assert done.returncode == 2 and "--yardstick floor is for scenario 2 alone" in done.stderr
 
 
-def test_paired_is_for_scenario_2_with_against():
-    """--paired without --against, or with another scenario, is a usage error naming the option."""
-    for argv in (["2", "--paired"], ["1", "2", "--paired", "--against", "HEAD"]):
+def test_paired_is_for_scenario_2_alone():
+    """--paired with another scenario is a usage error naming the option."""
+    for argv in (["1", "2", "--paired", "--against", "HEAD"], ["3", "--paired"]):
         done = subprocess.run([sys.executable, RUN, *argv], capture_output=True, text=True, timeout=60, cwd=ROOT)
-        assert done.returncode == 2 and "--paired is for scenario 2 alone, with --against" in done.stderr
+        assert done.returncode == 2 and "--paired is for scenario 2 alone" in done.stderr
 
 
-def test_paired_setup_starts_rev_and_this_tree_in_the_runs_order(tmp_path):
-    """A paired run's two chatd: REV's snapshot first, or this tree's first when the order flips."""
+@pytest.mark.parametrize("argv, first", [
+    (["--against", "HEAD"], ("chatd@HEAD", "snapshot")),
+    ([], ("reference", None)),
+    (["--yardstick", "floor"], ("floor", None)),
+])
+def test_paired_setup_starts_the_yardstick_and_this_tree_in_the_runs_order(tmp_path, monkeypatch, argv, first):
+    """
+    A paired run's two servers: the yardstick (chatd at REV from its
+    snapshot, the reference or the floor) first, or this tree's chatd first
+    when the order flips.
+    """
     run = _load("run")
-    bench = types.SimpleNamespace(snapshot=str(tmp_path))
-    first = run.Setup(bench, "pair").pair_envs()
-    flipped = run.Setup(bench, "pair~").pair_envs()
-    assert first == [{"PYTHONPATH": str(tmp_path)}, None]
-    assert flipped == [None, {"PYTHONPATH": str(tmp_path)}]
+    monkeypatch.setattr(run, "snapshot", lambda rev, into: str(tmp_path))
+    bench = run.Bench(run.parse_args(["2", "--paired", *argv]))
+    try:
+        kind, env = first
+        env = {"PYTHONPATH": str(tmp_path)} if env else None
+        assert run.Setup(bench, "pair").pair_order() == [(kind, env), ("chatd", None)]
+        assert run.Setup(bench, "pair~").pair_order() == [("chatd", None), (kind, env)]
+    finally:
+        shutil.rmtree(bench.workdir, ignore_errors=True)
+
+
+def test_tiny_paired_run_of_scenario_2_against_the_reference():
+    """
+    Scenario 2 --paired without --against: the reference and chatd in the
+    same run, connections alternating (chatd's with tickets, over real
+    TLS): a record for each, each with its half of the connections, and
+    their ratio.
+    """
+    pytest.importorskip("picows", reason="the bench extra: pip install -e '.[bench]'")
+    pytest.importorskip("uvloop", reason="the bench extra: pip install -e '.[bench]'")
+    done = subprocess.run(
+        [sys.executable, RUN, "2", "--paired", "--runs", "2", "--connections", "30",
+         "--quiet-wait", "0", "--timeout", "20"],
+        capture_output=True, text=True, timeout=100, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    runs = [line for line in lines if line.get("paired")]
+    assert sorted(r["server"] for r in runs) == ["chatd", "chatd", "reference", "reference"]
+    assert all(r["connected"] == 30 and r["cpu_ms_per_connection"] > 0 for r in runs), runs
+    ratios = [line["paired_ratio"] for line in lines if "paired_ratio" in line]
+    assert len(ratios) == 2 and all(ratio > 0 for ratio in ratios)
 
 
 def test_inprocess_cost_of_a_connection_runs_on_this_tree():
