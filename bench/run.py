@@ -169,28 +169,15 @@ class Setup:
 
     def _start(self):
         b = self.bench
+        self.targets = []
         if self.kind.startswith("pair"):
             # --paired: the scenario's two variants side by side, in this
             # run's order: chatd at REV (each chatd with its own embedded
             # broker), this tree's chatd, the reference or the floor.
-            self.targets = []
             for i, (kind, env) in enumerate(self.pair_order()):
-                if kind in ("reference", "floor"):
-                    server = Reference(b.workdir, b.workdir, REFERENCE if kind == "reference" else FLOOR)
-                    server.start()
-                    self.names[server.proc.pid] = "reference"
-                else:
-                    server = support.Chatd(b.workdir, b.workdir, b.secret, name=f"chatd{i}", **CHATD_OVERRIDES)
-                    server.start(env=env)
-                    self.names[server.proc.pid] = f"chatd{i}"
-                self.servers.append(server)
-                self.targets.append(dict(host="127.0.0.1", port=server.port, ticket=kind not in ("reference", "floor")))
+                self._add(kind, i, env, CHATD_OVERRIDES)
         elif self.kind in ("reference", "floor"):
-            server = Reference(b.workdir, b.workdir, REFERENCE if self.kind == "reference" else FLOOR)
-            self.servers.append(server)
-            server.start()
-            self.names[server.proc.pid] = "reference"
-            self.targets = [dict(host="127.0.0.1", port=server.port, ticket=False)]
+            self._add(self.kind)
         else:
             overrides = dict(CHATD_OVERRIDES)
             if self.instances > 1:
@@ -201,19 +188,32 @@ class Setup:
                 self.watched.append(redis.proc.pid)
                 self.names[redis.proc.pid] = "redis"
                 overrides["redis__url"] = redis.url
-            self.targets = []
             for i in range(self.instances):
-                server = support.Chatd(b.workdir, b.workdir, b.secret, name=f"chatd{i}", **overrides)
-                self.servers.append(server)
-                server.start(env=self.env)
-                self.names[server.proc.pid] = f"chatd{i}"
-                self.targets.append(dict(host="127.0.0.1", port=server.port, ticket=True))
+                self._add(self.kind, i, self.env, overrides)
         for server in self.servers:
             if server.proc.pid not in self.watched:
                 pin(server.proc.pid, b.args.server_cpu)
                 self.watched.append(server.proc.pid)
         # The process to profile: the (first) chatd, or the reference.
         self.main_pid = next(s.proc.pid for s in self.servers if not isinstance(s, support.Redis))
+
+    def _add(self, kind, index=0, env=None, overrides=None):
+        """
+        Start one server of C{kind} ("reference", "floor", or a chatd) and
+        make it a target: chatd's connections fetch a ticket first.
+        """
+        b = self.bench
+        if kind in ("reference", "floor"):
+            server = Reference(b.workdir, b.workdir, REFERENCE if kind == "reference" else FLOOR)
+            self.servers.append(server)
+            server.start()
+            self.names[server.proc.pid] = "reference"
+        else:
+            server = support.Chatd(b.workdir, b.workdir, b.secret, name=f"chatd{index}", **overrides)
+            self.servers.append(server)
+            server.start(env=env)
+            self.names[server.proc.pid] = f"chatd{index}"
+        self.targets.append(dict(host="127.0.0.1", port=server.port, ticket=kind not in ("reference", "floor")))
 
     def pair_order(self):
         """
