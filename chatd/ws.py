@@ -259,10 +259,6 @@ _UPGRADED = "Upgrade: WebSocket\r\nConnection: Upgrade\r\n"
 _TEXT_HEADS = tuple(bytes((0x81, length)) for length in range(126))
 
 
-def _same(value):
-    return value
-
-
 def _query_params(query):
     """
     C{urllib.parse.parse_qs(query)}, as Autobahn parses a request's query:
@@ -393,15 +389,7 @@ class _GuardedMixin:
         self.websocket_version, self.websocket_origin, self.websocket_protocols = 13, origin, protocols
         self.websocket_extensions, self._wskey = extensions, key
         request = ConnectionRequest(self.peer, headers, host, path, params, 13, origin, protocols, extensions)
-        # defer.maybeDeferred(self.onConnect, request), without wrapping the
-        # Deferred onConnect returns for a ticket (the common case).
-        try:
-            decided = self.onConnect(request)
-        except BaseException:
-            decided = defer.fail(Failure(captureVars=defer.Deferred.debug))
-        else:
-            if type(decided) is not defer.Deferred:
-                decided = defer.maybeDeferred(_same, decided)
+        decided = defer.maybeDeferred(self.onConnect, request)
         decided.addCallbacks(self._common_accepted, self._common_refused)
 
     def _common_request(self, text):
@@ -870,23 +858,9 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         except Exception:
             return self._refuse(Failure(), request)  # raises ConnectionDeny
         self._deciding_on(redeeming)
-        # addCallback(_redeemed) then addErrback(_refuse), in one step.
-        redeeming.addBoth(self._decided, stomp, request)
+        redeeming.addCallback(self._redeemed, stomp, request)
+        redeeming.addErrback(self._refuse, request)
         return redeeming
-
-    def _decided(self, result, stomp, request):
-        """
-        The redemption's outcome: the subprotocol (L{_redeemed}), or the
-        refusal of a failed redemption or of its grant (L{_refuse}).
-
-        @raise ConnectionDeny: the refusal.
-        """
-        if isinstance(result, Failure):
-            return self._refuse(result, request)
-        try:
-            return self._redeemed(result, stomp, request)
-        except BaseException:
-            return self._refuse(Failure(captureVars=defer.Deferred.debug), request)
 
     def _check_request(self, request):
         """
