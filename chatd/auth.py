@@ -9,7 +9,11 @@ never from the token header, C{iss}/C{aud} are checked only when configured
 (PyJWT would otherwise refuse any token carrying C{aud}).
 """
 
+import binascii
 import dataclasses
+import functools
+import hashlib
+import inspect
 import re
 import unicodedata
 from typing import FrozenSet, Optional
@@ -86,8 +90,11 @@ def _keyed(algorithm):
     on every token (for an HS* secret, a check that it is no PEM, SSH or DER
     key, DER by two failed parses, in about a third of a token's time;
     docs/performance.md), and the verifier's key is one object, checked
-    when it is loaded (L{chatd.config.read_jwt_key}).  Everything else,
-    every check of the token itself, is PyJWT's own.
+    when it is loaded (L{chatd.config.read_jwt_key}).  Its C{check_key_length}
+    (PyJWT asks it on every token too; for an HS* secret, two hash objects
+    made to learn a digest size) likewise remembers its verdict for the key
+    it last checked: the prepared key, the same object token after token.
+    Everything else, every check of the token itself, is PyJWT's own.
     """
     base = type(algorithm)
     keyed = _KEYED.get(base)
@@ -101,18 +108,109 @@ def _keyed(algorithm):
             self._chatd_prepared = (key, prepared)  # the key object is kept: its id cannot be reused
             return prepared
 
-        keyed = _KEYED[base] = type(base.__name__, (base,), {"prepare_key": prepare_key})
+        def check_key_length(self, key):
+            last = self.__dict__.get("_chatd_length")
+            if last is not None and last[0] is key:
+                return last[1]
+            verdict = base.check_key_length(self, key)
+            self._chatd_length = (key, verdict)
+            return verdict
+
+        methods = {"prepare_key": prepare_key}
+        if hasattr(base, "check_key_length"):  # the PyJWTs that have it ask it on every token
+            methods["check_key_length"] = check_key_length
+        keyed = _KEYED[base] = type(base.__name__, (base,), methods)
     copy = object.__new__(keyed)
     copy.__dict__.update(algorithm.__dict__)
     return copy
+
+
+# A base64url segment as PyJWT 2.15's PyJWS._decode_base64url_segment accepts
+# it: the URL-safe alphabet, no length of 4n+1, '=' only to pad a last
+# quantum to 4 characters, and canonical: the bits a last quantum of 2 (3)
+# characters leaves over are zero, as re-encoding what it decoded to checks.
+_SEGMENT = re.compile(
+    rb"(?:[A-Za-z0-9_-]{4})*+"
+    rb"(?:[A-Za-z0-9_-][AQgw](?:==)?|[A-Za-z0-9_-]{2}[AEIMQUYcgkosw048]=?)?"
+)
+_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+
+# What the function _segment_decoder replaces is, in PyJWT's own source: the
+# SHA-256 of the sources of PyJWS._decode_base64url_segment,
+# jwt.utils.base64url_decode and base64url_encode and the repr of
+# jwt.api_jws._BASE64URL_ALPHABET, as _pyjwt_segment_source() joins them
+# (PyJWT 2.15.1).  Another PyJWT keeps its own.
+_PYJWT_SEGMENT_SHA256 = "64ba3980bcb978d086a9603f5765554b4df6e2a11dff78ebe7a9281a120e18f7"
+
+
+def _pyjwt_segment_source():
+    """
+    The text of what PyJWT decodes a token's segment with (see
+    L{_PYJWT_SEGMENT_SHA256}), or L{None} if PyJWT no longer has it.
+    """
+    try:
+        return "\n".join([
+            inspect.getsource(jwt.api_jws.PyJWS._decode_base64url_segment),
+            inspect.getsource(jwt.utils.base64url_decode),
+            inspect.getsource(jwt.utils.base64url_encode),
+            repr(jwt.api_jws._BASE64URL_ALPHABET),
+        ])
+    except (AttributeError, OSError, TypeError):
+        return None
+
+
+def _segment_decoder():
+    """
+    PyJWT's C{_decode_base64url_segment} as one pass of a regular
+    expression in C and one C{binascii} call for the segments it accepts,
+    or L{None} when the installed PyJWT's is not the one this was shown
+    equal to (L{_PYJWT_SEGMENT_SHA256}).  PyJWT's own walks each character
+    of the segment in a generator and encodes what it decoded again to
+    compare (about 12 of a token's 30 µs).
+
+    Same bytes out, for the same segments: a segment L{_SEGMENT} matches is
+    one PyJWT accepts, padded as PyJWT pads it (to a multiple of 4 with
+    '='; a padded one already is) and decoded by the same
+    C{binascii.a2b_base64} after the same translation of '-_' to '+/' that
+    C{base64.urlsafe_b64decode} makes.  Any other segment goes to PyJWT's
+    function, which refuses it (DecodeError) in its own words.
+    tests/test_auth.py drives both over arbitrary and near-valid segments.
+    """
+    source = _pyjwt_segment_source()
+    if source is None or hashlib.sha256(source.encode()).hexdigest() != _PYJWT_SEGMENT_SHA256:
+        return None
+    pyjwt_decode = jwt.api_jws.PyJWS._decode_base64url_segment
+    match, translation, a2b = _SEGMENT.fullmatch, _FROM_URLSAFE, binascii.a2b_base64
+
+    def decode_base64url_segment(segment, name):
+        if isinstance(segment, bytes) and match(segment) is not None:
+            return a2b((segment + b"=="[: -len(segment) % 4]).translate(translation))
+        return pyjwt_decode(segment, name)
+
+    return decode_base64url_segment
+
+
+@functools.cache
+def _segment_jws():
+    """
+    A subclass of PyJWS whose C{_decode_base64url_segment} is
+    L{_segment_decoder}'s (it adds no state), or L{None} if PyJWT's is not
+    the one it was shown equal to.  Made once: PyJWT's source is read once.
+    """
+    decode = _segment_decoder()
+    if decode is None:
+        return None
+    return type("PyJWS", (jwt.PyJWS,), {"_decode_base64url_segment": staticmethod(decode)})
 
 
 def _decoder(algorithms, options):
     """
     A PyJWT instance of its own, with C{options} as its own (merged with
     PyJWT's defaults once, not on every token), whose C{algorithms} prepare
-    each key once (L{_keyed}); PyJWT's module-level decoder if its layout
-    (a private C{_jws}) ever changes.
+    each key once (L{_keyed}) and whose PyJWS decodes base64url segments
+    with L{_segment_decoder} (when that is PyJWT's own function's equal);
+    PyJWT's module-level decoder if its layout (a private C{_jws}) ever
+    changes.
 
     @return: C{(decoder, options)}: what to call C{decode} on and the
         options to pass it (L{None}: the instance's own).
@@ -120,6 +218,9 @@ def _decoder(algorithms, options):
     decoder = jwt.PyJWT(options)
     try:
         jws = decoder._jws
+        segment_jws = _segment_jws()
+        if segment_jws is not None and type(jws) is jwt.PyJWS:
+            jws.__class__ = segment_jws
         for name in algorithms:
             keyed = _keyed(jws.get_algorithm_by_name(name))
             jws.unregister_algorithm(name)

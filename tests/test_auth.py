@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from chatd import config
 from chatd.auth import (
-    NAME_WITH_FORMAT_CHARACTERS, InvalidToken, Principal, TokenVerifier, has_format_characters, principal_from_claims,
+    _SEGMENT, NAME_WITH_FORMAT_CHARACTERS, InvalidToken, Principal, TokenVerifier, _segment_decoder, _segment_jws,
+    has_format_characters, principal_from_claims,
 )
 
 SECRET = b"k" * 64  # long enough for HS512 without a warning
@@ -392,6 +393,193 @@ def test_keyed_decoder_answers_as_pyjwt(rsa_key, rsa_public_pem, algorithm):
 
     for token_ in tokens * 2:  # the second time with the key prepared
         assert answer(v._jwt.decode, token_) == answer(jwt.decode, token_), token_
+
+
+def test_key_length_checked_once_per_key(monkeypatch):
+    """
+    PyJWT's key length check runs once for the verifier's key (per
+    algorithm), not once per token, and again once for a key set by
+    use_key; a key it finds short is still warned about on every token.
+    """
+    tokens = [token(algorithm=algorithm) for algorithm in ("HS256", "HS512", "HS256", "HS512")]
+    short = b"s" * 16
+    with pytest.warns(jwt.warnings.InsecureKeyLengthWarning):
+        weak = token(key=short)
+    checked = []
+    real = jwt.algorithms.HMACAlgorithm.check_key_length
+
+    def counting(self, key):
+        checked.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(jwt.algorithms.HMACAlgorithm, "check_key_length", counting)
+    v = verifier(algorithms=["HS256", "HS512"])
+    for token_ in tokens:
+        assert v.verify(token_).sub == "alice"
+    assert checked == [SECRET, SECRET]  # once for each algorithm's object
+    v.use_key(short)
+    for _ in range(2):
+        with pytest.warns(jwt.warnings.InsecureKeyLengthWarning, match="16 bytes long"):
+            assert v.verify(weak).sub == "alice"
+    assert checked == [SECRET, SECRET, short]
+
+
+# --- base64url segments: PyJWT's function and chatd's -------------------------------------------
+
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_pyjwt_segment = jwt.api_jws.PyJWS._decode_base64url_segment
+_chatd_segment = _segment_decoder()  # None with a PyJWT whose function differs: see the test of that below
+
+
+def _outcome(decode, segment):
+    """What decode makes of segment: its bytes, or the type and words of its exception."""
+    try:
+        return decode(segment, "payload")
+    except Exception as e:  # any exception, its type and words, is part of the answer compared
+        return type(e), str(e)
+
+
+def _assert_decoded_as_by_pyjwt(segment):
+    """chatd's segment decoder answers as PyJWT's, and takes its own path exactly for what PyJWT accepts."""
+    expected = _outcome(_pyjwt_segment, segment)
+    assert _outcome(_chatd_segment, segment) == expected, segment
+    assert (_SEGMENT.fullmatch(segment) is not None) == isinstance(expected, bytes), segment
+
+
+def _near_valid_segments():
+    """Base64url text as issuers write it and as they get it wrong: padding, stray and non-canonical characters."""
+    letters = st.sampled_from(list(_ALPHABET))
+    any_byte = st.integers(0, 255)
+    return st.builds(
+        lambda body, last, padding, junk: _insert(bytes(body) + bytes(last) + padding, junk),
+        body=st.lists(letters, max_size=14),
+        last=st.lists(letters | any_byte | st.sampled_from(list(b"=.+/ \n")), max_size=1),
+        padding=st.sampled_from([b"", b"=", b"==", b"===", b"===="]),
+        junk=st.none() | st.tuples(
+            st.integers(0, 20), st.sampled_from([b"=", b"+", b"/", b"!", b"\n", b" ", b"\x80", b"."])
+        ),
+    )
+
+
+def _insert(segment, junk):
+    """segment with junk's bytes inserted at junk's offset (or at its end), if any."""
+    if junk is None:
+        return segment
+    at, what = junk
+    at = min(at, len(segment))
+    return segment[:at] + what + segment[at:]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(segment=st.binary(max_size=24) | _near_valid_segments())
+def test_segment_decoded_as_by_pyjwt(segment):
+    """
+    Over arbitrary bytes and near-valid base64url (trailing '=' of any
+    count, lengths of every remainder, non-canonical last characters,
+    characters outside the alphabet anywhere), chatd's segment decoder
+    returns the bytes PyJWT's _decode_base64url_segment returns, or raises
+    what it raises (type and message), and its own path is taken for
+    exactly the segments PyJWT accepts.
+    """
+    _assert_decoded_as_by_pyjwt(segment)
+
+
+def test_every_last_quantum_decoded_as_by_pyjwt():
+    """
+    Every last quantum (one to four characters, the last of them any
+    byte, then zero to three '='), after no or one full quantum, gets
+    PyJWT's answer: the canonical-form and padding rules live there.
+    """
+    for prefix in (b"", b"QUJD"):
+        for quantum in (b"", b"A", b"Az", b"Az-"):
+            for last in range(256):
+                for padding in (b"", b"=", b"==", b"==="):
+                    _assert_decoded_as_by_pyjwt(prefix + quantum + bytes([last]) + padding)
+    for segment in (b"", b"=", b"==", b"====", b"QUJD====", "QUJD".encode("utf-16-le")):
+        _assert_decoded_as_by_pyjwt(segment)
+
+
+def test_segments_of_real_tokens_decoded_as_by_pyjwt(rsa_key):
+    """The three segments of real HS256, HS512 and RS256 tokens decode to what PyJWT decodes them to."""
+    for key, algorithm in ((SECRET, "HS256"), (SECRET, "HS512"), (rsa_key, "RS256")):
+        for claims in ({}, {"name": "Alice Ünal", "rooms": ["lobby", "ops"]}, {"pad": "x" * 100}):
+            for segment in token(key=key, algorithm=algorithm, **claims).encode().split(b"."):
+                assert _chatd_segment(segment, "x") == _pyjwt_segment(segment, "x")
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    which=st.integers(0, 2),
+    change=st.sampled_from(["=", "==", "===", "!", ".", "A", "B", "Q", "_", " "]),
+    at=st.integers(0, 400),
+    replace=st.booleans(),
+)
+def test_verifier_decodes_altered_tokens_as_pyjwt(which, change, at, replace):
+    """
+    A good token with one segment altered (a character replaced or added,
+    '=' appended, a dot added) gets the same answer from the verifier's
+    decoder as from PyJWT's own jwt.decode: the payload, or the error's
+    type and words.
+    """
+    segments = token(name="Alice", rooms=["lobby"]).split(".")
+    segment = segments[which]
+    at = min(at, len(segment))
+    segments[which] = segment[:at] + change + segment[at + 1 if replace else at:]
+    token_ = ".".join(segments)
+    v = verifier()
+    options = {"require": ["exp", "sub"], "verify_aud": False}
+
+    def answer(decode):
+        try:
+            return decode(token_, SECRET, algorithms=["HS256"], options=options)
+        except jwt.PyJWTError as e:
+            return type(e), str(e)
+
+    assert answer(v._jwt.decode) == answer(jwt.decode)
+
+
+def test_verifier_decodes_segments_with_chatds_decoder():
+    """
+    With the PyJWT installed (whose segment function is the one chatd's was
+    shown equal to: _PYJWT_SEGMENT_SHA256) the verifier's PyJWS decodes
+    segments with chatd's function.  A PyJWT upgrade that changes its
+    function fails here: compare the two again (the tests above) and renew
+    the digest.
+    """
+    assert _segment_jws() is not None, "PyJWT's _decode_base64url_segment changed: see _PYJWT_SEGMENT_SHA256"
+    jws = verifier()._jwt._jws
+    assert isinstance(jws, jwt.PyJWS)
+    assert type(jws)._decode_base64url_segment.__code__ is _chatd_segment.__code__
+
+
+@pytest.fixture
+def fresh_segment_jws():
+    """_segment_jws made again in the test (it is made once per process), and again after it."""
+    _segment_jws.cache_clear()
+    yield
+    _segment_jws.cache_clear()
+
+
+def test_changed_pyjwt_segment_function_kept(monkeypatch, fresh_segment_jws):
+    """
+    If PyJWT's _decode_base64url_segment is not the one chatd's was shown
+    equal to (here: one that refuses any '=' padding), the verifier's PyJWS
+    keeps PyJWT's, and decodes as it does.
+    """
+
+    def strict(segment, name):
+        if segment.endswith(b"="):
+            raise jwt.DecodeError(f"Invalid {name} padding")
+        return _pyjwt_segment(segment, name)
+
+    monkeypatch.setattr(jwt.api_jws.PyJWS, "_decode_base64url_segment", staticmethod(strict))
+    assert _segment_decoder() is None
+    v = verifier()
+    assert type(v._jwt._jws) is jwt.PyJWS
+    good = token()  # its HS256 signature: 43 characters, which PyJWT's own takes with one '='
+    assert _pyjwt_segment(good.encode().rsplit(b".", 1)[1] + b"=", "crypto")
+    assert refusal(good + "=") == "malformed token"
+    assert v.verify(good).sub == "alice"
 
 
 def test_no_ascii_character_is_a_format_character():
