@@ -15,15 +15,17 @@ format in one pass.
 """
 
 import re
+from _string import formatter_field_name_split, formatter_parser
 from math import floor
 
-from twisted.logger import FileLogObserver, ILogObserver, formatEvent, formatTime, timeFormatRFC3339
+from twisted.logger import ILogObserver, LogLevel, formatEvent, formatTime, timeFormatRFC3339
 
 # Twisted's mapping behind formatEvent ("{f()}" calls f), not exported;
 # EscapedClassicFormat formats with it as Twisted does, only in C
 # (str.format_map, not string.Formatter).  tests/test_logs.py holds the
 # result to Twisted's own, so a change in Twisted shows there.
-from twisted.logger._format import CallMapping
+from twisted.logger._format import CallMapping, PotentialCallWrapper
+from twisted.python.compat import ioType
 from zope.interface import implementer
 
 _JWT = re.compile(r"eyJ[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*")
@@ -130,9 +132,16 @@ class EscapingObserver:
         self._observer(escape_event(event))
 
 
+# A log level's type (constantly's NamedConstant).
+_Constant = type(LogLevel.info)
+
+
 # A fraction of a second below this cannot round (to the microsecond, as
 # datetime.fromtimestamp does) up into the next second.
 _CACHEABLE_FRACTION = 0.999999
+# How many "namespace#level" system texts a format keeps (a class's logger
+# each, at a level or two).
+_SYSTEMS_KEPT = 256
 
 
 class EscapedClassicFormat:
@@ -149,12 +158,15 @@ class EscapedClassicFormat:
     before), and the stamp once per second: the last second's stamp is
     kept, keyed on the second, so a change of local time's offset, which
     happens on a whole second, starts a new stamp.  (A C{time.tzset()} in
-    the process is seen from the next second on.)
+    the process is seen from the next second on.)  The system text
+    C{"namespace#level"} is kept per namespace and level, and text that
+    C{str.isprintable} passes has nothing to escape.
     """
 
     def __init__(self):
         self._second = None
         self._stamp = None
+        self._systems = {}  # (namespace, level) -> "namespace#level"
 
     def __call__(self, event):
         """
@@ -162,7 +174,9 @@ class EscapedClassicFormat:
         @return: its line(s), each ending in LF (a traceback's lines
             indented with a tab), or L{None} when the event has no text.
         """
-        text = escape_log_text(_event_text(event))
+        text = _event_text(event)
+        if not text.isprintable():  # all _LOG_UNSAFE is not, and most text is
+            text = _LOG_UNSAFE.sub(_escape_char, text)
         system = event.get("log_system")
         if system is not None:
             system = escape_log_text(str(system))
@@ -176,10 +190,15 @@ class EscapedClassicFormat:
             return None
         stamp = self._time_stamp(event.get("log_time"))
         if system is None:
+            namespace = event.get("log_namespace", "-")
             level = event.get("log_level")
-            system = "{namespace}#{level}".format(
-                namespace=event.get("log_namespace", "-"), level="-" if level is None else level.name
-            )
+            # A str and a constant (or None) always read the same: keep their text.
+            kept = namespace.__class__ is str and (level is None or level.__class__ is _Constant)
+            system = self._systems.get((namespace, level)) if kept else None
+            if system is None:
+                system = "{namespace}#{level}".format(namespace=namespace, level="-" if level is None else level.name)
+                if kept and len(self._systems) < _SYSTEMS_KEPT:
+                    self._systems[(namespace, level)] = system
         return f"{stamp} [{system}] {text}".replace("\n", "\n\t") + "\n"
 
     def _time_stamp(self, when):
@@ -201,25 +220,69 @@ class EscapedClassicFormat:
 
 def _event_text(event):
     """
-    C{formatEvent(event)}: a plain C{str} format with C{str.format_map}
-    (about 3 against 8 µs for four fields), the rest, and whatever that
-    cannot format, by Twisted.
+    C{formatEvent(event)}: a plain C{str} format with C{str.format_map} over
+    the event itself when L{_plain_format} says its fields read the same
+    there (about 0.6 against 3 µs for three fields), else over Twisted's
+    C{CallMapping} (against 8 µs); whatever that cannot format, by Twisted.
     """
     log_format = event.get("log_format")
     if log_format.__class__ is str and "log_flattened" not in event:
+        plain = _plain_formats.get(log_format)
+        if plain is None:
+            plain = _plain_format(log_format)
+            if len(log_format) <= _PLAIN_FORMAT_KEPT_LENGTH and len(_plain_formats) < _PLAIN_FORMATS_KEPT:
+                _plain_formats[log_format] = plain
         try:
-            return log_format.format_map(CallMapping(event))
+            return log_format.format_map(event if plain else CallMapping(event))
         except BaseException:  # as Twisted's formatter: the event is still logged
             pass
     return formatEvent(event)
 
 
+# What _plain_format said of the formats seen: format strings are constants,
+# a few dozen in all; the bounds are for a library that makes them up.
+_plain_formats = {}
+_PLAIN_FORMATS_KEPT = 512
+_PLAIN_FORMAT_KEPT_LENGTH = 400
+# Attributes that PotentialCallWrapper, not the field's value, answers.
+_WRAPPER_ATTRIBUTES = frozenset(dir(PotentialCallWrapper))
+
+
+def _plain_format(log_format):
+    """
+    Whether C{log_format.format_map(event)} formats as C{format_map} over
+    C{CallMapping(event)} does: so when no field (nor one nested in a format
+    spec) is called (C{"{f()}"}, C{"{x.f()}"}), is positional, or names an
+    attribute that C{CallMapping}'s wrapper would answer itself
+    (C{"{x.__class__}"}, C{"{x._wrapped}"}).  A field's value, its items,
+    its other attributes, conversions and format specs read the same
+    through the wrapper.  A format that does not parse is not plain (the
+    wrapper then raises as before, and Twisted formats the event).
+    """
+    try:
+        for _, field, spec, _ in formatter_parser(log_format):
+            if field is None:
+                continue
+            first, rest = formatter_field_name_split(field)
+            if first.__class__ is not str or not first or first.endswith("()"):
+                return False
+            for is_attribute, name in rest:
+                if is_attribute and (name.startswith("_") or name.endswith("()") or name in _WRAPPER_ATTRIBUTES):
+                    return False
+            if "{" in spec and not _plain_format(spec):
+                return False
+    except ValueError:
+        return False
+    return True
+
+
 class EscapingFileObserver(EscapingObserver):
     """
-    The L{EscapingObserver} of a text log (stdout, C{--logfile}): Twisted's
-    L{FileLogObserver} (encoding, a flush per event) writing what
-    L{EscapedClassicFormat} makes of each event, which escapes as
-    L{escape_event} does.
+    The L{EscapingObserver} of a text log (stdout, C{--logfile}): what
+    Twisted's L{FileLogObserver} over L{EscapedClassicFormat} did (which
+    escapes as L{escape_event} does), in one call per event: the line
+    encoded as UTF-8 for a binary file, written and flushed, so that it
+    leaves as it is logged.
     """
 
     def __init__(self, out):
@@ -227,7 +290,13 @@ class EscapingFileObserver(EscapingObserver):
         @param out: the file-like object written to (text, or bytes as
             UTF-8), like C{textFileLogObserver}'s.
         """
-        super().__init__(FileLogObserver(out, EscapedClassicFormat()))
+        self._format = EscapedClassicFormat()
+        self._out = out
+        self._encoding = None if ioType(out) is str else "utf-8"
 
     def __call__(self, event):
-        self._observer(event)
+        text = self._format(event)
+        if text:
+            out = self._out
+            out.write(text if self._encoding is None else text.encode(self._encoding))
+            out.flush()

@@ -12,15 +12,18 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.logger import (
     LogLevel,
+    formatEvent,
     formatEventAsClassicLogText,
     formatTime,
     textFileLogObserver,
     timeFormatRFC3339,
 )
 from twisted.logger._flatten import flattenEvent
+from twisted.logger._format import CallMapping
 from twisted.python.failure import Failure
 from twisted.python.reflect import safe_repr
 
+from chatd import logs
 from chatd.logs import (
     EscapedClassicFormat,
     EscapingFileObserver,
@@ -246,6 +249,20 @@ class _Unrepresentable(_Unformattable):
         printer.text("_Unrepresentable()")
 
 
+class _Level:
+    """A log_level that is not one of LogLevel's constants, with a name of client text."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"Level({self.name!r})"
+
+
+# A few namespaces that come round again in a run, as a class's logger's do.
+NAMESPACES = ["chatd.ws.ChatServerProtocol", "chatd.hub", "-", "", "a\x1bb"]
+
+
 class _NoTraceback:
     """A log_failure whose traceback cannot be had."""
 
@@ -270,7 +287,7 @@ values = st.one_of(
 fields = st.builds(
     "{}{}{}{}".format,
     st.sampled_from(["a", "b", "c", "missing", "log_level", "log_namespace", "0", ""]),
-    st.sampled_from(["", "()", ".text", "[0]", "[k]", ".text()", ".__class__"]),
+    st.sampled_from(["", "()", ".text", "[0]", "[k]", ".text()", ".__class__", "._wrapped"]),
     st.sampled_from(["", "!r", "!s", "!a"]),
     st.sampled_from(["", ":>8", ":x", ":.3", ":{w}"]),  # w: a width from WIDTHS, not gigabytes
 ).map(lambda field: "{" + field + "}")
@@ -293,8 +310,11 @@ def _events(times):
             "log_failure": st.one_of(st.builds(_failure, texts), st.none(), st.builds(_NoTraceback)),
             "log_system": st.one_of(texts, st.none(), st.integers()),
             "log_time": times,
-            "log_level": st.one_of(st.sampled_from(list(LogLevel.iterconstants())), st.none()),
-            "log_namespace": st.one_of(texts, st.none()),
+            "log_level": st.one_of(
+                st.sampled_from(list(LogLevel.iterconstants())), st.none(), st.builds(_Level, texts), st.integers(),
+                st.lists(texts, max_size=1),
+            ),
+            "log_namespace": st.one_of(texts, st.none(), st.sampled_from(NAMESPACES), st.integers()),
         },
     )
 
@@ -428,3 +448,122 @@ def test_escaping_file_observer_writes_what_twisted_wrote(out):
     assert new.getvalue() == old.getvalue()
     text = new.getvalue() if out is io.StringIO else new.getvalue().decode("utf-8")
     assert len(text.splitlines()) == text.count("\n") and "\x85" not in text
+
+
+def test_escaping_file_observer_line_leaves_as_it_is_logged(tmp_path):
+    """Each line is in the file when the observer returns: flushed, not kept in a buffer a kill could lose."""
+    path = tmp_path / "chatd.log"
+    with open(path, "w", encoding="utf-8") as out:  # block-buffered, as twistd's stdout to a file is
+        observer = EscapingFileObserver(out)
+        for n in range(3):
+            observer({"log_format": "line {n}", "n": n, "log_time": 1796000000.5, "log_system": "s"})
+            assert path.read_text(encoding="utf-8").count("\n") == n + 1
+
+
+# --- the event's text, over the event itself where Twisted's wrapper changes nothing -------------
+
+
+def _main_event_text(event):
+    """What chatd.logs._event_text did before it formatted over the event itself: CallMapping always."""
+    log_format = event.get("log_format")
+    if log_format.__class__ is str and "log_flattened" not in event:
+        try:
+            return log_format.format_map(CallMapping(event))
+        except BaseException:
+            pass
+    return formatEvent(event)
+
+
+class _Odd:
+    """
+    A field with attributes named as CallMapping's wrapper's (C{_wrapped}, and
+    C{__class__} and C{__dict__} of course), a method, items and its own format.
+    """
+
+    _wrapped = "own _wrapped"
+
+    def __init__(self, text):
+        self.text = text
+
+    def call(self):
+        return "called " + self.text
+
+    def __getitem__(self, key):
+        return _Odd(f"{self.text}[{key!r}]")
+
+    def __format__(self, spec):
+        return "odd:" + format(self.text, spec)
+
+    def __repr__(self):
+        return f"Odd({self.text!r})"
+
+
+odd_values = st.one_of(
+    texts, st.integers(), st.none(), st.lists(texts, max_size=3), st.dictionaries(texts, texts, max_size=2),
+    st.builds(_Odd, texts), st.builds(_Call, texts), st.builds(_Thing, texts), st.builds(_Unformattable),
+)
+odd_names = st.sampled_from(["a", "b", "missing", "0", "", "a()", "log_level", "w"])
+odd_paths = st.lists(
+    st.sampled_from([
+        ".text", "._wrapped", ".__class__", ".__dict__", "._x", ".call", ".call()", ".name", ".real",
+        "[0]", "[1]", "[k]", "[k()]", "[_wrapped]", "[]", ".", "[",
+    ]),
+    max_size=2,
+).map("".join)
+odd_fields = st.builds(
+    lambda name, path, conversion, spec: "{" + name + path + conversion + spec + "}",
+    odd_names, odd_paths,
+    st.sampled_from(["", "!r", "!s", "!a", "!x"]),
+    st.sampled_from(["", ":>6", ":x", ":.2", ":{w}", ":>{w}", ":{a.text}", ":{a._wrapped}", ":{a.call()}", ":{0}",
+                     ":{a:{w}}", ":{a()}"]),
+)
+odd_literals = st.lists(
+    st.one_of(st.sampled_from(["{{", "}}", "{", "}", "()", "(", "!", ".", "[", "é", "\x1b"]),
+              st.characters(max_codepoint=0x7f, exclude_characters="{}:")),
+    max_size=6,
+).map("".join)
+odd_formats = st.lists(st.one_of(odd_literals, odd_fields), max_size=4).map("".join)
+
+
+@given(
+    st.fixed_dictionaries(
+        {"log_format": odd_formats, "a": odd_values, "b": odd_values, "log_level": st.sampled_from(list(LogLevel.iterconstants()))},
+        optional={"w": st.sampled_from(WIDTHS + [3])},
+    )
+)
+@settings(max_examples=3000, deadline=None)
+def test_event_text_over_the_event_reads_as_over_call_mapping(event):
+    """
+    An event's text, formatted over the event itself where the format's
+    fields read the same there, is what formatting it over Twisted's
+    CallMapping gave, and Twisted's formatEvent gives: fields that are
+    called ({a()}, {a.call()}), positional or numbered, attributes
+    Twisted's wrapper answers itself ({a.__class__}, {a._wrapped}), items,
+    conversions, nested specs holding any of these, and formats that do
+    not parse.  Twice each: once as a new format, once as one seen before.
+    """
+    first = logs._event_text(event)
+    assert first == logs._event_text(event) == _main_event_text(event) == formatEvent(event)
+
+
+@pytest.mark.parametrize(
+    "log_format,plain",
+    [
+        ("websocket {peer} {user} connected as {connection}", True),
+        ("{a.text} {a[0]} {a[k]!r:>{w}}", True),
+        ("no fields, f() and {{braces}}", True),
+        ("{a()}", False), ("{a.call()}", False), ("{a:{b()}}", False),
+        ("{a.__class__}", False), ("{a._wrapped}", False), ("{a:{b._x}}", False),
+        ("{}", False), ("{0}", False), ("{a[0]}{1}", False),
+        ("{a", False), ("{a.}", False),
+    ],
+)
+def test_plain_formats(log_format, plain):
+    """Which formats are formatted over the event itself: plain names, items and public attributes only."""
+    assert logs._plain_format(log_format) is plain
+
+
+def test_only_unprintable_text_can_need_escaping():
+    """Every character the log escapes is one str.isprintable refuses, so printable text is written as it is."""
+    unprintable = {c for c in map(chr, range(0x110000)) if not c.isprintable()}
+    assert all(char in unprintable for char in map(chr, range(0x110000)) if logs.escape_log_text(char) != char)
