@@ -39,7 +39,6 @@ from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol, _is_sam
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from zope.interface import implementer
@@ -48,7 +47,7 @@ from chatd import errors, handshake, messages
 from chatd.errors import BrokerUnavailable
 from chatd.hub import IConnection
 from chatd.limits import CapReached, ConnectionCaps, SendBudget, TokenBucket
-from chatd.logs import printable, redact_uri
+from chatd.logs import Logger, printable, redact_uri
 from chatd.metrics import Metrics
 from chatd.observer import OneShotObserverList
 from chatd.proxies import TrustedProxies

@@ -8,16 +8,19 @@ import socket
 import time
 
 import pytest
+from constantly import NamedConstant, Names
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.logger import (
     LogLevel,
+    LogPublisher,
     formatEvent,
     formatEventAsClassicLogText,
     formatTime,
     textFileLogObserver,
     timeFormatRFC3339,
 )
+from twisted.logger import Logger as TwistedLogger
 from twisted.logger._flatten import flattenEvent
 from twisted.logger._format import CallMapping
 from twisted.python.failure import Failure
@@ -28,6 +31,7 @@ from chatd.logs import (
     EscapedClassicFormat,
     EscapingFileObserver,
     EscapingObserver,
+    Logger,
     escape_event,
     printable,
     redact,
@@ -567,3 +571,94 @@ def test_only_unprintable_text_can_need_escaping():
     """Every character the log escapes is one str.isprintable refuses, so printable text is written as it is."""
     unprintable = {c for c in map(chr, range(0x110000)) if not c.isprintable()}
     assert all(char in unprintable for char in map(chr, range(0x110000)) if logs.escape_log_text(char) != char)
+
+
+# --- chatd's Logger ------------------------------------------------------------------------------
+
+
+def _emitted(logger_class, monkeypatch, level, format, fields):
+    """
+    What one emit hands the observer (at a fixed time; the logger and the
+    observer named, not shown, as each run has its own), or the exception it raised.
+    """
+    monkeypatch.setattr("twisted.logger._logger.time", lambda: 1796000000.25)
+    monkeypatch.setattr("chatd.logs.time", lambda: 1796000000.25)
+    seen = []
+    observer = seen.append
+    log = logger_class(namespace="chatd.test", source="a source", observer=observer)
+
+    def named(value):
+        return "LOGGER" if value is log else "OBSERVER" if value is observer else value
+
+    try:
+        log.emit(level, format, **fields)
+    except Exception as e:
+        return "raised", type(e)
+    events = []
+    for event in seen:
+        if "log_failure" in event:  # Twisted's refusal: a new Failure each time
+            events.append(("refused", sorted(event), event["log_format"], event["invalidLevel"] is level))
+            continue
+        items = [(key, "TRACE" if key == "log_trace" else named(value)) for key, value in event.items()]
+        trace = [tuple(map(named, step)) for step in event.get("log_trace", ())]
+        events.append((items, trace))
+    return events
+
+
+class _Other:
+    """A level that is none of LogLevel's constants."""
+
+    name = "info"
+
+
+class _Colours(Names):
+    """Named constants that are not log levels."""
+
+    info = NamedConstant()
+
+
+@given(
+    st.one_of(
+        st.sampled_from(list(LogLevel.iterconstants())), st.sampled_from([None, "info", 20, _Other(), _Colours.info, []])
+    ),
+    st.one_of(st.none(), formats),
+    st.dictionaries(st.sampled_from(["a", "b", "log_level", "log_time", "log_namespace", "format", "level", "x y"]), values, max_size=3),
+    st.booleans(),
+)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_logger_emits_what_twisteds_emits(monkeypatch, level, format, fields, trace):
+    """
+    chatd's Logger hands its observer the same event, its keys in the same
+    order, as Twisted's Logger: every level, fields that clash with the
+    event's own keys, a log_trace; and refuses a level that is not a
+    LogLevel as Twisted's does (an event with a failure).
+    """
+    if trace:
+        fields = dict(fields, log_trace=[])
+    ours = _emitted(Logger, monkeypatch, level, format, dict(fields))
+    if trace:
+        fields = dict(fields, log_trace=[])  # a new trace for Twisted's
+    theirs = _emitted(TwistedLogger, monkeypatch, level, format, dict(fields))
+    assert ours == theirs
+
+
+def test_logger_traces_as_twisteds():
+    """A log_trace gets the logger and its observer, then the publisher and each of its observers."""
+    seen = []
+    publisher = LogPublisher(seen.append)
+    log = Logger(namespace="chatd.test", observer=publisher)
+    log.info("traced", log_trace=[])
+    assert seen[0]["log_trace"] == [(log, publisher), (publisher, seen.append)]
+
+
+class _Owner:
+    """A class with a chatd Logger, as chatd's protocols have."""
+
+    log = Logger()
+
+
+def test_logger_on_a_class_names_the_class():
+    """As Twisted's: a Logger read from an instance has the class's namespace, the instance as source, and is chatd's."""
+    owner = _Owner()
+    assert isinstance(owner.log, Logger)
+    assert (owner.log.namespace, owner.log.source) == (f"{__name__}._Owner", owner)
