@@ -11,9 +11,6 @@ never from the token header, C{iss}/C{aud} are checked only when configured
 
 import binascii
 import dataclasses
-import functools
-import hashlib
-import inspect
 import re
 import unicodedata
 from typing import FrozenSet, Optional
@@ -135,72 +132,30 @@ _SEGMENT = re.compile(
 )
 _FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
-# What the function _segment_decoder replaces is, in PyJWT's own source: the
-# SHA-256 of the sources of PyJWS._decode_base64url_segment,
-# jwt.utils.base64url_decode and base64url_encode and the repr of
-# jwt.api_jws._BASE64URL_ALPHABET, as _pyjwt_segment_source() joins them
-# (PyJWT 2.15.1).  Another PyJWT keeps its own.
-_PYJWT_SEGMENT_SHA256 = "64ba3980bcb978d086a9603f5765554b4df6e2a11dff78ebe7a9281a120e18f7"
 
-
-def _pyjwt_segment_source():
+class _SegmentJWS(jwt.PyJWS):
     """
-    The text of what PyJWT decodes a token's segment with (see
-    L{_PYJWT_SEGMENT_SHA256}), or L{None} if PyJWT no longer has it.
-    """
-    try:
-        return "\n".join([
-            inspect.getsource(jwt.api_jws.PyJWS._decode_base64url_segment),
-            inspect.getsource(jwt.utils.base64url_decode),
-            inspect.getsource(jwt.utils.base64url_encode),
-            repr(jwt.api_jws._BASE64URL_ALPHABET),
-        ])
-    except (AttributeError, OSError, TypeError):
-        return None
-
-
-def _segment_decoder():
-    """
-    PyJWT's C{_decode_base64url_segment} as one pass of a regular
-    expression in C and one C{binascii} call for the segments it accepts,
-    or L{None} when the installed PyJWT's is not the one this was shown
-    equal to (L{_PYJWT_SEGMENT_SHA256}).  PyJWT's own walks each character
-    of the segment in a generator and encodes what it decoded again to
-    compare (about 12 of a token's 30 µs).
+    PyJWT's PyJWS, whose C{_decode_base64url_segment} takes the segments it
+    accepts in one pass of L{_SEGMENT} and one C{binascii} call: PyJWT 2.15's
+    walks each character of the segment in a generator and encodes what it
+    decoded again to compare (about 12 of a token's 30 µs).  It adds no
+    state, so the verifier's own PyJWS can be made one (L{_decoder}).
 
     Same bytes out, for the same segments: a segment L{_SEGMENT} matches is
-    one PyJWT accepts, padded as PyJWT pads it (to a multiple of 4 with
-    '='; a padded one already is) and decoded by the same
-    C{binascii.a2b_base64} after the same translation of '-_' to '+/' that
-    C{base64.urlsafe_b64decode} makes.  Any other segment goes to PyJWT's
-    function, which refuses it (DecodeError) in its own words.
-    tests/test_auth.py drives both over arbitrary and near-valid segments.
+    one PyJWT accepts, padded as PyJWT pads it (to a multiple of 4 with '=';
+    a padded one already is) and decoded by the same C{binascii.a2b_base64}
+    after the translation of '-_' to '+/' that C{base64.urlsafe_b64decode}
+    makes.  Any other segment goes to PyJWT's own function, so every refusal
+    is PyJWT's, in its words.  tests/test_auth.py drives both over arbitrary
+    and near-valid segments with the PyJWT installed: an upgrade that
+    changes what PyJWT accepts fails there.
     """
-    source = _pyjwt_segment_source()
-    if source is None or hashlib.sha256(source.encode()).hexdigest() != _PYJWT_SEGMENT_SHA256:
-        return None
-    pyjwt_decode = jwt.api_jws.PyJWS._decode_base64url_segment
-    match, translation, a2b = _SEGMENT.fullmatch, _FROM_URLSAFE, binascii.a2b_base64
 
-    def decode_base64url_segment(segment, name):
-        if isinstance(segment, bytes) and match(segment) is not None:
-            return a2b((segment + b"=="[: -len(segment) % 4]).translate(translation))
-        return pyjwt_decode(segment, name)
-
-    return decode_base64url_segment
-
-
-@functools.cache
-def _segment_jws():
-    """
-    A subclass of PyJWS whose C{_decode_base64url_segment} is
-    L{_segment_decoder}'s (it adds no state), or L{None} if PyJWT's is not
-    the one it was shown equal to.  Made once: PyJWT's source is read once.
-    """
-    decode = _segment_decoder()
-    if decode is None:
-        return None
-    return type("PyJWS", (jwt.PyJWS,), {"_decode_base64url_segment": staticmethod(decode)})
+    @staticmethod
+    def _decode_base64url_segment(segment, name):
+        if segment.__class__ is bytes and _SEGMENT.fullmatch(segment) is not None:
+            return binascii.a2b_base64((segment + b"=="[: -len(segment) % 4]).translate(_FROM_URLSAFE))
+        return jwt.PyJWS._decode_base64url_segment(segment, name)
 
 
 def _decoder(algorithms, options):
@@ -208,9 +163,8 @@ def _decoder(algorithms, options):
     A PyJWT instance of its own, with C{options} as its own (merged with
     PyJWT's defaults once, not on every token), whose C{algorithms} prepare
     each key once (L{_keyed}) and whose PyJWS decodes base64url segments
-    with L{_segment_decoder} (when that is PyJWT's own function's equal);
-    PyJWT's module-level decoder if its layout (a private C{_jws}) ever
-    changes.
+    as L{_SegmentJWS}; PyJWT's module-level decoder if its layout (a
+    private C{_jws}) ever changes.
 
     @return: C{(decoder, options)}: what to call C{decode} on and the
         options to pass it (L{None}: the instance's own).
@@ -218,9 +172,8 @@ def _decoder(algorithms, options):
     decoder = jwt.PyJWT(options)
     try:
         jws = decoder._jws
-        segment_jws = _segment_jws()
-        if segment_jws is not None and type(jws) is jwt.PyJWS:
-            jws.__class__ = segment_jws
+        if type(jws) is jwt.PyJWS:
+            jws.__class__ = _SegmentJWS
         for name in algorithms:
             keyed = _keyed(jws.get_algorithm_by_name(name))
             jws.unregister_algorithm(name)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from chatd import config
 from chatd.auth import (
-    _SEGMENT, NAME_WITH_FORMAT_CHARACTERS, InvalidToken, Principal, TokenVerifier, _segment_decoder, _segment_jws,
+    _SEGMENT, NAME_WITH_FORMAT_CHARACTERS, InvalidToken, Principal, TokenVerifier, _SegmentJWS,
     has_format_characters, principal_from_claims,
 )
 
@@ -428,7 +428,7 @@ def test_key_length_checked_once_per_key(monkeypatch):
 
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _pyjwt_segment = jwt.api_jws.PyJWS._decode_base64url_segment
-_chatd_segment = _segment_decoder()  # None with a PyJWT whose function differs: see the test of that below
+_chatd_segment = _SegmentJWS._decode_base64url_segment
 
 
 def _outcome(decode, segment):
@@ -539,47 +539,10 @@ def test_verifier_decodes_altered_tokens_as_pyjwt(which, change, at, replace):
 
 
 def test_verifier_decodes_segments_with_chatds_decoder():
-    """
-    With the PyJWT installed (whose segment function is the one chatd's was
-    shown equal to: _PYJWT_SEGMENT_SHA256) the verifier's PyJWS decodes
-    segments with chatd's function.  A PyJWT upgrade that changes its
-    function fails here: compare the two again (the tests above) and renew
-    the digest.
-    """
-    assert _segment_jws() is not None, "PyJWT's _decode_base64url_segment changed: see _PYJWT_SEGMENT_SHA256"
+    """The verifier's own PyJWS is the one whose segment decoder the tests above hold to PyJWT's."""
     jws = verifier()._jwt._jws
+    assert type(jws) is _SegmentJWS
     assert isinstance(jws, jwt.PyJWS)
-    assert type(jws)._decode_base64url_segment.__code__ is _chatd_segment.__code__
-
-
-@pytest.fixture
-def fresh_segment_jws():
-    """_segment_jws made again in the test (it is made once per process), and again after it."""
-    _segment_jws.cache_clear()
-    yield
-    _segment_jws.cache_clear()
-
-
-def test_changed_pyjwt_segment_function_kept(monkeypatch, fresh_segment_jws):
-    """
-    If PyJWT's _decode_base64url_segment is not the one chatd's was shown
-    equal to (here: one that refuses any '=' padding), the verifier's PyJWS
-    keeps PyJWT's, and decodes as it does.
-    """
-
-    def strict(segment, name):
-        if segment.endswith(b"="):
-            raise jwt.DecodeError(f"Invalid {name} padding")
-        return _pyjwt_segment(segment, name)
-
-    monkeypatch.setattr(jwt.api_jws.PyJWS, "_decode_base64url_segment", staticmethod(strict))
-    assert _segment_decoder() is None
-    v = verifier()
-    assert type(v._jwt._jws) is jwt.PyJWS
-    good = token()  # its HS256 signature: 43 characters, which PyJWT's own takes with one '='
-    assert _pyjwt_segment(good.encode().rsplit(b".", 1)[1] + b"=", "crypto")
-    assert refusal(good + "=") == "malformed token"
-    assert v.verify(good).sub == "alice"
 
 
 def test_no_ascii_character_is_a_format_character():
