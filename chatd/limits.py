@@ -16,6 +16,7 @@ import collections
 import functools
 import ipaddress
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
@@ -161,8 +162,11 @@ class SendBudget:
         self.paused = False
         self.over = False
         self._overflow = overflow
-        self._drained = OneShotObserverList()
-        self._drained.fire(None)
+        # The waiters for the buffer to drain while it is full; L{None} (as
+        # one fired with None) while it is not: most connections' never fills,
+        # and an idle connection's every object is work for the cyclic
+        # garbage collector (docs/performance.md).
+        self._drained = None
 
     def when_drained(self):
         """
@@ -171,7 +175,10 @@ class SendBudget:
         waits for it between writes never queues much over the high-water
         mark, so it is never over C{limit} either.
         """
-        return self._drained.when_fired()
+        drained = self._drained
+        if drained is None:
+            return defer.succeed(None)
+        return drained.when_fired()
 
     def wrote(self, size):
         if not self.paused or self.over:
@@ -185,14 +192,19 @@ class SendBudget:
 
     def pauseProducing(self):
         self.paused = True
-        if self._drained.fired:
+        if self._drained is None:
             self._drained = OneShotObserverList()
 
     def resumeProducing(self):
         self.paused = False
         self.unsent = 0
-        self._drained.fire_if_not_fired(None)
+        self._fire_drained()
 
     def stopProducing(self):
         self.paused = False
-        self._drained.fire_if_not_fired(None)
+        self._fire_drained()
+
+    def _fire_drained(self):
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.fire(None)

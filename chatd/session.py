@@ -87,11 +87,12 @@ class Session:
         self._verifier = verifier
         self._limits = limits
         self._clock = clock
-        self._bucket = TokenBucket(limits.rate, limits.burst, clock)
-        # Room for abuse_strikes - 1 strikes; the next one closes (1008).
-        self._patience = TokenBucket(
-            STRIKES_FORGIVEN_PER_SECOND, limits.abuse_strikes - 1, clock
-        )
+        # Both buckets are made when first needed: a bucket starts full and
+        # a full one stays full, so one made then reads as one made now,
+        # and an idle connection's every object is work for the cyclic
+        # garbage collector (docs/performance.md).
+        self._bucket = None
+        self._patience = None
         self._expiry = None
         self._closed = False
         self._metrics = metrics
@@ -117,10 +118,19 @@ class Session:
             L{chatd.errors.ChatError} through L{ERROR_TABLE}) become ERROR
             events with the message's C{ref}.
         """
-        if not self._bucket.take():
+        bucket = self._bucket
+        if bucket is None:
+            bucket = self._bucket = TokenBucket(self._limits.rate, self._limits.burst, self._clock)
+        if not bucket.take():
             if self._metrics is not None:
                 self._metrics.count_received(None)  # not read: "other"
-            if not self._patience.take():
+            patience = self._patience
+            if patience is None:
+                # Room for abuse_strikes - 1 strikes; the next one closes (1008).
+                patience = self._patience = TokenBucket(
+                    STRIKES_FORGIVEN_PER_SECOND, self._limits.abuse_strikes - 1, self._clock
+                )
+            if not patience.take():
                 self._connection.close(errors.CLOSE_POLICY_VIOLATION, "rate limit exceeded")
                 return defer.succeed(None)
             self._send_error(ProtocolError(errors.RATE_LIMITED, "slow down"))

@@ -156,6 +156,21 @@ class _SendQueue(list):
         return self.pop(0)
 
 
+class _NoSendQueue(_SendQueue):
+    """
+    The send queue of every connection that never queued (all of chatd's):
+    one, shared and always empty; L{_GuardedMixin.sendData} gives a
+    connection its own before Autobahn may append to it.  An idle
+    connection's every object is work for the cyclic garbage collector
+    (docs/performance.md).
+    """
+
+    __slots__ = ()
+
+    def append(self, item):
+        raise TypeError("the shared empty send queue takes nothing")
+
+
 class _RefusalLog:
     """
     One line per refused upgrade, within a budget per kind (status and
@@ -604,7 +619,7 @@ class _GuardedMixin:
         self.trafficStats = TrafficStats()
         self.state = self.STATE_CONNECTING
         self.send_state = self.SEND_STATE_GROUND
-        self.send_queue = _SendQueue()
+        # send_queue: the shared empty one (_NoSendQueue) until sendData queues.
         if self.trackTimings:
             self.setTrackTimings(True)
         if self.openHandshakeTimeout > 0:
@@ -770,6 +785,8 @@ class _GuardedMixin:
         about an eighth of the CPU of a fan-out (docs/performance.md).
         """
         if sync or chopsize or self.send_queue:
+            if self.send_queue is _NO_SEND_QUEUE:
+                self.send_queue = _SendQueue()
             super().sendData(data, sync, chopsize)
         else:
             self.transport.write(data)
@@ -813,6 +830,7 @@ _GuardedMixin.websocket_extensions_in_use = ()
 _GuardedMixin._valid_events = _EVENTS
 _GuardedMixin._results = _NO_RESULTS
 _GuardedMixin.utf8validator = _LazyValidator()
+_GuardedMixin.send_queue = _NO_SEND_QUEUE = _NoSendQueue()
 
 
 @implementer(IConnection)

@@ -1,9 +1,14 @@
 # -*- test-case-name: tests.test_limits -*-
 """chatd.limits: the token bucket, on a Clock."""
 
+import gc
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
 from chatd.limits import SendBudget, TokenBucket
+from chatd.observer import OneShotObserverList
 
 
 def takes(bucket, n):
@@ -83,3 +88,78 @@ def test_send_budget_when_drained():
     stopped = budget.when_drained()
     budget.stopProducing()
     assert stopped.called
+
+
+class _EagerBudget(SendBudget):
+    """SendBudget as it was: a fired OneShotObserverList from the start, replaced once fired and paused."""
+
+    __slots__ = ()
+
+    def __init__(self, limit, overflow):
+        super().__init__(limit, overflow)
+        self._drained = OneShotObserverList()
+        self._drained.fire(None)
+
+    def when_drained(self):
+        return self._drained.when_fired()
+
+    def pauseProducing(self):
+        self.paused = True
+        if self._drained.fired:
+            self._drained = OneShotObserverList()
+
+    def resumeProducing(self):
+        self.paused = False
+        self.unsent = 0
+        self._drained.fire_if_not_fired(None)
+
+    def stopProducing(self):
+        self.paused = False
+        self._drained.fire_if_not_fired(None)
+
+
+@given(st.lists(st.sampled_from(["pause", "resume", "stop", "wrote", "wait", "wait in callback"]), max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_send_budget_drains_as_an_eager_observer_list_does(steps):
+    """
+    SendBudget keeps no observer list while the buffer is not full; over
+    any sequence of pauses, resumes, stops, writes and waits (some waiting
+    again from inside a waiter's callback) its waiters fire when those of
+    the budget with a fired list from the start fire, with the same
+    results, and it overflows alike.
+    """
+    overflows = ([], [])
+    budgets = (SendBudget(10, overflows[0].append), _EagerBudget(10, overflows[1].append))
+    heard = ([], [])
+    waits = ([], [])
+    for step in steps:
+        for budget, log, waiting in zip(budgets, heard, waits):
+            if step == "pause":
+                budget.pauseProducing()
+            elif step == "resume":
+                budget.resumeProducing()
+            elif step == "stop":
+                budget.stopProducing()
+            elif step == "wrote":
+                budget.wrote(6)
+            else:
+                d = budget.when_drained()
+                if step == "wait in callback":
+                    d.addCallback(lambda result, b=budget, log=log: log.append(b.when_drained().called) or result)
+                d.addCallback(log.append)
+                waiting.append(d)
+        assert heard[0] == heard[1]
+        assert [d.called for d in waits[0]] == [d.called for d in waits[1]]
+        assert overflows[0] == overflows[1]
+        assert [(b.paused, b.unsent, b.over) for b in budgets[:1]] == [(b.paused, b.unsent, b.over) for b in budgets[1:]]
+
+
+def test_send_budget_keeps_no_observer_list_at_rest():
+    """A budget whose buffer never filled, or has drained again, holds no observer list (less for the collector)."""
+    budget = SendBudget(100, lambda unsent: None)
+    assert not any(isinstance(o, OneShotObserverList) for o in gc.get_referents(budget))
+    budget.pauseProducing()
+    waiting = budget.when_drained()
+    budget.resumeProducing()
+    assert waiting.called
+    assert not any(isinstance(o, OneShotObserverList) for o in gc.get_referents(budget))

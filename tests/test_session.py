@@ -4,9 +4,12 @@ chatd.session on a Clock with a fake connection: WELCOME, expiry close
 4001, renewal by AUTH, the rate limit and its 1008, the rooms limits.
 """
 
+import gc
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
@@ -14,7 +17,8 @@ from chatd import config, errors
 from chatd.auth import Principal
 from chatd.broker.memory import MemoryBroker
 from chatd.hub import Hub
-from chatd.session import Session
+from chatd.limits import TokenBucket
+from chatd.session import STRIKES_FORGIVEN_PER_SECOND, Session
 from tests.fakes import FakeConnection, FakeVerifier, RecordingBroker
 
 START = 1000.0
@@ -143,6 +147,49 @@ def test_rate_limited_message_not_delivered():
     frames = connection.take()
     assert [f["type"] for f in frames] == ["WELCOME", "ENTER", "TALK", "ERROR"]
     assert (frames[-1]["code"], frames[-1].get("ref")) == (errors.RATE_LIMITED, None)
+
+
+@given(
+    rate=st.sampled_from([0.5, 1.0, 3.0]), burst=st.integers(1, 4), strikes=st.integers(1, 4),
+    steps=st.lists(st.tuples(st.floats(0, 5), st.integers(0, 5)), max_size=12),
+)
+@settings(max_examples=200, deadline=None)
+def test_rate_limit_as_buckets_made_at_open(rate, burst, strikes, steps):
+    """
+    The session makes its token buckets when first needed; over any
+    pattern of waits and bursts (the first wait before any message) it
+    answers as two buckets made when it opened would: NOT_MEMBER for a
+    QUIT let through, RATE_LIMITED over the rate, 1008 after the strikes.
+    """
+    clock, connection, session = make(rate=rate, burst=burst, abuse_strikes=strikes)
+    connection.take()
+    bucket = TokenBucket(rate, burst, clock)
+    patience = TokenBucket(STRIKES_FORGIVEN_PER_SECOND, strikes - 1, clock)
+    expected = []
+    for wait, messages in steps:
+        clock.advance(wait)
+        for _ in range(messages):
+            if connection.closes:
+                break
+            send(session, {"type": "QUIT", "room": "lobby"})
+            if bucket.take():
+                expected.append(errors.NOT_MEMBER)
+            elif patience.take():
+                expected.append(errors.RATE_LIMITED)
+            else:
+                expected.append("closed")
+            answers = [f["code"] for f in connection.take()] or [
+                "closed" for close in connection.closes if close[0] == errors.CLOSE_POLICY_VIOLATION
+            ]
+            assert answers == expected[-1:]
+
+
+def test_an_idle_session_holds_no_token_bucket():
+    """Until its first message a session makes no token bucket (less for the collector per idle connection)."""
+    _, connection, session = make()
+    assert not any(isinstance(o, TokenBucket) for o in gc.get_referents(session))
+    send(session, {"type": "QUIT", "room": "lobby"})
+    assert any(isinstance(o, TokenBucket) for o in gc.get_referents(session))
 
 
 def test_rate_recovers():

@@ -908,6 +908,31 @@ def test_connection_starts_as_autobahn_starts_it():
     assert len(vars(ours)) <= 15
 
 
+def test_send_queue_is_shared_until_a_send_queues(monkeypatch):
+    """
+    A connection has no send queue of its own (all share one empty queue)
+    until a chopped or synchronous send queues: then it gets its own, its
+    chunks go out in order, and the shared queue stays empty.
+    """
+    from twisted.internet.task import Clock
+
+    later = []
+    monkeypatch.setattr(txaio, "call_later", lambda delay, func, *args: later.append(func))
+    factory = ws.EchoServerFactory(config.defaults(), None, Clock())
+    one, two = factory.buildProtocol(None), factory.buildProtocol(None)
+    transports = StringTransport(), StringTransport()
+    one.makeConnection(transports[0])
+    two.makeConnection(transports[1])
+    assert one.send_queue is two.send_queue and "send_queue" not in vars(one) and one.send_queue == []
+    one.sendData(b"abcdefg", chopsize=3)
+    while later:
+        later.pop(0)()
+    assert transports[0].value().endswith(b"abcdefg") and not transports[1].value().endswith(b"abcdefg")
+    assert one.send_queue is not two.send_queue and two.send_queue == [] and one.send_queue == []
+    two.sendData(b"xyz")
+    assert transports[1].value().endswith(b"xyz") and "send_queue" not in vars(two)
+
+
 class Uncompacted(AutobahnOnly):
     """
     /echo as Autobahn alone keeps it: its own _connectionMade (every
