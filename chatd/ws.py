@@ -143,6 +143,28 @@ class _LazyValidator:
         return validator
 
 
+class _LazyFuture:
+    """
+    Autobahn's C{is_open} or C{is_closed} Deferred, made when first read
+    (Autobahn makes both for every connection, and resolves C{is_closed}
+    by reading it): chatd reads neither, and an idle connection's every
+    object is work for the cyclic garbage collector (docs/performance.md).
+    C{is_open} made after the connection opened is made fired with
+    L{None}, as Autobahn's was fired then (C{_is_open_fired}).
+    """
+
+    def __init__(self, name):
+        self._name = name
+
+    def __get__(self, protocol, owner=None):
+        if protocol is None:
+            return self
+        future = protocol.__dict__[self._name] = txaio.create_future()
+        if self._name == "is_open" and protocol._is_open_fired:
+            txaio.resolve(future, None)
+        return future
+
+
 class _SendQueue(list):
     """
     Autobahn's send queue (a C{deque} per connection, 760 bytes even
@@ -341,6 +363,13 @@ class _GuardedMixin:
     _deciding = False  # onConnect's answer is still due (a Redis redemption)
     _held_for_decision = False  # and reading stopped meanwhile
 
+    _is_open_fired = False  # is_open, if it had been made, would have fired (_LazyFuture)
+
+    def __init__(self):
+        super().__init__()
+        # Autobahn's Deferreds, made again when first read (_LazyFuture).
+        del self.is_open, self.is_closed
+
     def _deciding_on(self, decision):
         """
         While C{decision} (onConnect's Deferred) is due, what the client
@@ -509,7 +538,10 @@ class _GuardedMixin:
         if self.trackedTimings:
             self.trackedTimings.track("onOpen")
         self._onOpen()
-        txaio.resolve(self.is_open, None)
+        if "is_open" in self.__dict__:
+            txaio.resolve(self.is_open, None)
+        else:
+            self._is_open_fired = True
         if self.data:
             self.consumeData()
 
@@ -831,6 +863,8 @@ _GuardedMixin._valid_events = _EVENTS
 _GuardedMixin._results = _NO_RESULTS
 _GuardedMixin.utf8validator = _LazyValidator()
 _GuardedMixin.send_queue = _NO_SEND_QUEUE = _NoSendQueue()
+_GuardedMixin.is_open = _LazyFuture("is_open")
+_GuardedMixin.is_closed = _LazyFuture("is_closed")
 
 
 @implementer(IConnection)

@@ -933,6 +933,43 @@ def test_send_queue_is_shared_until_a_send_queues(monkeypatch):
     assert transports[1].value().endswith(b"xyz") and "send_queue" not in vars(two)
 
 
+def test_is_open_and_is_closed_read_as_autobahns(world):
+    """
+    Autobahn's is_open and is_closed Deferreds are made when first read:
+    an open connection holds neither unless asked; is_open read after the
+    open is fired with None, is_closed fires with the connection when it
+    closes, and each is the same Deferred read again.
+    """
+    client = world.connect()
+    server = world.servers[-1]
+    assert "is_open" not in vars(server) and "is_closed" not in vars(server)
+    assert not any(isinstance(o, defer.Deferred) for o in gc.get_referents(vars(server)))
+    heard = []
+    server.is_open.addCallback(heard.append)
+    assert heard == [None] and server.is_open is server.is_open
+    closed = server.is_closed
+    assert not closed.called
+    client.sendClose()
+    world.pumps.flush()
+    assert server.state == server.STATE_CLOSED
+    assert closed.called and closed.result is server and server.is_closed is closed
+
+
+def test_is_open_read_before_the_open_fires_at_the_open(world):
+    """A connection whose is_open was read during its opening handshake fires it with None at the open."""
+    heard = []
+
+    def server():
+        protocol = world.factory.buildProtocol(None)
+        protocol.is_open.addCallback(heard.append)
+        world.servers.append(protocol)
+        return protocol
+
+    world.agent = create_memory_agent(world.reactor, world.pumps, server)
+    world.connect()
+    assert heard == [None] and world.servers[-1].is_open.called
+
+
 class Uncompacted(AutobahnOnly):
     """
     /echo as Autobahn alone keeps it: its own _connectionMade (every

@@ -164,7 +164,12 @@ class World:
         return dict(
             written=transport.value(),
             disconnecting=transport.disconnecting,
-            state=_plain(vars(protocol)),
+            # is_open and is_closed are made when first read (ws._LazyFuture):
+            # read here as a client of Autobahn's would read them.
+            state=_plain({
+                **{k: v for k, v in vars(protocol).items() if k != "_is_open_fired"},
+                "is_open": protocol.is_open, "is_closed": protocol.is_closed,
+            }),
             # Autobahn's debug lines (off in chatd) are left out of chatd's path.
             log=[
                 (formatEvent(e), e["log_failure"].type.__name__ if e.get("log_failure") else None)
