@@ -59,6 +59,47 @@ def protocol_error(exc, ref=None):
     return None
 
 
+class Expiries:
+    """
+    The sessions' token expiries on one clock: one clock call per distinct
+    C{exp}, running every session whose token expires then, not one per
+    session.  Tokens are issued by the second, so many share an C{exp};
+    a clock call is a C{DelayedCall} and three bound methods, and an idle
+    connection's every object is work for the cyclic garbage collector
+    (docs/performance.md).  A session is due at C{exp} (at once when that
+    has passed), as with a clock call of its own.
+
+    @param clock: an C{IReactorTime}.
+    """
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._due = {}  # exp -> ({session: None}, its clock call)
+
+    def add(self, exp, session):
+        """Call C{session.expired()} at C{exp}."""
+        due = self._due.get(exp)
+        if due is None:
+            call = self._clock.callLater(max(0.0, exp - self._clock.seconds()), self._run, exp)
+            due = self._due[exp] = ({}, call)
+        due[0][session] = None
+
+    def remove(self, exp, session):
+        """Do not call C{session.expired()} at C{exp} (a no-op if it is not due then)."""
+        due = self._due.get(exp)
+        if due is not None and due[0].pop(session, _NOT_DUE) is not _NOT_DUE and not due[0]:
+            del self._due[exp]
+            due[1].cancel()
+
+    def _run(self, exp):
+        sessions, _ = self._due.pop(exp)
+        for session in sessions:
+            session.expired()
+
+
+_NOT_DUE = object()
+
+
 class Session:
     """
     One authenticated connection's conversation.
@@ -71,15 +112,18 @@ class Session:
     @param clock: an C{IReactorTime}, for the rate limit and the expiry.
     @param metrics: a L{chatd.metrics.Metrics} counting messages by type and
         ERRORs by code, or L{None}.
+    @param expiries: the L{Expiries} on C{clock} that close sessions when
+        their token expires (a server's sessions share one), or L{None} for
+        one of its own.
     """
 
     # One per connection: no per-instance dict.
     __slots__ = (
         "principal", "member", "_connection", "_hub", "_verifier", "_limits", "_clock", "_bucket",
-        "_patience", "_expiry", "_closed", "_metrics",
+        "_patience", "_expiry", "_closed", "_metrics", "_expiries",
     )
 
-    def __init__(self, principal, connection, hub, verifier, limits, clock, metrics=None):
+    def __init__(self, principal, connection, hub, verifier, limits, clock, metrics=None, expiries=None):
         self.principal = principal
         self.member = Member(connection.connection_id, principal.sub, principal.name)
         self._connection = connection
@@ -93,9 +137,10 @@ class Session:
         # garbage collector (docs/performance.md).
         self._bucket = None
         self._patience = None
-        self._expiry = None
+        self._expiry = None  # the exp this session is due to expire at (Expiries)
         self._closed = False
         self._metrics = metrics
+        self._expiries = expiries if expiries is not None else Expiries(clock)
 
     def open(self):
         """The connection is open: WELCOME, and close at the token's exp."""
@@ -105,8 +150,9 @@ class Session:
     def closed(self):
         """The connection is gone: it quits every room it was in."""
         self._closed = True
-        if self._expiry is not None and self._expiry.active():
-            self._expiry.cancel()
+        if self._expiry is not None:
+            self._expiries.remove(self._expiry, self)
+            self._expiry = None
         return self._hub.leave_all(self.member.connection_id)
 
     def received(self, text):
@@ -193,12 +239,14 @@ class Session:
                 self._send_error(protocol_error(Forbidden(room), command.ref))
 
     def _schedule_expiry(self):
-        if self._expiry is not None and self._expiry.active():
-            self._expiry.cancel()
-        delay = max(0.0, self.principal.exp - self._clock.seconds())
-        self._expiry = self._clock.callLater(delay, self._expired)
+        if self._expiry is not None:
+            self._expiries.remove(self._expiry, self)
+        self._expiry = self.principal.exp
+        self._expiries.add(self._expiry, self)
 
-    def _expired(self):
+    def expired(self):
+        """The token expired (L{Expiries} calls this): close the connection."""
+        self._expiry = None
         if not self._closed:
             log.info("token of {user} expired; closing", user=printable(self.principal.name))
             self._connection.close(errors.CLOSE_TOKEN_EXPIRED, "token expired")

@@ -51,7 +51,7 @@ from chatd.logs import Logger, printable, redact_uri
 from chatd.metrics import Metrics
 from chatd.observer import OneShotObserverList
 from chatd.proxies import TrustedProxies
-from chatd.session import Session
+from chatd.session import Expiries, Session
 from chatd.stomp import transport as stomp_transport
 from chatd.timers import BatchedTimer
 
@@ -1002,7 +1002,7 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
             return
         self.session = Session(
             self.principal, self, factory.hub, factory.verifier, factory.settings.limits, factory.clock,
-            metrics=factory.metrics,
+            metrics=factory.metrics, expiries=factory.expiries,
         )
         self.session.open()
 
@@ -1276,6 +1276,7 @@ class ChatServerFactory(_OptionsOnClass, WebSocketServerFactory):
         self.verifier = verifier
         self.guard = guard
         self.clock = clock
+        self.expiries = Expiries(clock)  # the token expiries of its chatd.v1 sessions
         self.max_send_buffer_bytes = settings.limits.max_send_buffer_bytes
         self.caps = ConnectionCaps(
             settings.limits.max_connections, settings.limits.max_connections_per_ip

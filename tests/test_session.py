@@ -18,7 +18,7 @@ from chatd.auth import Principal
 from chatd.broker.memory import MemoryBroker
 from chatd.hub import Hub
 from chatd.limits import TokenBucket
-from chatd.session import STRIKES_FORGIVEN_PER_SECOND, Session
+from chatd.session import STRIKES_FORGIVEN_PER_SECOND, Expiries, Session
 from tests.fakes import FakeConnection, FakeVerifier, RecordingBroker
 
 START = 1000.0
@@ -281,6 +281,88 @@ def test_expired_at_open(exp_offset):
     assert connection.closes == []
     clock.advance(0)
     assert connection.closes == [(errors.CLOSE_TOKEN_EXPIRED, "token expired")]
+
+
+def test_sessions_expiring_together_share_one_clock_call():
+    """
+    Sessions on one Expiries whose tokens expire at the same time have one
+    clock call between them, cancelled once the last of them closes; each
+    is closed 4001 at its exp.
+    """
+    clock = Clock()
+    clock.advance(START)
+    hub = Hub(MemoryBroker(clock, instance_id="i"))
+    expiries = Expiries(clock)
+    limits = config.defaults().limits
+    connections = [FakeConnection(f"i:{n}") for n in range(3)]
+    sessions = [
+        Session(Principal(sub=f"u{n}", name=f"U{n}", exp=EXP + (n == 2)), connection, hub, FakeVerifier({}),
+                limits, clock, expiries=expiries)
+        for n, connection in enumerate(connections)
+    ]
+    for session in sessions:
+        session.open()
+    assert len(clock.getDelayedCalls()) == 2
+    sessions[0].closed()
+    assert len(clock.getDelayedCalls()) == 2
+    clock.advance(EXP - START)
+    assert [c.closes for c in connections] == [[], [(errors.CLOSE_TOKEN_EXPIRED, "token expired")], []]
+    sessions[2].closed()
+    assert clock.getDelayedCalls() == []
+
+
+@given(
+    exps=st.lists(st.sampled_from([START - 5, START, START + 1, START + 1.5, START + 7]), min_size=1, max_size=5),
+    steps=st.lists(
+        st.tuples(st.sampled_from(["advance", "renew", "close"]), st.integers(0, 4),
+                  st.sampled_from([0, 0.5, 1, 3, START + 1, START + 4])),
+        max_size=15,
+    ),
+)
+@settings(max_examples=200, deadline=None)
+def test_shared_expiries_close_as_a_clock_call_each(exps, steps):
+    """
+    Sessions sharing one Expiries are closed 4001 at the same clock times
+    as sessions that each have their own (a clock call per session), over
+    any pattern of waits, renewals by AUTH (to later or earlier exps) and
+    closes.
+    """
+    def world(shared):
+        clock = Clock()
+        clock.advance(START)
+        hub = Hub(MemoryBroker(clock, instance_id="i"))
+        expiries = Expiries(clock) if shared else None
+        tokens = {f"{n}-{exp}": Principal(sub=f"u{n}", name="x", exp=exp)
+                  for n in range(len(exps)) for exp in (START + 1, START + 4)}
+        connections = [FakeConnection(f"i:{n}") for n in range(len(exps))]
+        sessions = [
+            Session(Principal(sub=f"u{n}", name="x", exp=exp), connection, hub, FakeVerifier(tokens),
+                    config.defaults().limits, clock, expiries=expiries)
+            for n, (exp, connection) in enumerate(zip(exps, connections))
+        ]
+        for session in sessions:
+            session.open()
+        return clock, connections, sessions
+
+    worlds = [world(True), world(False)]
+    for kind, index, value in steps:
+        for clock, connections, sessions in worlds:
+            index %= len(sessions)
+            if kind == "advance":
+                clock.advance(value)
+            elif kind == "close":
+                sessions[index].closed()
+            elif value > START and not sessions[index]._closed:
+                send(sessions[index], {"type": "AUTH", "token": f"{index}-{value}"})
+            for connection in connections:
+                # each close with the clock time it was made at
+                connection.closes[:] = [close if len(close) == 3 else (*close, clock.seconds())
+                                        for close in connection.closes]
+        assert [c.closes for c in worlds[0][1]] == [c.closes for c in worlds[1][1]]
+    for clock, connections, sessions in worlds:
+        clock.advance(10)
+    assert [c.closes for c in worlds[0][1]] == [c.closes for c in worlds[1][1]]
+    assert [c.frames for c in worlds[0][1]] == [c.frames for c in worlds[1][1]]
 
 
 BOB = Principal(sub="bob", name="Bob", exp=EXP)
