@@ -334,6 +334,19 @@ def test_principal_json_round_trip(rooms):
 # --- the key prepared once -------------------------------------------------------------------
 
 
+def keys_passed_to(monkeypatch, cls, name):
+    """The keys PyJWT's C{cls.name(self, key)} is called with from now on, in a list; it still runs."""
+    keys = []
+    real = getattr(cls, name)
+
+    def recording(self, key):
+        keys.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(cls, name, recording)
+    return keys
+
+
 def test_key_prepared_once_per_key(monkeypatch):
     """
     PyJWT's key preparation (for HS*, the check that the secret is no PEM,
@@ -342,14 +355,7 @@ def test_key_prepared_once_per_key(monkeypatch):
     """
     tokens = [token(algorithm=algorithm) for algorithm in ("HS256", "HS512", "HS256")]
     other, old = token(key=OTHER_SECRET), token()
-    prepared = []
-    real = jwt.algorithms.HMACAlgorithm.prepare_key
-
-    def counting(self, key):
-        prepared.append(key)
-        return real(self, key)
-
-    monkeypatch.setattr(jwt.algorithms.HMACAlgorithm, "prepare_key", counting)
+    prepared = keys_passed_to(monkeypatch, jwt.algorithms.HMACAlgorithm, "prepare_key")
     v = verifier(algorithms=["HS256", "HS512"])
     for token_ in tokens:
         assert v.verify(token_).sub == "alice"
@@ -405,14 +411,7 @@ def test_key_length_checked_once_per_key(monkeypatch):
     short = b"s" * 16
     with pytest.warns(jwt.warnings.InsecureKeyLengthWarning):
         weak = token(key=short)
-    checked = []
-    real = jwt.algorithms.HMACAlgorithm.check_key_length
-
-    def counting(self, key):
-        checked.append(key)
-        return real(self, key)
-
-    monkeypatch.setattr(jwt.algorithms.HMACAlgorithm, "check_key_length", counting)
+    checked = keys_passed_to(monkeypatch, jwt.algorithms.HMACAlgorithm, "check_key_length")
     v = verifier(algorithms=["HS256", "HS512"])
     for token_ in tokens:
         assert v.verify(token_).sub == "alice"
