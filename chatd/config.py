@@ -255,7 +255,7 @@ SCHEMA = {
         "endpoint": _Key(_text, None, "Twisted server endpoint of the listening socket"),
         "tls": _Key(_flag, "on", "on: TLS from [tls] on the listener; off: behind a TLS proxy"),
         "allowed_origins": _Key(_origins, None, "exact origins allowed to open /ws; * = any"),
-        "access_log": _Key(_flag, "on", "log each HTTP request and handshake (redacted)"),
+        "access_log": _Key(_flag, "on", "log each HTTP request and accepted WebSocket upgrade (redacted)"),
         "drain_time": _Key(_number(0), "5", "seconds over which SIGTERM closes WebSockets with 1001"),
         "trusted_proxies": _Key(_networks, "", "proxies whose X-Forwarded-For is believed; empty: none"),
         "log_format": _Key(_choice("text", "json"), "text", "text, or json: one object per line"),

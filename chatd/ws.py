@@ -991,12 +991,13 @@ class ChatServerProtocol(_GuardedMixin, WebSocketServerProtocol):
         factory = self.factory
         self.connection_id = factory.new_connection_id()
         self._opened = factory.clock.seconds()
-        self._log.info(
-            "websocket {peer} {user} connected as {connection}",
-            peer=self.client,
-            user=printable(self.principal.name) if self.principal else "(CONNECT to tell)",
-            connection=self.connection_id,
-        )
+        if factory.access_log:  # the access log's line of an accepted upgrade
+            self._log.info(
+                "websocket {peer} {user} connected as {connection}",
+                peer=self.client,
+                user=printable(self.principal.name) if self.principal else "(CONNECT to tell)",
+                connection=self.connection_id,
+            )
         if self.stomp is not None:
             self.session = self.stomp.open(self.principal)
             return
@@ -1277,6 +1278,8 @@ class ChatServerFactory(_OptionsOnClass, WebSocketServerFactory):
         self.guard = guard
         self.clock = clock
         self.expiries = Expiries(clock)  # the token expiries of its chatd.v1 sessions
+        # [server] access_log: a line per accepted upgrade, as per HTTP request.
+        self.access_log = settings.server.access_log
         self.max_send_buffer_bytes = settings.limits.max_send_buffer_bytes
         self.caps = ConnectionCaps(
             settings.limits.max_connections, settings.limits.max_connections_per_ip

@@ -462,6 +462,23 @@ def test_an_unexpected_error_deciding_is_500_logged_once(clocked, logged_failure
     assert failures[0]["log_failure"].type is (RuntimeError if outcome == "fails" else AttributeError)
 
 
+@pytest.mark.parametrize("access_log", [True, False])
+def test_an_accepted_upgrade_is_an_access_log_line(clocked, logged, access_log):
+    """
+    [server] access_log governs the line of an accepted upgrade, as it does
+    the line of an HTTP request (docs/configuration.md); the line of the
+    ended session is written either way.
+    """
+    world = make_world(server__access_log=access_log)
+    client = world.connect(sub="bob")
+    assert client.state == client.STATE_OPEN
+    opened = [line for line in logged if " connected as " in line]
+    assert opened == (["websocket 127.0.0.1 Bob connected as i1:1"] if access_log else [])
+    client.sendClose(1000)
+    world.pumps.flush()
+    assert [line for line in logged if " ended after " in line and "i1:1 of Bob" in line]
+
+
 def test_a_refusal_is_one_escaped_line(world, logged):
     """
     A refused upgrade logs one line, and nothing the client sent reaches it
