@@ -1277,7 +1277,7 @@ class ChatServerFactory(_OptionsOnClass, WebSocketServerFactory):
         self.verifier = verifier
         self.guard = guard
         self.clock = clock
-        self.expiries = Expiries(clock)  # the token expiries of its chatd.v1 sessions
+        self.expiries = Expiries(clock)  # the token expiries of its sessions, chatd.v1 and STOMP
         # [server] access_log: a line per accepted upgrade, as per HTTP request.
         self.access_log = settings.server.access_log
         self.max_send_buffer_bytes = settings.limits.max_send_buffer_bytes

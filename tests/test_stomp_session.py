@@ -17,7 +17,7 @@ from zope.interface import implementer
 from chatd import config, errors
 from chatd.auth import Principal
 from chatd.hub import Hub
-from chatd.session import Session
+from chatd.session import Expiries, Session
 from chatd.stomp import frames
 from chatd.stomp.frames import Frame, FrameParser
 from chatd.stomp.session import EventFrames, IStompConnection, StompSession
@@ -74,11 +74,12 @@ class World:
         self.event_frames = EventFrames()
         self._ids = iter(range(1, 1000))
 
-    def stomp(self, principal=ALICE, connect=True, **headers):
+    def stomp(self, principal=ALICE, connect=True, expiries=None, **headers):
         """A STOMP session, CONNECTed unless told otherwise."""
         connection = FakeStompConnection(f"i:{next(self._ids)}")
         session = StompSession(
-            connection, principal, self.hub, self.verifier, self.settings, self.clock, self.event_frames
+            connection, principal, self.hub, self.verifier, self.settings, self.clock, self.event_frames,
+            expiries=expiries,
         )
         session.open()
         if connect:
@@ -480,6 +481,25 @@ def test_expiry_is_error_then_4001():
     connection, _ = world.stomp()
     world.clock.advance(EXP - START)
     assert_error(connection, "unauthorized", "token expired", close=errors.CLOSE_TOKEN_EXPIRED)
+
+
+def test_sessions_on_the_factorys_expiries_share_its_clock_call():
+    """
+    STOMP sessions given the factory's Expiries (as chatd.stomp.transport
+    gives them) put their token expiry on it, as chatd.v1 sessions do: one
+    clock call for three sessions of one exp, where sessions of their own
+    make three; each is closed 4001 when it passes.
+    """
+    calls = {}
+    for shared in (False, True):
+        world = World()
+        expiries = Expiries(world.clock) if shared else None
+        connections = [world.stomp(expiries=expiries)[0] for _ in range(3)]
+        calls[shared] = len(world.clock.getDelayedCalls())
+        world.clock.advance(EXP - START)
+        for connection in connections:
+            assert_error(connection, "unauthorized", "token expired", close=errors.CLOSE_TOKEN_EXPIRED)
+    assert calls[False] - calls[True] == 2
 
 
 # --- refusals --------------------------------------------------------------------

@@ -328,6 +328,22 @@ def test_ws_speaks_stomp_when_only_stomp_is_offered(clocked):  # noqa: F811
     assert connected.startswith(b"CONNECTED\nversion:1.2\n")
 
 
+def test_stomp_sessions_expire_on_the_factorys_expiries(clocked):  # noqa: F811
+    """
+    A STOMP connection's session puts its token expiry on the factory's
+    Expiries, which chatd.v1 sessions share: two STOMP connections whose
+    tokens expire together add one entry there, with both sessions.
+    """
+    world = stomp_world()
+    clients = [open_raw(world, "/ws", ["v12.stomp"]) for _ in range(2)]
+    for client in clients:
+        client.sendMessage(CONNECT)
+    world.pumps.flush()
+    assert all(client.received[0].startswith(b"CONNECTED\n") for client in clients)
+    [(sessions, _)] = world.factory.expiries._due.values()
+    assert len(sessions) == 2
+
+
 def test_ws_prefers_chatd_v1(clocked):  # noqa: F811
     """chatd.v1 offered next to STOMP: chatd.v1 and its WELCOME."""
     world = stomp_world()

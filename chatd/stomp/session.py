@@ -257,10 +257,13 @@ class StompSession:
     @param event_frames: the instance's L{EventFrames}.
     @param metrics: the service's L{chatd.metrics.Metrics}, handed to the
         chatd.v1 session (commands by type, errors by code), or L{None}.
+    @param expiries: the L{chatd.session.Expiries} the chatd.v1 session's
+        token expiry goes on (the factory's, shared by its sessions), or
+        L{None} for one of its own.
     """
 
     def __init__(self, connection, principal, hub, verifier, settings, clock, event_frames=None,
-                 metrics=None):
+                 metrics=None, expiries=None):
         self._connection = connection
         self._principal = principal
         self._hub = hub
@@ -270,6 +273,7 @@ class StompSession:
         self._clock = clock
         self._event_frames = event_frames if event_frames is not None else EventFrames()
         self._metrics = metrics
+        self._expiries = expiries
         self._routes = mapping.Routes.from_settings(settings.stomp)
         self._parser = frames.FrameParser(settings.limits.max_message_bytes)
         self._subscriptions = mapping.Subscriptions()
@@ -415,7 +419,8 @@ class StompSession:
             self._deadline.cancel()
         self._version = self._parser.version = version
         self._session = Session(
-            principal, self._side, self._hub, self._verifier, self._limits, self._clock, metrics=self._metrics
+            principal, self._side, self._hub, self._verifier, self._limits, self._clock,
+            metrics=self._metrics, expiries=self._expiries,
         )
         self._send(frames.connected(version, frames.SERVER_HEART_BEAT, SERVER, principal.name))
         self._session.open()  # its WELCOME is dropped; it closes 4001 at exp

@@ -145,6 +145,7 @@ class StompWire:
         self.session = StompSession(
             self, principal, factory.hub, factory.verifier, factory.settings, factory.clock,
             self._shared.events, metrics=getattr(factory, "metrics", None),
+            expiries=getattr(factory, "expiries", None),
         )
         self.session.open()
         return self.session
